@@ -1,0 +1,63 @@
+"""Checkpoints: written atomically (temporary file + rename), read with one-line errors.
+
+A checkpoint holds everything needed to continue a run exactly: model and guide weights (z0 is a
+model buffer), optimizer and scheduler state, EMA weights, torch RNG states and the number of
+batches done. The data order is a function of (seed, batch index), so it needs no state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gram_pyro.config import UserError
+
+FORMAT = "gram-pyro-checkpoint-1"
+REQUIRED = ("model", "guide", "optimizer", "scheduler", "ema", "rng", "batches_done", "bad_steps")
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically: a crash leaves the previous checkpoint intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, **payload}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint; a missing, truncated or foreign file is a :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged files
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"checkpoint {path} is unreadable (truncated or not a checkpoint: {reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a gram-pyro checkpoint")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return payload
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,63 @@
+"""Config composition with one-line errors.
+
+Configs live in ``experiments/configs`` (package data, found as ``pkg://experiments.configs``), so the
+command works from any directory and from a non-editable install. Composition uses Hydra's compose
+API; any failure becomes a :class:`UserError` naming the key or option and what is allowed.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_MODULE = "experiments.configs"
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
+
+
+def group_options(group: str) -> list[str]:
+    """The config names available in a group (``task``, ``model``, ...)."""
+    folder = resources.files(CONFIG_MODULE) / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _explain(error: Exception, overrides: list[str]) -> str:
+    message = str(error)
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if "/" not in key and "." not in key and f"'{key}/{value}'" in message:
+            return f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}"
+        if f"'{key}'" in message and ("not in struct" in message or "Could not override" in message):
+            parent = key.rsplit(".", 1)[0] if "." in key else None
+            return f"unknown config key {key!r}" + (f" in {parent!r}" if parent else "")
+    return message.strip().splitlines()[0]
+
+
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``experiments/configs/<config_name>.yaml`` with command-line ``overrides``."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base=None):
+            return compose(config_name=config_name, overrides=overrides)
+    except HydraException as error:
+        raise UserError(_explain(error, overrides)) from None
+
+
+def build(node: DictConfig, what: str, **kwargs):
+    """Instantiate a ``_target_`` config node; a bad value becomes a one-line :class:`UserError`."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise UserError(f"bad {what} config: {str(cause).strip().splitlines()[0]}") from None
+
+
+def save_config(cfg: DictConfig, path) -> None:
+    OmegaConf.save(cfg, path, resolve=True)

@@ -1,0 +1,225 @@
+"""Plain-torch networks of a recursive reasoning model. No Pyro here.
+
+Shapes: every module accepts arbitrary leading batch dims. A latent state is ``[..., L, D]`` with
+``L = P + S``: ``P`` prefix ("puzzle embedding") tokens followed by the ``S`` board tokens.
+
+Pieces (PAPER.md section 1):
+
+- :func:`rms_norm`: ``x / sqrt(mean(x^2) + eps)`` over the last dim, parameter free (as TRM).
+- :class:`SwiGLU`: ``W_o (silu(W_g x) * W_u x)``.
+- :class:`Attention`: multi-head self-attention (not causal) with rotary positions, through
+  ``scaled_dot_product_attention``.
+- :class:`Block`: post-norm ``x <- norm(x + mix(x)); x <- norm(x + SwiGLU(x))`` where ``mix`` is
+  attention or, for the MLP-mixer variant, a SwiGLU over the sequence axis.
+- :class:`ReasoningNet`: ``net(z, injection) = blocks(z + injection)``. The last block ends in an
+  RMSNorm, so the output always has unit RMS per token (the "final RMSNorm" that keeps the state and
+  the KL from blowing up; a second norm would be the identity).
+- :class:`RecursiveCore`: the TRM/HRM recursion of one transition:
+  ``l <- f_L(l, h + e_x)`` K times, then ``u = f_H(h, l)``. TRM-style uses one shared network for both
+  levels, HRM-style two.
+- :class:`TokenEncoder`, :class:`GaussianHead`, :class:`TokenDecoder`, :class:`ScalarHead`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-5
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim."""
+    return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+class SwiGLU(nn.Module):
+    """``[..., d_in] -> [..., d_out]``: ``W_o (silu(W_g x) * W_u x)``."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int | None = None):
+        super().__init__()
+        self.gate_up = nn.Linear(d_in, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_out or d_in, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables ``[seq_len, head_dim]`` for rotary position embeddings."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., L, head_dim]`` by position: ``x cos + rotate_half(x) sin``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention with RoPE: ``[..., L, D] -> [..., L, D]``."""
+
+    def __init__(self, dim: int, num_heads: int, seq_len: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        cos, sin = rotary_tables(seq_len, dim // num_heads)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, length, dim = x.shape
+        qkv = self.qkv(x).reshape(-1, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, heads, L, head_dim]
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(*lead, length, dim))
+
+
+class SequenceMLP(nn.Module):
+    """MLP-mixer token mixing: a SwiGLU over the sequence axis, ``[..., L, D] -> [..., L, D]``."""
+
+    def __init__(self, seq_len: int, hidden: int):
+        super().__init__()
+        self.mlp = SwiGLU(seq_len, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.transpose(-1, -2)).transpose(-1, -2)
+
+
+class Block(nn.Module):
+    """Post-norm block: ``x <- norm(x + mix(x)); x <- norm(x + SwiGLU(x))``."""
+
+    def __init__(self, dim: int, ffn_hidden: int, seq_len: int, mixer: str, num_heads: int):
+        super().__init__()
+        if mixer == "attention":
+            self.mix = Attention(dim, num_heads, seq_len)
+        elif mixer == "mlp":
+            self.mix = SequenceMLP(seq_len, ffn_hidden)
+        else:
+            raise ValueError(f"unknown mixer {mixer!r}; allowed: attention, mlp")
+        self.mlp = SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(x + self.mix(x))
+        return rms_norm(x + self.mlp(x))
+
+
+class ReasoningNet(nn.Module):
+    """``net(z, injection) = blocks(z + injection)``, output with unit RMS per token. Counted as one
+    backbone pass per call (tests hook ``forward``)."""
+
+    def __init__(self, dim: int, ffn_hidden: int, seq_len: int, num_layers: int, mixer: str, num_heads: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(dim, ffn_hidden, seq_len, mixer, num_heads) for _ in range(num_layers)
+        )
+
+    def forward(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        z = z + injection
+        for block in self.blocks:
+            z = block(z)
+        return z
+
+
+class RecursiveCore(nn.Module):
+    """The deterministic parts of one transition (PAPER.md eqs. 6-7):
+
+        refine_low:   l <- f_L(l, h + e_x)   (K times, h held fixed)
+        propose_high: u  = f_H(h, l)
+
+    ``shared=True`` is TRM (one network for f_L and f_H), ``False`` is HRM-style (two networks).
+    All tensors ``[..., L, D]``.
+    """
+
+    def __init__(self, dim: int, ffn_hidden: int, seq_len: int, num_layers: int, mixer: str,
+                 num_heads: int, low_steps: int, shared: bool):
+        super().__init__()
+        self.low_steps = low_steps
+        self.f_low = ReasoningNet(dim, ffn_hidden, seq_len, num_layers, mixer, num_heads)
+        self.f_high = self.f_low if shared else ReasoningNet(dim, ffn_hidden, seq_len, num_layers, mixer, num_heads)
+
+    def refine_low(self, l: torch.Tensor, h: torch.Tensor, e_x: torch.Tensor) -> torch.Tensor:
+        injection = h + e_x
+        for _ in range(self.low_steps):
+            l = self.f_low(l, injection)
+        return l
+
+    def propose_high(self, h: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        return self.f_high(h, l)
+
+
+class TokenEncoder(nn.Module):
+    """``x [..., S] -> e_x [..., P + S, D]``: token embedding scaled by sqrt(D), after ``P`` zero
+    prefix tokens (single-task data: the prefix carries no puzzle embedding, but keeps token 0 free
+    for the heads)."""
+
+    def __init__(self, vocab_size: int, dim: int, num_prefix: int):
+        super().__init__()
+        self.num_prefix = num_prefix
+        self.scale = math.sqrt(dim)
+        self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=1.0 / self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.scale * self.embed(x)
+        prefix = tokens.new_zeros(*x.shape[:-1], self.num_prefix, tokens.shape[-1])
+        return torch.cat([prefix, tokens], dim=-2)
+
+
+class GaussianHead(nn.Module):
+    """``u [..., L, D] -> (mu, sigma)`` each ``[..., L, D]``; one SwiGLU per parameter,
+    ``sigma = softplus(.) + min_scale``. The mean starts at zero and the scale at ``init_scale``."""
+
+    def __init__(self, dim: int, hidden: int, init_scale: float, min_scale: float = 1e-3):
+        super().__init__()
+        if init_scale <= min_scale:
+            raise ValueError(f"init_scale {init_scale} must exceed min_scale {min_scale}")
+        self.min_scale = min_scale
+        self.loc = SwiGLU(dim, hidden)
+        self.raw_scale = SwiGLU(dim, hidden)
+        nn.init.zeros_(self.loc.down.weight)
+        nn.init.zeros_(self.raw_scale.down.weight)
+        # softplus(bias) + min_scale == init_scale at initialisation
+        self.scale_bias = nn.Parameter(torch.tensor(math.log(math.expm1(init_scale - min_scale))))
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = F.softplus(self.raw_scale(u) + self.scale_bias) + self.min_scale
+        return self.loc(u), scale
+
+
+class TokenDecoder(nn.Module):
+    """``h [..., P + S, D] -> logits [..., S, V]``: a linear read-out of the board tokens."""
+
+    def __init__(self, dim: int, vocab_size: int, num_prefix: int):
+        super().__init__()
+        self.num_prefix = num_prefix
+        self.linear = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h[..., self.num_prefix:, :])
+
+
+class ScalarHead(nn.Module):
+    """``h [..., L, D] -> [...]``: a linear read-out of the first (prefix) token; used for the halt
+    logit and the LPRM value logit."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h[..., 0, :]).squeeze(-1)

@@ -1,0 +1,138 @@
+"""Training objectives (posterior schemes): ``objective.loss(model, guide, batch, state, update)``.
+
+An objective is called ``updates_per_batch(model)`` times per batch, one optimizer step after each
+call; ``state`` is a dict it may use to carry the latent state between those calls.
+
+Normalization (the meaning of beta depends on it): every loss is divided by ``B * S``, the number of
+target tokens in the batch. With ``beta = 1`` the GRAM surrogate is therefore exactly the negative
+ELBO of one supervision step per target token; the KL is summed over all ``L x D`` latent units of
+the transition before that division, not averaged.
+
+- :class:`TruncatedSurrogate` (the paper's, PAPER.md section 2): for supervision step ``n``
+
+      L_n = -[ log p(y | z_T^(n)) - beta * KL_bal(q(eps_T^(n) | u, y) || p(eps_T^(n) | u)) ] / S
+
+  with Dreamer-style KL balancing ``KL_bal = a KL(sg(q) || p) + (1 - a) KL(q || sg(p))``
+  (value = KL(q || p); ``a`` = ``kl_balance``). The model runs with ``truncate=True``: gradient flows
+  through the final transition only and the state is detached between steps. One optimizer step per
+  supervision step (``updates_per_batch = n_sup``).
+- :class:`PyroELBO`: Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, unchanged, on the untruncated
+  whole program (every supervision step observes ``y``); one optimizer step per batch.
+
+Both add the head losses (:func:`head_losses`): halt BCE towards "the step's answer is correct" and
+the LPRM regression ``(v(z_T^(n)) - r)^2`` with ``r`` the correctness of the step's answer. The heads
+read a detached state, so these losses never reach the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pyro.infer
+import torch
+import torch.nn.functional as F
+from pyro.distributions import Independent, Normal
+from pyro.poutine.trace_struct import Trace
+from torch.distributions import kl_divergence
+
+Judge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``judge(x, answer, y) -> bool [...]``: whether ``answer`` is a correct answer to ``x``."""
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [B, S] input tokens
+    y: torch.Tensor  # [B, S] target tokens
+
+
+def exact_match(x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default judge: the answer equals the target everywhere."""
+    return (answer == y).all(-1)
+
+
+def gaussian_of(d) -> Normal:
+    """The Normal inside ``Normal(...).to_event(k)``; other families have no analytic KL here."""
+    base = d.base_dist if isinstance(d, Independent) else d
+    if not isinstance(base, Normal):
+        raise TypeError(f"the analytic KL needs Normal posteriors and priors, got {type(base).__name__}")
+    return base
+
+
+def balanced_kl(q, p, balance: float) -> torch.Tensor:
+    """``balance * KL(sg(q) || p) + (1 - balance) * KL(q || sg(p))`` summed over event dims ``[L, D]``;
+    shape ``[..., B]``. Its value is ``KL(q || p)``; only the gradients are balanced."""
+    q, p = gaussian_of(q), gaussian_of(p)
+    q_sg, p_sg = Normal(q.loc.detach(), q.scale.detach()), Normal(p.loc.detach(), p.scale.detach())
+    kl = balance * kl_divergence(q_sg, p) + (1 - balance) * kl_divergence(q, p_sg)
+    return kl.flatten(-2).sum(-1)
+
+
+def head_losses(model_trace: Trace, x: torch.Tensor, y: torch.Tensor, n: int, judge: Judge
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halt BCE and LPRM squared error at supervision step ``n`` (batch means), and the correctness
+    ``[..., B]`` of the step's argmax answer."""
+    logits = model_trace.nodes[f"y/{n}"]["fn"].base_dist.logits
+    correct = judge(x, logits.argmax(-1), y).float()
+    halt = F.binary_cross_entropy_with_logits(model_trace.nodes[f"halt/{n}"]["value"], correct)
+    value = (model_trace.nodes[f"value/{n}"]["value"] - correct).square().mean()
+    return halt, value, correct
+
+
+class TruncatedSurrogate:
+    """The paper's truncated, per-supervision-step GRAM objective (see the module docstring)."""
+
+    def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, halt_weight: float = 1.0,
+                 value_weight: float = 1.0, judge: Judge = exact_match):
+        if beta < 0 or not 0 <= kl_balance <= 1:
+            raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
+        self.beta, self.kl_balance = beta, kl_balance
+        self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
+
+    def updates_per_batch(self, model) -> int:
+        return model.n_sup
+
+    def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
+        if update == 0:
+            state.clear()
+            model.init(state, batch.x)
+        model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True)
+        n, last = update, model.transitions - 1
+        log_lik = model_trace.nodes[f"y/{n}"]["fn"].log_prob(batch.y)  # [B], summed over S tokens
+        kl = torch.zeros_like(log_lik)
+        for kind in model.noise_sites:
+            site = f"{kind}/{n}/{last}"
+            kl = kl + balanced_kl(guide_trace.nodes[site]["fn"], model_trace.nodes[site]["fn"], self.kl_balance)
+        tokens = batch.y.shape[-1]
+        nll, kl = -log_lik.mean() / tokens, kl.mean() / tokens
+        halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
+        loss = nll + self.beta * kl + self.halt_weight * halt + self.value_weight * value
+        return loss, {"loss": loss, "nll": nll, "kl": kl, "halt": halt, "value": value, "acc": correct.mean()}
+
+
+ELBOS = {"Trace_ELBO": pyro.infer.Trace_ELBO, "TraceMeanField_ELBO": pyro.infer.TraceMeanField_ELBO}
+
+
+class PyroELBO:
+    """Pyro's own ELBO estimators, unchanged, on the whole untruncated program."""
+
+    def __init__(self, elbo: str = "Trace_ELBO", num_particles: int = 1, halt_weight: float = 1.0,
+                 value_weight: float = 1.0, judge: Judge = exact_match):
+        if elbo not in ELBOS:
+            raise ValueError(f"unknown elbo {elbo!r}; allowed: {', '.join(ELBOS)}")
+        self.elbo = ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1,
+                                max_plate_nesting=1)
+        self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
+
+    def updates_per_batch(self, model) -> int:
+        return 1
+
+    def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
+        negative_elbo = self.elbo.differentiable_loss(model, guide, batch.x, y=batch.y) / batch.y.numel()
+        model_trace, _ = guide.get_traces()  # the (last particle's) run the ELBO just made
+        halt = value = torch.zeros(())
+        for n in range(model.n_sup):
+            step_halt, step_value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
+            halt, value = halt + step_halt / model.n_sup, value + step_value / model.n_sup
+        loss = negative_elbo + self.halt_weight * halt + self.value_weight * value
+        return loss, {"loss": loss, "neg_elbo": negative_elbo, "halt": halt, "value": value, "acc": correct.mean()}

@@ -1,0 +1,253 @@
+"""The training loop: AdamW with warm-up, gradient clipping, EMA, metrics, checkpoints, resume.
+
+``train(cfg)`` builds task, model, guide and objective from a composed config, then for each batch
+calls the objective ``updates_per_batch`` times with one optimizer step after each call (the
+truncated GRAM surrogate: one step per supervision step, as TRM/GRAM train). Batch ``b`` of a run is a
+function of ``(trainer.seed, b)``, so a resumed run sees exactly the data an uninterrupted one would.
+
+A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt``, ``metrics.csv`` (one row per
+logged batch), ``eval.csv`` (prior-sampled accuracy/coverage on held-out inputs, EMA weights) and
+TensorBoard events under ``tb/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gram_pyro.config import UserError, build, save_config
+from gram_pyro.objectives import Batch
+from gram_pyro.sampling import sample_answers
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise UserError(f"unknown trainer.device {name!r}; allowed: {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but CUDA is not available here; use trainer.device=cpu or auto")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+
+
+class EMA:
+    """Exponential moving average of parameters: ``shadow <- d * shadow + (1 - d) * param``."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """Swap the EMA weights in for the duration of the block."""
+        saved = [p.detach().clone() for p in self.params]
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+        try:
+            yield
+        finally:
+            for p, s in zip(self.params, saved):
+                p.copy_(s)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, shadow: list[torch.Tensor]) -> None:
+        for s, value in zip(self.shadow, shadow):
+            s.copy_(value)
+
+
+def batch_at(split, index: int, batch_size: int, seed: int, device: torch.device) -> Batch:
+    """Batch ``index`` of the run: epoch-wise permutations of the split, each seeded by (seed, epoch)."""
+    per_epoch = max(len(split) // batch_size, 1)
+    epoch, position = divmod(index, per_epoch)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    rows = order[position * batch_size:(position + 1) * batch_size]
+    x, y = split.batch(rows, torch.Generator().manual_seed(seed * 1_000_003 + index))
+    return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+
+def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device: torch.device) -> dict:
+    """Accuracy and coverage of answers decoded along ``num_samples`` **prior** trajectories for the
+    first ``num_inputs`` inputs of ``split`` (the only evidence that counts, NOTES.md)."""
+    data = task.splits[split]
+    index = torch.arange(min(num_inputs, len(data)))
+    was_training = model.training
+    model.eval()
+    try:
+        answers = sample_answers(model, data.inputs[index].to(device), num_samples).cpu()
+    finally:
+        model.train(was_training)
+    return task.score(split, index, answers)
+
+
+class Run:
+    """Everything a training run holds; built from a composed config."""
+
+    def __init__(self, cfg: DictConfig):
+        trainer = cfg.trainer
+        self.cfg, self.device = cfg, resolve_device(trainer.device)
+        torch.manual_seed(trainer.seed)
+        self.task = build(cfg.task, "task")
+        self.model = build(cfg.model, "model", vocab_size=self.task.vocab_size, seq_len=self.task.seq_len)
+        self.guide = build(cfg.guide, "guide", model=self.model)
+        self.objective = build(cfg.objective, "objective", judge=self.task.judge)
+        self.model.to(self.device)
+        self.guide.to(self.device)
+        params = [p for m in (self.model, self.guide) for p in m.parameters()]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=trainer.lr, weight_decay=trainer.weight_decay,
+                                           betas=tuple(trainer.betas))
+        warmup = max(trainer.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.ema = EMA([self.model, self.guide], trainer.ema_decay)
+        self.batches_done = 0
+        self.bad_steps = 0
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict(), "rng": rng_state(),
+                "batches_done": self.batches_done, "bad_steps": self.bad_steps}
+
+    def load(self, payload: dict) -> None:
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.guide.load_state_dict(payload["guide"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise UserError(f"checkpoint does not match the configured model/guide: "
+                            f"{str(error).strip().splitlines()[0]}") from None
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.ema.load_state_dict(payload["ema"])
+        set_rng_state(payload["rng"])
+        self.batches_done, self.bad_steps = payload["batches_done"], payload["bad_steps"]
+
+    def train_batch(self, batch: Batch) -> dict:
+        """All optimizer steps of one batch; returns the last update's metrics (tensors)."""
+        trainer = self.cfg.trainer
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and trainer.bf16)
+        state: dict = {}
+        metrics: dict = {}
+        for update in range(self.objective.updates_per_batch(self.model)):
+            with autocast:
+                loss, metrics = self.objective.loss(self.model, self.guide, batch, state, update)
+            self.optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                self.bad_steps += 1
+                if self.bad_steps > trainer.max_bad_steps:
+                    raise UserError(f"stopped: {self.bad_steps} non-finite losses (trainer.max_bad_steps="
+                                    f"{trainer.max_bad_steps}); the last good checkpoint is kept")
+                continue
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, trainer.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update()
+        return metrics
+
+
+def default_run_dir(cfg: DictConfig) -> Path:
+    task = cfg.task._target_.rsplit(".", 1)[-1].removesuffix("Task").lower()
+    return Path("runs") / f"{task}-{cfg.model.noise}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> Path:
+    """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``); returns the dir."""
+    trainer = cfg.trainer
+    pyro.enable_validation(bool(trainer.validate_pyro))
+    if torch.get_num_threads() < (os.cpu_count() or 1):
+        torch.set_num_threads(os.cpu_count() or 1)
+    run_dir = Path(run_dir or default_run_dir(cfg))
+    run = Run(cfg)
+    checkpoint = run_dir / "checkpoint.pt"
+    if resume:
+        run.load(load_checkpoint(checkpoint))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=run.batches_done)
+    metrics_file = (run_dir / "metrics.csv").open("a", newline="")
+    eval_file = (run_dir / "eval.csv").open("a", newline="")
+    metrics_csv, eval_csv = csv.writer(metrics_file), csv.writer(eval_file)
+    if not resume:
+        eval_csv.writerow(["batch", "accuracy", "coverage"])
+    header_written = resume
+    split = run.task.splits["train"]
+    start = time.time()
+    progress = tqdm(total=trainer.max_batches, initial=run.batches_done, desc=f"train {run_dir.name}",
+                    disable=quiet, dynamic_ncols=True)
+
+    def log_eval() -> dict:
+        with run.ema.applied():
+            scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
+        eval_csv.writerow([run.batches_done, scores["accuracy"], scores["coverage"]])
+        eval_file.flush()
+        for key, value in scores.items():
+            writer.add_scalar(f"eval/{key}", value, run.batches_done)
+        return scores
+
+    try:
+        while run.batches_done < trainer.max_batches:
+            batch = batch_at(split, run.batches_done, trainer.batch_size, trainer.seed, run.device)
+            metrics = run.train_batch(batch)
+            run.batches_done += 1
+            progress.update(1)
+            if run.batches_done % trainer.log_every == 0 or run.batches_done == trainer.max_batches:
+                values = {k: v.item() for k, v in metrics.items()}
+                if not header_written:
+                    metrics_csv.writerow(["batch", "seconds", "lr", *values])
+                    header_written = True
+                metrics_csv.writerow([run.batches_done, round(time.time() - start, 2),
+                                      run.scheduler.get_last_lr()[0], *values.values()])
+                metrics_file.flush()
+                for key, value in values.items():
+                    writer.add_scalar(f"train/{key}", value, run.batches_done)
+                progress.set_postfix({k: f"{values[k]:.3f}" for k in ("loss", "kl", "acc") if k in values})
+            if trainer.eval_every and run.batches_done % trainer.eval_every == 0:
+                progress.set_postfix(log_eval())
+            if run.batches_done % trainer.checkpoint_every == 0:
+                save_checkpoint(checkpoint, run.state())
+        if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
+            log_eval()
+        save_checkpoint(checkpoint, run.state())
+    finally:
+        progress.close()
+        writer.close()
+        metrics_file.close()
+        eval_file.close()
+    return run_dir
+
+
+def load_run(run_dir: Path, device: str = "cpu", use_ema: bool = True) -> Run:
+    """A trained run from its directory (config + checkpoint), with EMA weights loaded by default."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.trainer.device = device
+    run = Run(cfg)
+    run.load(load_checkpoint(run_dir / "checkpoint.pt"))
+    if use_ema:
+        with torch.no_grad():
+            for p, s in zip(run.ema.params, run.ema.shadow):
+                p.copy_(s)
+    return run

@@ -1,0 +1,161 @@
+"""GRAM and its deterministic / naive-noise baselines as one Pyro program.
+
+The program (PAPER.md section 1, DESIGN.md "model contract"): for supervision step ``n`` and transition
+``t``::
+
+    l      <- f_L(l, h + e_x)                         K times
+    u      =  f_H(h, l)                               pyro.deterministic("u/{n}/{t}")
+    eps    ~  p(eps | u) = N(mu(u), sigma(u)^2 I)     pyro.sample("eps/{n}/{t}"), event dims [L, D]
+    h      =  u + eps
+    ...after T transitions:
+    y      ~  Categorical(f_dec(h))                   pyro.sample("y/{n}", obs=y), event dim [S]
+
+``noise`` picks the prior of eps: ``learned`` (GRAM), ``zero_mean`` N(0, sigma(u)^2) and ``fixed``
+N(0, s^2) (the paper's ablations) or ``none`` (deterministic TRM/HRM: no eps sites, ``h = u``).
+With ``noise_on_low`` a second site ``eps_l/{n}/{t}`` perturbs the refined ``l`` the same way
+(deterministic proposal ``u_l/{n}/{t}``) before f_H reads it.
+
+Shapes: ``x, y [..., B, S]`` tokens; states ``h, l, e_x [..., B, L, D]`` with ``L = P + S``; leading
+dims (vectorized particles, parallel trajectories) broadcast through everything. One plate
+``data`` over ``B`` at dim -1, so ``max_plate_nesting = 1``.
+
+The likelihood is observed at every supervision step (deep supervision), so the program's joint is
+``prod_n p(y | z_T^(n)) prod_t p(eps_t | u_t)``.
+
+Truncation (the paper's surrogate) is how the program is run, not a different program: with
+``truncate=True`` the first ``T - 1`` transitions of a step run without gradient and the state is
+detached when the step ends.
+
+The halt logit and LPRM value are recorded as ``pyro.deterministic`` sites ``halt/{n}`` and
+``value/{n}`` computed from a detached ``h``: they are not part of the generative model, never
+enter an importance weight, and their losses (in the objective) never reach the core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from gram_pyro.nn import GaussianHead, RecursiveCore, ScalarHead, TokenDecoder, TokenEncoder
+
+NOISE_KINDS = ("learned", "zero_mean", "fixed", "none")
+MAX_PLATE_NESTING = 1
+
+
+class RecursiveReasoningModel(nn.Module):
+    """A recursive reasoning model with optional stochastic guidance on the high-level state.
+
+    ``init(state, x)`` / ``step(state, x, y=None, truncate=False)`` follow the interface of
+    :class:`pyro.infer.SMCFilter`; ``forward(x, y=None, n_sup=None, truncate=False)`` is the whole
+    program (``init`` then ``n_sup`` steps) and is what Pyro's ELBOs and SVI are given.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, dim: int = 64, ffn_hidden: int = 128,
+                 num_layers: int = 2, mixer: str = "mlp", num_heads: int = 4, low_steps: int = 2,
+                 transitions: int = 2, n_sup: int = 4, num_prefix: int = 16, shared: bool = True,
+                 noise: str = "learned", noise_on_low: bool = False, init_scale: float = 1.0,
+                 fixed_scale: float = 0.1, noise_hidden: int | None = None):
+        super().__init__()
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {noise!r}; allowed: {', '.join(NOISE_KINDS)}")
+        if noise == "none" and noise_on_low:
+            raise ValueError("noise_on_low needs a noise kind other than 'none'")
+        for name, value in (("low_steps", low_steps), ("transitions", transitions), ("n_sup", n_sup)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.seq_len, self.vocab_size, self.dim, self.num_prefix = seq_len, vocab_size, dim, num_prefix
+        self.transitions, self.n_sup, self.noise, self.fixed_scale = transitions, n_sup, noise, fixed_scale
+        length = num_prefix + seq_len
+        self.encoder = TokenEncoder(vocab_size, dim, num_prefix)
+        self.core = RecursiveCore(dim, ffn_hidden, length, num_layers, mixer, num_heads, low_steps, shared)
+        self.decoder = TokenDecoder(dim, vocab_size, num_prefix)
+        self.halt_head = ScalarHead(dim)
+        self.value_head = ScalarHead(dim)
+        learned_scale = noise in ("learned", "zero_mean")
+        sites = ["eps"] + (["eps_l"] if noise_on_low else [])
+        self.noise_heads = nn.ModuleDict(
+            {site: GaussianHead(dim, noise_hidden or ffn_hidden, init_scale) for site in sites}
+            if learned_scale else {}
+        )
+        self.noise_sites = tuple(sites) if noise != "none" else ()
+        # z0 = (h0, l0) ~ N(0, I), drawn once and kept in the checkpoint (PAPER.md section 1).
+        self.register_buffer("h0", torch.randn(length, dim))
+        self.register_buffer("l0", torch.randn(length, dim))
+        self._data_plate: pyro.plate | None = None
+        self._step_index = 0
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(self.noise_sites)
+
+    def prior(self, kind: str, u: torch.Tensor) -> dist.Distribution:
+        """p(eps | u) for ``kind`` in ``noise_sites``: Normal with event dims ``[L, D]``."""
+        if self.noise == "fixed":
+            return dist.Normal(torch.zeros_like(u), self.fixed_scale).to_event(2)
+        loc, scale = self.noise_heads[kind](u)
+        if self.noise == "zero_mean":
+            loc = torch.zeros_like(loc)
+        return dist.Normal(loc, scale).to_event(2)
+
+    def _perturb(self, kind: str, n: int, t: int, u: torch.Tensor) -> torch.Tensor:
+        """Record the proposal ``u{kind[3:]}/{n}/{t}`` and return ``u + eps``, ``eps ~ p(eps | u)``
+        at site ``{kind}/{n}/{t}``."""
+        pyro.deterministic(f"u{kind[3:]}/{n}/{t}", u, event_dim=2)
+        return u + pyro.sample(f"{kind}/{n}/{t}", self.prior(kind, u))
+
+    def init(self, state: dict, x: torch.Tensor) -> None:
+        """Set ``state`` to z0 = (h0, l0). z0 enters as ``Delta`` sites ``h0``/``l0`` so that it
+        broadcasts over any particle plate around the program."""
+        pyro.module("model", self)
+        self._data_plate = pyro.plate("data", x.shape[-2], dim=-1)
+        self._step_index = 0
+        shape = (*x.shape[:-1], *self.h0.shape)
+        with self._data_plate:
+            state["h"] = pyro.sample("h0", dist.Delta(self.h0.expand(shape), event_dim=2))
+            state["l"] = pyro.sample("l0", dist.Delta(self.l0.expand(shape), event_dim=2))
+
+    def step(self, state: dict, x: torch.Tensor, y: torch.Tensor | None = None,
+             truncate: bool = False) -> torch.Tensor:
+        """One supervision step of ``T`` transitions from ``state``; returns the decoder logits
+        ``[..., B, S, V]`` and updates ``state`` in place."""
+        if self._data_plate is None:
+            raise RuntimeError("call init(state, x) before step(state, x, ...)")
+        n = self._step_index
+        h, l = state["h"], state["l"]
+        e_x = self.encoder(x)  # [..., B, L, D]; re-embedded per step so each step owns its graph
+        with self._data_plate:
+            for t in range(self.transitions):
+                with_grad = not truncate or t == self.transitions - 1
+                with contextlib.nullcontext() if with_grad else torch.no_grad():
+                    l = self.core.refine_low(l, h, e_x)
+                    if "eps_l" in self.noise_sites:
+                        l = self._perturb("eps_l", n, t, l)
+                    u = self.core.propose_high(h, l)
+                    if self.stochastic:
+                        h = self._perturb("eps", n, t, u)
+                    else:
+                        h = pyro.deterministic(f"u/{n}/{t}", u, event_dim=2)
+            logits = self.decoder(h)
+            if y is not None:
+                pyro.sample(f"y/{n}", dist.Categorical(logits=logits).to_event(1), obs=y)
+            pyro.deterministic(f"halt/{n}", self.halt_head(h.detach()))
+            pyro.deterministic(f"value/{n}", self.value_head(h.detach()).sigmoid())
+        if truncate:
+            h, l = h.detach(), l.detach()
+        state["h"], state["l"] = h, l
+        self._step_index = n + 1
+        return logits
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, n_sup: int | None = None,
+                truncate: bool = False) -> torch.Tensor:
+        """The whole program: ``init`` then ``n_sup`` (default: the trained number) supervision steps.
+        Returns the last step's logits ``[..., B, S, V]``."""
+        state: dict = {}
+        self.init(state, x)
+        for _ in range(n_sup or self.n_sup):
+            logits = self.step(state, x, y, truncate=truncate)
+        return logits
