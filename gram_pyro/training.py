@@ -83,15 +83,20 @@ def batch_at(split, index: int, batch_size: int, seed: int, device: torch.device
     return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
 
 
-def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device: torch.device) -> dict:
+def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device: torch.device,
+             seed: int = 0) -> dict:
     """Accuracy and coverage of answers decoded along ``num_samples`` **prior** trajectories for the
-    first ``num_inputs`` inputs of ``split`` (the only evidence that counts, NOTES.md)."""
+    first ``num_inputs`` inputs of ``split`` (the only evidence that counts, NOTES.md). Draws from its
+    own seeded RNG, so evaluating neither changes a training run's random stream nor varies by when
+    it happens."""
     data = task.splits[split]
     index = torch.arange(min(num_inputs, len(data)))
     was_training = model.training
     model.eval()
     try:
-        answers = sample_answers(model, data.inputs[index].to(device), num_samples).cpu()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            answers = sample_answers(model, data.inputs[index].to(device), num_samples).cpu()
     finally:
         model.train(was_training)
     return task.score(split, index, answers)

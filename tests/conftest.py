@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models and data, Pyro validation on (as DESIGN.md asks for tests)."""
+
+import pyro
+import pytest
+import torch
+
+from guides import TargetConditionedGaussian
+from models import RecursiveReasoningModel
+
+VOCAB, SEQ, BATCH = 3, 6, 5
+
+
+@pytest.fixture(autouse=True)
+def pyro_validation():
+    pyro.enable_validation(True)
+    pyro.clear_param_store()
+    yield
+    pyro.enable_validation(False)
+
+
+def tiny_model(**overrides) -> RecursiveReasoningModel:
+    torch.manual_seed(0)
+    options = dict(vocab_size=VOCAB, seq_len=SEQ, dim=8, ffn_hidden=16, num_layers=1, low_steps=2,
+                   transitions=2, n_sup=2, num_prefix=2, noise="learned", init_scale=0.7)
+    options.update(overrides)
+    model = RecursiveReasoningModel(**options)
+    with torch.no_grad():  # zero-initialised read-outs would hide mistakes in the tests
+        for p in [*model.noise_heads.parameters(), *model.halt_head.parameters(), *model.value_head.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def tiny_guide(model, **overrides) -> TargetConditionedGaussian:
+    guide = TargetConditionedGaussian(model, **{"hidden": 12, "init_scale": 0.5, **overrides})
+    with torch.no_grad():  # move the posterior away from its initial value so q != p
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return guide
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
+    y = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
+    return x, y

@@ -1,0 +1,86 @@
+"""Training runs end to end: config composition, exact resume, and one-line errors for bad input."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import experiments.configs
+from gram_pyro.cli import main
+from gram_pyro.training import train
+
+CONFIG_DIR = str(Path(experiments.configs.__file__).parent)
+TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
+        "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=8", "trainer.log_every=1",
+        "trainer.eval_every=0", "trainer.eval_inputs=4", "trainer.eval_samples=2", "trainer.warmup_steps=2"]
+
+
+def tiny_config(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="train", overrides=[*TINY, *overrides])
+
+
+def losses(run_dir: Path) -> list[str]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [row["loss"] for row in csv.DictReader(f)]
+
+
+def test_configs_compose_for_every_model_guide_and_objective():
+    for model in ("gram", "trm", "zero_mean", "fixed_noise"):
+        assert tiny_config(f"model={model}").model.noise in ("learned", "none", "zero_mean", "fixed")
+    assert tiny_config("objective=tracemeanfield_elbo").objective.elbo == "TraceMeanField_ELBO"
+    assert tiny_config("guide=prior").guide._target_ == "guides.PriorGuide"
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tiny_config("trainer.max_batches=4"), tmp_path / "straight", quiet=True)
+    first = train(tiny_config("trainer.max_batches=2"), tmp_path / "resumed", quiet=True)
+    train(tiny_config("trainer.max_batches=4"), first, resume=True, quiet=True)
+    assert len(losses(straight)) == 4
+    assert losses(first) == losses(straight)
+
+
+def test_trace_elbo_objective_trains(tmp_path):
+    run = train(tiny_config("trainer.max_batches=2", "objective=trace_elbo"), tmp_path / "elbo", quiet=True)
+    assert len(losses(run)) == 2 and (run / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task=sudoku9", "unknown task 'sudoku9'; allowed: nqueens"),
+    ("model=transformer", "unknown model 'transformer'; allowed: fixed_noise, gram, trm, zero_mean"),
+    ("guide=flow", "unknown guide 'flow'; allowed: gaussian, prior"),
+    ("trainer.learning_rate=1", "unknown config key 'trainer.learning_rate'"),
+    ("model.noise=loud", "bad model config: unknown noise 'loud'"),
+    ("trainer.device=tpu", "unknown trainer.device 'tpu'; allowed: auto, cpu, cuda"),
+])
+def test_bad_config_is_one_line_and_exit_2(capsys, override, message):
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_cuda_without_cuda_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["train", "trainer.device=cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_one_line_and_keeps_the_file(tmp_path, capsys):
+    run = train(tiny_config("trainer.max_batches=1"), tmp_path / "run", quiet=True)
+    checkpoint = run / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
+    assert main(["train", f"resume={run}", "trainer.max_batches=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable" in err and str(checkpoint) in err
+    assert checkpoint.stat().st_size == len(data) // 2  # nothing overwritten
+
+
+def test_command_line_error_has_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "gram_pyro.cli", "train", "task=nope"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["gram-pyro: error: unknown task 'nope'; allowed: nqueens"]
