@@ -29,11 +29,12 @@ def _train(overrides: list[str]) -> None:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
         saved = OmegaConf.load(run_dir / "config.yaml")
+        OmegaConf.set_struct(saved, True)  # an override may change a key, not add one
         changes = [o for o in overrides if not o.startswith("resume=")]
         try:
             cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(changes))
         except Exception as error:
-            raise UserError(f"bad override for resume: {error}") from None
+            raise UserError(f"bad override for resume: {str(error).strip().splitlines()[0]}") from None
         out = train(cfg, run_dir, resume=True)
     else:
         out = train(cfg, Path(cfg.run_dir) if cfg.run_dir else None)

@@ -37,20 +37,29 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown trainer.device {name!r}; allowed: {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but CUDA is not available here; use trainer.device=cpu or auto")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 class EMA:
-    """Exponential moving average of parameters: ``shadow <- d * shadow + (1 - d) * param``."""
+    """Exponential moving average of parameters: ``shadow <- d_t * shadow + (1 - d_t) * param`` with the
+    warm-up ``d_t = min(decay, (1 + t) / (10 + t))`` at update ``t``, so that a short run's average is
+    not dominated by the initial weights."""
 
     def __init__(self, modules: list[torch.nn.Module], decay: float):
         self.decay = decay
         self.params = [p for m in modules for p in m.parameters()]
         self.shadow = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.current_decay())
+        self.updates += 1
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -65,12 +74,13 @@ class EMA:
             for p, s in zip(self.params, saved):
                 p.copy_(s)
 
-    def state_dict(self) -> list[torch.Tensor]:
-        return self.shadow
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "updates": self.updates}
 
-    def load_state_dict(self, shadow: list[torch.Tensor]) -> None:
-        for s, value in zip(self.shadow, shadow):
+    def load_state_dict(self, state: dict) -> None:
+        for s, value in zip(self.shadow, state["shadow"]):
             s.copy_(value)
+        self.updates = state["updates"]
 
 
 def batch_at(split, index: int, batch_size: int, seed: int, device: torch.device) -> Batch:
@@ -115,9 +125,8 @@ class Run:
         self.objective = build(cfg.objective, "objective", judge=self.task.judge)
         self.model.to(self.device)
         self.guide.to(self.device)
-        params = [p for m in (self.model, self.guide) for p in m.parameters()]
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=trainer.lr, weight_decay=trainer.weight_decay,
+        self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                            betas=tuple(trainer.betas))
         warmup = max(trainer.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))

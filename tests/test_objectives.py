@@ -1,61 +1,22 @@
 """The objectives' values and gradients against hand computations in plain torch."""
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 from pyro.infer import Trace_ELBO
 
-from gram_pyro.objectives import Batch, TruncatedSurrogate, exact_match
+from gram_pyro.objectives import Batch, TruncatedSurrogate
+from gram_pyro.reference import supervision_step, surrogate_loss, token_log_likelihood
 from tests.conftest import tiny_guide, tiny_model
 
 
-def gaussian_kl(mq, sq, mp, sp):
-    """KL(N(mq, sq^2) || N(mp, sp^2)) elementwise, written out."""
-    return torch.log(sp / sq) + (sq**2 + (mq - mp) ** 2) / (2 * sp**2) - 0.5
-
-
-def gaussian_log_prob(v, m, s):
-    return -0.5 * ((v - m) / s) ** 2 - torch.log(s) - 0.5 * math.log(2 * math.pi)
-
-
-def hand_step(model, guide, x, y, h, l, detach_early: bool, posterior_everywhere: bool):
-    """One supervision step in plain torch. Returns (logits, h, log_p_eps, log_q_eps, kl_last)."""
-    e_x = model.encoder(x)
-    log_p = log_q = 0.0
-    for t in range(model.transitions):
-        early = t < model.transitions - 1
-        with torch.no_grad() if (early and detach_early) else torch.enable_grad():
-            l = model.core.refine_low(l, h, e_x)
-            u = model.core.f_high(h, l)
-            mp, sp = model.noise_heads["eps"](u)
-            if early and not posterior_everywhere:
-                eps = torch.distributions.Normal(mp, sp).rsample()
-            else:
-                mq, sq = guide.heads["eps"](u + guide.embed_target(y))
-                eps = torch.distributions.Normal(mq, sq).rsample()
-                log_q = log_q + gaussian_log_prob(eps, mq, sq).sum((-1, -2))
-                log_p = log_p + gaussian_log_prob(eps, mp, sp).sum((-1, -2))
-            h = u + eps
-    a = 0.8  # KL balancing: a KL(sg(q) || p) + (1 - a) KL(q || sg(p))
-    kl_last = (a * gaussian_kl(mq.detach(), sq.detach(), mp, sp)
-               + (1 - a) * gaussian_kl(mq, sq, mp.detach(), sp.detach())).sum((-1, -2))
-    return model.decoder(h), h, l, log_p, log_q, kl_last
-
-
-def hand_surrogate(model, guide, x, y, beta, detach_early=True):
+def hand_surrogate(model, guide, x, y, beta, truncate=True):
+    """The per-step surrogate losses of a whole batch, in plain torch."""
     h, l = model.h0.expand(x.shape[0], -1, -1), model.l0.expand(x.shape[0], -1, -1)
     losses = []
     for _ in range(model.n_sup):
-        logits, h, l, _, _, kl = hand_step(model, guide, x, y, h, l, detach_early, posterior_everywhere=False)
-        log_lik = torch.log_softmax(logits, -1).gather(-1, y[..., None]).squeeze(-1).sum(-1)
-        correct = exact_match(x, logits.argmax(-1), y).float()
-        halt = F.binary_cross_entropy_with_logits(model.halt_head(h.detach()), correct)
-        value = (model.value_head(h.detach()).sigmoid() - correct).square().mean()
-        tokens = y.shape[-1]
-        losses.append(-log_lik.mean() / tokens + beta * kl.mean() / tokens + halt + value)
-        h, l = h.detach(), l.detach()
+        step = supervision_step(model, guide, x, y, h, l, truncate, posterior_everywhere=False)
+        losses.append(surrogate_loss(model, step, x, y, beta))
+        h, l = step.h.detach(), step.l.detach()
     return losses
 
 
@@ -101,7 +62,7 @@ def test_gradient_flows_only_through_the_final_transition(data):
 
     def hand_grads(detach_early):
         torch.manual_seed(11)
-        hand = hand_surrogate(model, guide, x, y, beta=0.5, detach_early=detach_early)[0]
+        hand = hand_surrogate(model, guide, x, y, beta=0.5, truncate=detach_early)[0]
         return torch.autograd.grad(hand, list(model.parameters()), allow_unused=True)
 
     truncated, full = hand_grads(True), hand_grads(False)
@@ -125,9 +86,9 @@ def test_trace_elbo_equals_log_p_minus_log_q_by_hand(data):
     h, l = model.h0.expand(x.shape[0], -1, -1), model.l0.expand(x.shape[0], -1, -1)
     elbo = 0.0
     for _ in range(model.n_sup):
-        logits, h, l, log_p, log_q, _ = hand_step(model, guide, x, y, h, l, False, posterior_everywhere=True)
-        log_lik = torch.log_softmax(logits, -1).gather(-1, y[..., None]).squeeze(-1).sum(-1)
-        elbo = elbo + (log_lik + log_p - log_q).sum()
+        step = supervision_step(model, guide, x, y, h, l, truncate=False, posterior_everywhere=True)
+        elbo = elbo + (token_log_likelihood(step.logits, y) + step.log_p - step.log_q).sum()
+        h, l = step.h, step.l
     assert torch.allclose(loss, -elbo, atol=1e-4, rtol=1e-6), (loss, -elbo)
 
 

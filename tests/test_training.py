@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import experiments.configs
@@ -84,3 +85,22 @@ def test_command_line_error_has_no_traceback():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["gram-pyro: error: unknown task 'nope'; allowed: nqueens"]
+
+
+def test_ema_warms_up_then_uses_its_decay():
+    from torch import nn
+
+    from gram_pyro.training import EMA
+
+    layer = nn.Linear(1, 1, bias=False)
+    ema = EMA([layer], decay=0.999)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    ema.shadow[0].zero_()
+    ema.update()  # d_0 = 1/10: the average moves 90% of the way
+    assert torch.allclose(ema.shadow[0], torch.tensor([[0.9]]))
+    ema.updates = 100_000
+    assert ema.current_decay() == 0.999
+    with ema.applied():
+        assert torch.allclose(layer.weight, ema.shadow[0])
+    assert torch.equal(layer.weight, torch.ones(1, 1))

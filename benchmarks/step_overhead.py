@@ -1,0 +1,81 @@
+"""Pyro's overhead on one GRAM training step, as a ratio measured in one run.
+
+One training step = one supervision step of the truncated surrogate: forward, backward, clip and an
+AdamW update. Path A runs it through the Pyro program and guide (``TruncatedSurrogate.loss``);
+path B computes the identical loss in plain torch on the same modules (``gram_pyro.reference``).
+The two alternate, repeats are timed separately, and the script prints the median time of each and
+the median of the per-repeat ratios A / B. Target at the demo config on CPU: at most 1.15.
+
+    python benchmarks/step_overhead.py [--repeats 15] [--batch 128] [--dim 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pyro
+import torch
+
+from gram_pyro.objectives import Batch, TruncatedSurrogate
+from gram_pyro.reference import supervision_step, surrogate_loss
+from gram_pyro.tasks.nqueens import NQueensTask
+from guides import TargetConditionedGaussian
+from models import RecursiveReasoningModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=64)
+    args = parser.parse_args()
+    pyro.enable_validation(False)
+    torch.manual_seed(0)
+    task = NQueensTask()
+    model = RecursiveReasoningModel(task.vocab_size, task.seq_len, dim=args.dim, ffn_hidden=2 * args.dim)
+    guide = TargetConditionedGaussian(model)
+    x, y = task.splits["train"].batch(torch.arange(args.batch), torch.Generator().manual_seed(0))
+    params = [*model.parameters(), *guide.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    objective = TruncatedSurrogate(beta=1.0)  # exact-match judge, as the reference
+
+    def update(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    def pyro_step():
+        state = {}
+        model.init(state, x)
+        update(objective.loss(model, guide, Batch(x, y), state, 0)[0])
+
+    def torch_step():
+        h, l = model.h0.expand(x.shape[0], -1, -1), model.l0.expand(x.shape[0], -1, -1)
+        step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
+        update(surrogate_loss(model, step, x, y, beta=1.0))
+
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    for fn in (pyro_step, torch_step):  # warm-up
+        fn()
+    pyro_times, torch_times = [], []
+    for _ in range(args.repeats):
+        pyro_times.append(timed(pyro_step))
+        torch_times.append(timed(torch_step))
+    ratios = [p / t for p, t in zip(pyro_times, torch_times)]
+    print(f"config: N-Queens 8x8, batch {args.batch}, dim {args.dim}, K={model.core.low_steps}, "
+          f"T={model.transitions}, threads {torch.get_num_threads()}, {args.repeats} repeats")
+    print(f"pyro program + guide : median {1000 * statistics.median(pyro_times):8.1f} ms/step")
+    print(f"plain torch          : median {1000 * statistics.median(torch_times):8.1f} ms/step")
+    print(f"overhead ratio       : median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()
