@@ -36,6 +36,8 @@ from pyro.distributions import Independent, Normal
 from pyro.poutine.trace_struct import Trace
 from torch.distributions import kl_divergence
 
+from models.recursive import MAX_PLATE_NESTING
+
 Judge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``judge(x, answer, y) -> bool [...]``: whether ``answer`` is a correct answer to ``x``."""
 
@@ -121,7 +123,7 @@ class PyroELBO:
         if elbo not in ELBOS:
             raise ValueError(f"unknown elbo {elbo!r}; allowed: {', '.join(ELBOS)}")
         self.elbo = ELBOS[elbo](num_particles=num_particles, vectorize_particles=num_particles > 1,
-                                max_plate_nesting=1)
+                                max_plate_nesting=MAX_PLATE_NESTING)
         self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
 
     def updates_per_batch(self, model) -> int:
