@@ -28,26 +28,40 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _explain(error: Exception, overrides: list[str]) -> str:
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base=None):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def _allowed_keys(config_name: str, overrides: list[str], key: str) -> str:
+    """The keys next to ``key`` in the config the group choices among ``overrides`` select."""
+    choices = [o for o in overrides if (resources.files(CONFIG_MODULE) / o.partition("=")[0]).is_dir()]
+    try:
+        node = OmegaConf.select(_compose(config_name, choices), key.rpartition(".")[0]) if "." in key \
+            else _compose(config_name, choices)
+    except HydraException:
+        return ""
+    return f"; allowed: {', '.join(k for k in node if k != '_target_')}" if isinstance(node, DictConfig) else ""
+
+
+def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
     message = str(error)
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if "/" not in key and "." not in key and f"'{key}/{value}'" in message:
             return f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}"
         if f"'{key}'" in message and ("not in struct" in message or "Could not override" in message):
-            parent = key.rsplit(".", 1)[0] if "." in key else None
-            return f"unknown config key {key!r}" + (f" in {parent!r}" if parent else "")
+            return f"unknown config key {key!r}{_allowed_keys(config_name, overrides, key)}"
     return message.strip().splitlines()[0]
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``experiments/configs/<config_name>.yaml`` with command-line ``overrides``."""
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base=None):
-            return compose(config_name=config_name, overrides=overrides)
+        return _compose(config_name, overrides)
     except HydraException as error:
-        raise UserError(_explain(error, overrides)) from None
+        raise UserError(_explain(error, config_name, overrides)) from None
 
 
 def build(node: DictConfig, what: str, **kwargs):

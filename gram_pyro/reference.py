@@ -48,7 +48,7 @@ def supervision_step(model, guide, x, y, h, l, truncate: bool, posterior_everywh
             if early and not posterior_everywhere:
                 eps = torch.distributions.Normal(mp, sp).rsample()
             else:
-                mq, sq = guide.heads["eps"](u + guide.embed_target(y))
+                mq, sq = guide.heads["eps"](u + guide.target_encoder(y))
                 eps = torch.distributions.Normal(mq, sq).rsample()
                 log_q = log_q + gaussian_log_prob(eps, mq, sq).sum((-1, -2))
                 log_p = log_p + gaussian_log_prob(eps, mp, sp).sum((-1, -2))

@@ -95,12 +95,13 @@ def batch_at(split, index: int, batch_size: int, seed: int, device: torch.device
 
 def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device: torch.device,
              seed: int = 0) -> dict:
-    """Accuracy and coverage of answers decoded along ``num_samples`` **prior** trajectories for the
-    first ``num_inputs`` inputs of ``split`` (the only evidence that counts, NOTES.md). Draws from its
-    own seeded RNG, so evaluating neither changes a training run's random stream nor varies by when
-    it happens."""
+    """Accuracy and coverage of answers decoded along ``num_samples`` **prior** trajectories for
+    ``num_inputs`` inputs of ``split`` drawn at random (seeded; splits are stored sorted, so a prefix
+    would be a biased sample). The only evidence that counts (NOTES.md). Draws from its own seeded RNG,
+    so evaluating neither changes a training run's random stream nor varies by when it happens."""
     data = task.splits[split]
-    index = torch.arange(min(num_inputs, len(data)))
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=generator)[:num_inputs].sort().values
     was_training = model.training
     model.eval()
     try:

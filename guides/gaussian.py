@@ -2,9 +2,10 @@
 
     q(eps_t | u_t, y) = N(mu_phi(a_t), sigma_phi(a_t)^2 I),   a_t = u_t + [0_P ; E_phi(y)]
 
-``E_phi(y)`` is a learned token embedding of the target ``y [..., B, S]`` placed on the ``S`` board
-positions of ``u [..., B, P + S, D]`` (zero on the ``P`` prefix positions), so each position of the
-posterior sees its own target token and, through ``u``, everything the recursion has computed. The
+``E_phi(y)`` is a learned token embedding of the target ``y [..., B, S]`` (scaled by sqrt(D), as the
+input's) placed on the ``S`` board positions of ``u [..., B, P + S, D]`` (zero on the ``P`` prefix
+positions), so each position of the posterior sees its own target token and, through ``u``,
+everything the recursion has computed. The
 paper does not say how ``y`` enters; this is the choice of public reimplementations (PAPER.md
 section 1). ``mu_phi`` and ``sigma_phi`` are one SwiGLU each, starting at mean 0 and scale
 ``init_scale`` (equal to the prior at initialisation when the prior's ``init_scale`` is the same, so
@@ -13,13 +14,11 @@ the KL starts at zero).
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from gram_pyro.nn import GaussianHead
+from gram_pyro.nn import GaussianHead, TokenEncoder
 from guides.base import EpsGuide
 
 
@@ -29,20 +28,12 @@ class TargetConditionedGaussian(EpsGuide):
         super().__init__(model, posterior_transitions)
         if not model.stochastic:
             raise ValueError("a posterior guide needs a stochastic model (noise != 'none'); use guide=prior")
-        dim = model.dim
-        self.num_prefix = model.num_prefix
-        self.target_embed = nn.Embedding(model.vocab_size, dim)
-        nn.init.normal_(self.target_embed.weight, std=1.0 / math.sqrt(dim))
+        # E(y): the target's tokens embedded like the input's, after a zero prefix: [..., B, P + S, D]
+        self.target_encoder = TokenEncoder(model.vocab_size, model.dim, model.num_prefix)
         self.heads = nn.ModuleDict(
-            {kind: GaussianHead(dim, hidden or 2 * dim, init_scale) for kind in model.noise_sites}
+            {kind: GaussianHead(model.dim, hidden or 2 * model.dim, init_scale) for kind in model.noise_sites}
         )
 
-    def embed_target(self, y: torch.Tensor) -> torch.Tensor:
-        """``y [..., B, S] -> [..., B, P + S, D]``, zero on the prefix."""
-        embedded = math.sqrt(embedded_dim := self.target_embed.embedding_dim) * self.target_embed(y)
-        prefix = embedded.new_zeros(*y.shape[:-1], self.num_prefix, embedded_dim)
-        return torch.cat([prefix, embedded], dim=-2)
-
     def posterior(self, kind: str, u: torch.Tensor, y: torch.Tensor, prior) -> dist.Distribution:
-        loc, scale = self.heads[kind](u + self.embed_target(y))
+        loc, scale = self.heads[kind](u + self.target_encoder(y))
         return dist.Normal(loc, scale).to_event(2)

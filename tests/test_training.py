@@ -53,7 +53,7 @@ def test_trace_elbo_objective_trains(tmp_path):
     ("task=sudoku9", "unknown task 'sudoku9'; allowed: nqueens"),
     ("model=transformer", "unknown model 'transformer'; allowed: fixed_noise, gram, trm, zero_mean"),
     ("guide=flow", "unknown guide 'flow'; allowed: gaussian, prior"),
-    ("trainer.learning_rate=1", "unknown config key 'trainer.learning_rate'"),
+    ("trainer.learning_rate=1", "unknown config key 'trainer.learning_rate'; allowed: device, seed, batch_size"),
     ("model.noise=loud", "bad model config: unknown noise 'loud'"),
     ("trainer.device=tpu", "unknown trainer.device 'tpu'; allowed: auto, cpu, cuda"),
 ])
@@ -104,3 +104,27 @@ def test_ema_warms_up_then_uses_its_decay():
     with ema.applied():
         assert torch.allclose(layer.weight, ema.shadow[0])
     assert torch.equal(layer.weight, torch.ones(1, 1))
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_without_a_poisoned_checkpoint(tmp_path, monkeypatch):
+    from gram_pyro.config import UserError
+    from gram_pyro.objectives import TruncatedSurrogate
+
+    from gram_pyro.checkpoint import load_checkpoint
+
+    run_dir = train(tiny_config("trainer.max_batches=1"), tmp_path / "run", quiet=True)
+    good = load_checkpoint(run_dir / "checkpoint.pt")["model"]
+    real_loss = TruncatedSurrogate.loss
+
+    def poisoned(self, *args):
+        loss, metrics = real_loss(self, *args)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(TruncatedSurrogate, "loss", poisoned)
+    with pytest.raises(UserError, match="non-finite"):
+        train(tiny_config("trainer.max_batches=3", "trainer.max_bad_steps=2", "trainer.checkpoint_every=1"),
+              run_dir, resume=True, quiet=True)
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    assert saved["bad_steps"] == 2  # the first batch's two updates were skipped and counted
+    for name, value in saved["model"].items():
+        assert torch.isfinite(value).all() and torch.equal(value, good[name]), name
