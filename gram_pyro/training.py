@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
 import os
 import time
 from pathlib import Path
 
 import pyro
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -251,18 +250,3 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
         eval_file.close()
     return run_dir
 
-
-def load_run(run_dir: Path, device: str = "cpu", use_ema: bool = True) -> Run:
-    """A trained run from its directory (config + checkpoint), with EMA weights loaded by default."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    cfg.trainer.device = device
-    run = Run(cfg)
-    run.load(load_checkpoint(run_dir / "checkpoint.pt"))
-    if use_ema:
-        with torch.no_grad():
-            for p, s in zip(run.ema.params, run.ema.shadow):
-                p.copy_(s)
-    return run
