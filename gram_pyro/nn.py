@@ -41,12 +41,14 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_in: int, hidden: int, d_out: int | None = None):
         super().__init__()
-        self.gate_up = nn.Linear(d_in, 2 * hidden, bias=False)
+        # two projections rather than one fused and chunked: the chunk's backward is a concatenation
+        # that cost ~20% of a SwiGLU forward+backward on CPU at the demo size
+        self.gate = nn.Linear(d_in, hidden, bias=False)
+        self.up = nn.Linear(d_in, hidden, bias=False)
         self.down = nn.Linear(hidden, d_out or d_in, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
