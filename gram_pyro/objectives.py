@@ -131,7 +131,7 @@ class PyroELBO:
 
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
         negative_elbo = self.elbo.differentiable_loss(model, guide, batch.x, y=batch.y) / batch.y.numel()
-        model_trace, _ = guide.get_traces()  # the (last particle's) run the ELBO just made
+        model_trace, _ = guide.get_traces()  # the run the ELBO just made (particles as a leading dim)
         halt = value = torch.zeros(())
         for n in range(model.n_sup):
             step_halt, step_value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
