@@ -47,10 +47,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    def pyro_step():
-        state = {}
-        model.init(state, x)
-        update(objective.loss(model, guide, Batch(x, y), state, 0)[0])
+    def pyro_step():  # update 0 of a batch: the objective runs model.init itself
+        update(objective.loss(model, guide, Batch(x, y), {}, 0)[0])
 
     def torch_step():
         h, l = model.h0.expand(x.shape[0], -1, -1), model.l0.expand(x.shape[0], -1, -1)

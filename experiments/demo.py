@@ -62,7 +62,7 @@ def run_demo(out: Path, overrides: list[str]) -> dict:
         train(cfg, run_dir)
         results[name] = {**final_scores(run_dir), "train_seconds": round(time.time() - t0, 1),
                          "run_dir": str(run_dir)}
-    cfg = compose_config("demo", overrides)
+    # the runs differ only in model and guide: task and trainer are read from the last one's config
     summary = {"task": "nqueens", "n": cfg.task.n, "removals": list(cfg.task.removals),
                "held_out_inputs": cfg.trainer.eval_inputs, "samples_per_input": cfg.trainer.eval_samples,
                "batches": cfg.trainer.max_batches, "total_seconds": round(time.time() - started, 1),
