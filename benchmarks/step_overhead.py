@@ -18,7 +18,8 @@ import time
 import pyro
 import torch
 
-from gram_pyro.objectives import Batch, TruncatedSurrogate
+from gram_pyro.objectives import TruncatedSurrogate
+from gram_pyro.tasks.base import Batch
 from gram_pyro.reference import supervision_step, surrogate_loss
 from gram_pyro.tasks.nqueens import NQueensTask
 from guides import TargetConditionedGaussian

@@ -1,8 +1,10 @@
 """``gram-pyro <command> [key=value ...]``: one console script, Hydra-composed subcommands.
 
 Commands:
-  train   train a model: ``gram-pyro train task=nqueens model=gram guide=gaussian objective=truncated``;
-          continue a run with ``gram-pyro train resume=<run dir> [overrides]``.
+  train       train a model: ``gram-pyro train task=nqueens model=gram guide=gaussian objective=truncated``;
+              continue a run with ``gram-pyro train resume=<run dir> [overrides]``.
+  data stats  build a task's data (or read it from the cache) and print its counts as JSON:
+              ``gram-pyro data stats task=coloring``.
 
 User mistakes (unknown names or keys, CUDA asked for where there is none, a damaged checkpoint) print
 one line ``gram-pyro: error: ...`` and exit with code 2.
@@ -10,14 +12,16 @@ one line ``gram-pyro: error: ...`` and exit with code 2.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gram_pyro.config import UserError, compose_config
+from gram_pyro.config import UserError, build, compose_config
 
-USAGE = "usage: gram-pyro train [key=value ...]   (e.g. gram-pyro train model=trm trainer.max_batches=100)"
+USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train model=trm trainer.max_batches=100
+       gram-pyro data stats [key=value ...]   e.g. gram-pyro data stats task=sudoku"""
 
 
 def _train(overrides: list[str]) -> None:
@@ -41,7 +45,14 @@ def _train(overrides: list[str]) -> None:
     print(f"run directory: {out}")
 
 
-COMMANDS = {"train": _train}
+def _data(arguments: list[str]) -> None:
+    if not arguments or arguments[0] != "stats":
+        raise UserError("usage: gram-pyro data stats task=<name> [key=value ...]")
+    cfg = compose_config("data", arguments[1:])
+    print(json.dumps(build(cfg.task, "task").stats(), indent=2))
+
+
+COMMANDS = {"train": _train, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

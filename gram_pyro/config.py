@@ -70,6 +70,8 @@ def build(node: DictConfig, what: str, **kwargs):
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error
+        if isinstance(cause, UserError):  # already says what is wrong (a bad data file line, ...)
+            raise cause from None
         raise UserError(f"bad {what} config: {str(cause).strip().splitlines()[0]}") from None
 
 

@@ -164,20 +164,30 @@ class RecursiveCore(nn.Module):
 
 
 class TokenEncoder(nn.Module):
-    """``x [..., S] -> e_x [..., P + S, D]``: token embedding scaled by sqrt(D), after ``P`` zero
-    prefix tokens (single-task data: the prefix carries no puzzle embedding, but keeps token 0 free
-    for the heads)."""
+    """``x [..., S] -> e_x [..., P + S, D]``: token embedding scaled by sqrt(D), after ``P`` prefix
+    tokens. Single-task data (``num_puzzles = 0``): the prefix is zero, keeping token 0 free for the
+    heads. With ``num_puzzles > 0`` (ARC) the prefix is a learned per-puzzle embedding ``[P, D]``
+    (zero at initialisation) looked up by ``puzzle [B]``."""
 
-    def __init__(self, vocab_size: int, dim: int, num_prefix: int):
+    def __init__(self, vocab_size: int, dim: int, num_prefix: int, num_puzzles: int = 0):
         super().__init__()
-        self.num_prefix = num_prefix
+        self.num_prefix, self.num_puzzles = num_prefix, num_puzzles
         self.scale = math.sqrt(dim)
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=1.0 / self.scale)
+        if num_puzzles:
+            self.puzzle_embed = nn.Embedding(num_puzzles, num_prefix * dim)
+            nn.init.zeros_(self.puzzle_embed.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, puzzle: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.scale * self.embed(x)
-        prefix = tokens.new_zeros(*x.shape[:-1], self.num_prefix, tokens.shape[-1])
+        shape = (*x.shape[:-1], self.num_prefix, tokens.shape[-1])
+        if self.num_puzzles:
+            if puzzle is None:
+                raise ValueError("this model embeds puzzle identifiers: pass puzzle [B]")
+            prefix = self.puzzle_embed(puzzle).to(tokens.dtype).unflatten(-1, shape[-2:]).expand(shape)
+        else:
+            prefix = tokens.new_zeros(shape)
         return torch.cat([prefix, tokens], dim=-2)
 
 

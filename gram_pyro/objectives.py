@@ -3,10 +3,10 @@
 An objective is called ``updates_per_batch(model)`` times per batch, one optimizer step after each
 call; ``state`` is a dict it may use to carry the latent state between those calls.
 
-Normalization (the meaning of beta depends on it): every loss is divided by ``B * S``, the number of
-target tokens in the batch. With ``beta = 1`` the GRAM surrogate is therefore exactly the negative
-ELBO of one supervision step per target token; the KL is summed over all ``L x D`` latent units of
-the transition before that division, not averaged.
+Normalization (the meaning of beta depends on it): every loss is divided by the number of supervised
+target tokens in the batch (``B * S`` unless targets hold ``IGNORE`` positions). With ``beta = 1`` the
+GRAM surrogate is therefore exactly the negative ELBO of one supervision step per target token; the KL
+is summed over all ``L x D`` latent units of the transition before that division, not averaged.
 
 - :class:`TruncatedSurrogate` (the paper's, PAPER.md section 2): for supervision step ``n``
 
@@ -26,7 +26,6 @@ read a detached state, so these losses never reach the core.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import pyro.infer
@@ -36,21 +35,30 @@ from pyro.distributions import Independent, Normal
 from pyro.poutine.trace_struct import Trace
 from torch.distributions import kl_divergence
 
+from gram_pyro.tasks.base import IGNORE, Batch
 from models.recursive import MAX_PLATE_NESTING
 
 Judge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``judge(x, answer, y) -> bool [...]``: whether ``answer`` is a correct answer to ``x``."""
 
 
-@dataclass
-class Batch:
-    x: torch.Tensor  # [B, S] input tokens
-    y: torch.Tensor  # [B, S] target tokens
-
-
 def exact_match(x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The default judge: the answer equals the target everywhere."""
-    return (answer == y).all(-1)
+    """The default judge: the answer equals the target at every supervised position."""
+    return ((answer == y) | (y == IGNORE)).all(-1)
+
+
+def per_token(total: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A per-example quantity ``total [..., B]`` summed over the batch, averaged over leading (particle)
+    dims and divided by the number of supervised tokens of ``y [B, S]``."""
+    return total.sum(-1).mean() / (y != IGNORE).sum().clamp(min=1)
+
+
+def step_logits(model_trace: Trace, n: int) -> torch.Tensor:
+    """The decoder logits ``[..., B, S, V]`` of supervision step ``n`` (read off the masked likelihood)."""
+    fn = model_trace.nodes[f"y/{n}"]["fn"]
+    while not hasattr(fn, "logits"):
+        fn = fn.base_dist
+    return fn.logits
 
 
 def gaussian_of(d) -> Normal:
@@ -74,7 +82,7 @@ def head_losses(model_trace: Trace, x: torch.Tensor, y: torch.Tensor, n: int, ju
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halt BCE and LPRM squared error at supervision step ``n`` (batch means), and the correctness
     ``[..., B]`` of the step's argmax answer."""
-    logits = model_trace.nodes[f"y/{n}"]["fn"].base_dist.logits
+    logits = step_logits(model_trace, n)
     correct = judge(x, logits.argmax(-1), y).float()
     halt = F.binary_cross_entropy_with_logits(model_trace.nodes[f"halt/{n}"]["value"], correct)
     value = (model_trace.nodes[f"value/{n}"]["value"] - correct).square().mean()
@@ -98,15 +106,16 @@ class TruncatedSurrogate:
         if update == 0:
             state.clear()
             model.init(state, batch.x)
-        model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True)
+        model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True,
+                                             puzzle=batch.puzzle)
         n, last = update, model.transitions - 1
-        log_lik = model_trace.nodes[f"y/{n}"]["fn"].log_prob(batch.y)  # [B], summed over S tokens
+        observed = model_trace.nodes[f"y/{n}"]
+        log_lik = observed["fn"].log_prob(observed["value"])  # [B], summed over supervised tokens
         kl = torch.zeros_like(log_lik)
         for kind in model.noise_sites:
             site = f"{kind}/{n}/{last}"
             kl = kl + balanced_kl(guide_trace.nodes[site]["fn"], model_trace.nodes[site]["fn"], self.kl_balance)
-        tokens = batch.y.shape[-1]
-        nll, kl = -log_lik.mean() / tokens, kl.mean() / tokens
+        nll, kl = -per_token(log_lik, batch.y), per_token(kl, batch.y)
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
         loss = nll + self.beta * kl + self.halt_weight * halt + self.value_weight * value
         return loss, {"loss": loss, "nll": nll, "kl": kl, "halt": halt, "value": value, "acc": correct.mean()}
@@ -130,7 +139,8 @@ class PyroELBO:
         return 1
 
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
-        negative_elbo = self.elbo.differentiable_loss(model, guide, batch.x, y=batch.y) / batch.y.numel()
+        negative_elbo = self.elbo.differentiable_loss(model, guide, batch.x, y=batch.y, puzzle=batch.puzzle)
+        negative_elbo = negative_elbo / (batch.y != IGNORE).sum().clamp(min=1)
         model_trace, _ = guide.get_traces()  # the run the ELBO just made (particles as a leading dim)
         halt = value = torch.zeros(())
         for n in range(model.n_sup):

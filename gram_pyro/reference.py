@@ -48,7 +48,7 @@ def supervision_step(model, guide, x, y, h, l, truncate: bool, posterior_everywh
             if early and not posterior_everywhere:
                 eps = torch.distributions.Normal(mp, sp).rsample()
             else:
-                mq, sq = guide.heads["eps"](u + guide.target_encoder(y))
+                mq, sq = guide.heads["eps"](u + guide.target_encoder(y.clamp(min=0)))
                 eps = torch.distributions.Normal(mq, sq).rsample()
                 log_q = log_q + gaussian_log_prob(eps, mq, sq).sum((-1, -2))
                 log_p = log_p + gaussian_log_prob(eps, mp, sp).sum((-1, -2))
@@ -60,14 +60,15 @@ def supervision_step(model, guide, x, y, h, l, truncate: bool, posterior_everywh
 
 
 def token_log_likelihood(logits, y):
-    """log p(y | logits) summed over the S tokens: ``[B]``."""
-    return torch.log_softmax(logits, -1).gather(-1, y[..., None]).squeeze(-1).sum(-1)
+    """log p(y | logits) summed over the supervised tokens (``y >= 0``): ``[B]``."""
+    log_p = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return (log_p * (y >= 0)).sum(-1)
 
 
 def surrogate_loss(model, step: StepResult, x, y, beta: float) -> torch.Tensor:
     """The truncated GRAM loss of one step (exact-match judge), per target token."""
-    correct = (step.logits.argmax(-1) == y).all(-1).float()
+    correct = ((step.logits.argmax(-1) == y) | (y < 0)).all(-1).float()
     halt = F.binary_cross_entropy_with_logits(model.halt_head(step.h.detach()), correct)
     value = (model.value_head(step.h.detach()).sigmoid() - correct).square().mean()
-    tokens = y.shape[-1]
-    return (-token_log_likelihood(step.logits, y).mean() + beta * step.kl_last.mean()) / tokens + halt + value
+    tokens = (y >= 0).sum()
+    return (-token_log_likelihood(step.logits, y).sum() + beta * step.kl_last.sum()) / tokens + halt + value

@@ -14,9 +14,11 @@ import torch
 
 
 @torch.no_grad()
-def sample_answers(model, x: torch.Tensor, num_samples: int, n_sup: int | None = None) -> torch.Tensor:
-    """Argmax answers ``[N, B, S]`` of ``N`` prior trajectories for inputs ``x [B, S]``."""
+def sample_answers(model, x: torch.Tensor, num_samples: int, n_sup: int | None = None,
+                   puzzle: torch.Tensor | None = None) -> torch.Tensor:
+    """Argmax answers ``[N, B, S]`` of ``N`` prior trajectories for inputs ``x [B, S]`` (and puzzle
+    identifiers ``puzzle [B]`` where the task has them)."""
     if not model.stochastic:
-        return model(x, n_sup=n_sup).argmax(-1).expand(num_samples, *x.shape)
+        return model(x, n_sup=n_sup, puzzle=puzzle).argmax(-1).expand(num_samples, *x.shape)
     with pyro.plate("trajectories", num_samples, dim=-2):
-        return model(x, n_sup=n_sup).argmax(-1)
+        return model(x, n_sup=n_sup, puzzle=puzzle).argmax(-1)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gram_pyro.config import UserError, build, save_config
-from gram_pyro.objectives import Batch
+from gram_pyro.tasks.base import Batch
 from gram_pyro.sampling import sample_answers
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,13 +88,12 @@ def batch_at(split, index: int, batch_size: int, seed: int, device: torch.device
     epoch, position = divmod(index, per_epoch)
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     rows = order[position * batch_size:(position + 1) * batch_size]
-    x, y = split.batch(rows, torch.Generator().manual_seed(seed * 1_000_003 + index))
-    return Batch(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    return split.batch(rows, torch.Generator().manual_seed(seed * 1_000_003 + index)).to(device)
 
 
 def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device: torch.device,
              seed: int = 0) -> dict:
-    """Accuracy and coverage of answers decoded along ``num_samples`` **prior** trajectories for
+    """The task's scores (accuracy, coverage, ...) of answers decoded along ``num_samples`` **prior** trajectories for
     ``num_inputs`` inputs of ``split`` drawn at random (seeded; splits are stored sorted, so a prefix
     would be a biased sample). The only evidence that counts (NOTES.md). Draws from its own seeded RNG,
     so evaluating neither changes a training run's random stream nor varies by when it happens."""
@@ -106,7 +105,8 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            answers = sample_answers(model, data.inputs[index].to(device), num_samples).cpu()
+            puzzle = None if data.puzzles is None else data.puzzles[index].to(device)
+            answers = sample_answers(model, data.inputs[index].to(device), num_samples, puzzle=puzzle).cpu()
     finally:
         model.train(was_training)
     return task.score(split, index, answers)
@@ -120,7 +120,8 @@ class Run:
         self.cfg, self.device = cfg, resolve_device(trainer.device)
         torch.manual_seed(trainer.seed)
         self.task = build(cfg.task, "task")
-        self.model = build(cfg.model, "model", vocab_size=self.task.vocab_size, seq_len=self.task.seq_len)
+        self.model = build(cfg.model, "model", vocab_size=self.task.vocab_size, seq_len=self.task.seq_len,
+                           num_puzzles=self.task.num_puzzles)
         self.guide = build(cfg.guide, "guide", model=self.model)
         self.objective = build(cfg.objective, "objective", judge=self.task.judge)
         self.model.to(self.device)
@@ -202,8 +203,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     metrics_file = (run_dir / "metrics.csv").open("a", newline="")
     eval_file = (run_dir / "eval.csv").open("a", newline="")
     metrics_csv, eval_csv = csv.writer(metrics_file), csv.writer(eval_file)
-    if not resume:
-        eval_csv.writerow(["batch", "accuracy", "coverage"])
+    eval_header_written = resume
     header_written = resume
     split = run.task.splits["train"]
     start = time.time()
@@ -211,9 +211,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
                     disable=quiet, dynamic_ncols=True)
 
     def log_eval() -> dict:
+        nonlocal eval_header_written
         with run.ema.applied():
             scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
-        eval_csv.writerow([run.batches_done, scores["accuracy"], scores["coverage"]])
+        if not eval_header_written:
+            eval_csv.writerow(["batch", *scores])
+            eval_header_written = True
+        eval_csv.writerow([run.batches_done, *scores.values()])
         eval_file.flush()
         for key, value in scores.items():
             writer.add_scalar(f"eval/{key}", value, run.batches_done)

@@ -4,7 +4,7 @@
 
 ``E_phi(y)`` is a learned token embedding of the target ``y [..., B, S]`` (scaled by sqrt(D), as the
 input's) placed on the ``S`` board positions of ``u [..., B, P + S, D]`` (zero on the ``P`` prefix
-positions), so each position of the posterior sees its own target token and, through ``u``,
+positions; ``IGNORE`` target positions are embedded as the pad token 0), so each position of the posterior sees its own target token and, through ``u``,
 everything the recursion has computed. The paper does not say how ``y`` enters; this is the choice
 of public reimplementations (PAPER.md section 1). ``mu_phi`` and ``sigma_phi`` are one SwiGLU each, starting at mean 0 and scale
 ``init_scale`` (equal to the prior at initialisation when the prior's ``init_scale`` is the same, so
@@ -34,5 +34,5 @@ class TargetConditionedGaussian(EpsGuide):
         )
 
     def posterior(self, kind: str, u: torch.Tensor, y: torch.Tensor, prior) -> dist.Distribution:
-        loc, scale = self.heads[kind](u + self.target_encoder(y))
+        loc, scale = self.heads[kind](u + self.target_encoder(y.clamp(min=0)))
         return dist.Normal(loc, scale).to_event(2)

@@ -9,13 +9,15 @@ The program (PAPER.md section 1, DESIGN.md "model contract"): for supervision st
     h      =  u + eps
     ...after T transitions:
     y      ~  Categorical(f_dec(h))                   pyro.sample("y/{n}", obs=y), event dim [S]
+                                                      (positions where y == IGNORE are masked out)
 
 ``noise`` picks the prior of eps: ``learned`` (GRAM), ``zero_mean`` N(0, sigma(u)^2) and ``fixed``
 N(0, s^2) (the paper's ablations) or ``none`` (deterministic TRM/HRM: no eps sites, ``h = u``).
 With ``noise_on_low`` a second site ``eps_l/{n}/{t}`` perturbs the refined ``l`` the same way
 (deterministic proposal ``u_l/{n}/{t}``) before f_H reads it.
 
-Shapes: ``x, y [..., B, S]`` tokens; states ``h, l, e_x [..., B, L, D]`` with ``L = P + S``; leading
+Shapes: ``x, y [..., B, S]`` tokens, ``puzzle [B]`` identifiers (tasks with ``num_puzzles > 0``);
+states ``h, l, e_x [..., B, L, D]`` with ``L = P + S``; leading
 dims (vectorized particles, parallel trajectories) broadcast through everything. One plate
 ``data`` over ``B`` at dim -1, so ``max_plate_nesting = 1``.
 
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 
 from gram_pyro.nn import GaussianHead, RecursiveCore, ScalarHead, TokenDecoder, TokenEncoder
+from gram_pyro.tasks.base import IGNORE
 
 NOISE_KINDS = ("learned", "zero_mean", "fixed", "none")
 MAX_PLATE_NESTING = 1
@@ -58,7 +61,7 @@ class RecursiveReasoningModel(nn.Module):
                  num_layers: int = 2, mixer: str = "mlp", num_heads: int = 4, low_steps: int = 2,
                  transitions: int = 2, n_sup: int = 4, num_prefix: int = 16, shared: bool = True,
                  noise: str = "learned", noise_on_low: bool = False, init_scale: float = 1.0,
-                 fixed_scale: float = 0.1, noise_hidden: int | None = None):
+                 fixed_scale: float = 0.1, noise_hidden: int | None = None, num_puzzles: int = 0):
         super().__init__()
         if noise not in NOISE_KINDS:
             raise ValueError(f"unknown noise {noise!r}; allowed: {', '.join(NOISE_KINDS)}")
@@ -70,7 +73,7 @@ class RecursiveReasoningModel(nn.Module):
         self.seq_len, self.vocab_size, self.dim, self.num_prefix = seq_len, vocab_size, dim, num_prefix
         self.transitions, self.n_sup, self.noise, self.fixed_scale = transitions, n_sup, noise, fixed_scale
         length = num_prefix + seq_len
-        self.encoder = TokenEncoder(vocab_size, dim, num_prefix)
+        self.encoder = TokenEncoder(vocab_size, dim, num_prefix, num_puzzles)
         self.core = RecursiveCore(dim, ffn_hidden, length, num_layers, mixer, num_heads, low_steps, shared)
         self.decoder = TokenDecoder(dim, vocab_size, num_prefix)
         self.halt_head = ScalarHead(dim)
@@ -119,14 +122,15 @@ class RecursiveReasoningModel(nn.Module):
             state["l"] = pyro.sample("l0", dist.Delta(self.l0.expand(shape), event_dim=2))
 
     def step(self, state: dict, x: torch.Tensor, y: torch.Tensor | None = None,
-             truncate: bool = False) -> torch.Tensor:
+             truncate: bool = False, puzzle: torch.Tensor | None = None) -> torch.Tensor:
         """One supervision step of ``T`` transitions from ``state``; returns the decoder logits
-        ``[..., B, S, V]`` and updates ``state`` in place."""
+        ``[..., B, S, V]`` and updates ``state`` in place. Target positions equal to ``IGNORE`` are
+        masked out of the likelihood; ``puzzle [B]`` feeds the per-puzzle prefix embedding."""
         if self._data_plate is None:
             raise RuntimeError("call init(state, x) before step(state, x, ...)")
         n = self._step_index
         h, l = state["h"], state["l"]
-        e_x = self.encoder(x)  # [..., B, L, D]; re-embedded per step so each step owns its graph
+        e_x = self.encoder(x, puzzle)  # [..., B, L, D]; re-embedded per step so each step owns its graph
         with self._data_plate:
             for t in range(self.transitions):
                 with_grad = not truncate or t == self.transitions - 1
@@ -141,7 +145,8 @@ class RecursiveReasoningModel(nn.Module):
                         h = pyro.deterministic(f"u/{n}/{t}", u, event_dim=2)
             logits = self.decoder(h)
             if y is not None:
-                pyro.sample(f"y/{n}", dist.Categorical(logits=logits).to_event(1), obs=y)
+                likelihood = dist.Categorical(logits=logits).mask(y != IGNORE).to_event(1)
+                pyro.sample(f"y/{n}", likelihood, obs=y.clamp(min=0))
             pyro.deterministic(f"halt/{n}", self.halt_head(h.detach()))
             pyro.deterministic(f"value/{n}", self.value_head(h.detach()).sigmoid())
         if truncate:
@@ -151,11 +156,11 @@ class RecursiveReasoningModel(nn.Module):
         return logits
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, n_sup: int | None = None,
-                truncate: bool = False) -> torch.Tensor:
+                truncate: bool = False, puzzle: torch.Tensor | None = None) -> torch.Tensor:
         """The whole program: ``init`` then ``n_sup`` (default: the trained number) supervision steps.
         Returns the last step's logits ``[..., B, S, V]``."""
         state: dict = {}
         self.init(state, x)
         for _ in range(n_sup or self.n_sup):
-            logits = self.step(state, x, y, truncate=truncate)
+            logits = self.step(state, x, y, truncate=truncate, puzzle=puzzle)
         return logits

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny models and data, Pyro validation on (as DESIGN.md asks for tests)."""
+"""Shared fixtures: tiny models and data, Pyro validation on (as DESIGN.md asks for tests); data set
+caches go to a temporary directory, never the user's."""
+
+import os
 
 import pyro
 import pytest
@@ -8,6 +11,13 @@ from guides import TargetConditionedGaussian
 from models import RecursiveReasoningModel
 
 VOCAB, SEQ, BATCH = 3, 6, 5
+
+
+@pytest.fixture(autouse=True, scope="session")
+def task_cache(tmp_path_factory):
+    os.environ["GRAM_PYRO_CACHE"] = str(tmp_path_factory.mktemp("task-cache"))
+    os.environ["GRAM_PYRO_QUIET"] = "1"
+    yield
 
 
 @pytest.fixture(autouse=True)

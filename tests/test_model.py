@@ -8,7 +8,8 @@ import pytest
 import torch
 from pyro.infer import SMCFilter, SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from gram_pyro.objectives import Batch, TruncatedSurrogate
+from gram_pyro.objectives import TruncatedSurrogate
+from gram_pyro.tasks.base import Batch
 from gram_pyro.sampling import sample_answers
 from guides import PriorGuide, TargetConditionedGaussian
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_guide, tiny_model
@@ -160,3 +161,16 @@ def test_ablation_priors_have_zero_mean(data, noise):
     u = torch.randn(BATCH, model.num_prefix + SEQ, 8)
     prior = model.prior("eps", u)
     assert torch.equal(prior.base_dist.loc, torch.zeros_like(u))
+
+
+def test_puzzle_identifiers_select_a_learned_prefix(data):
+    x, _ = data
+    model = tiny_model(noise="none", num_puzzles=3)
+    with pytest.raises(ValueError, match="pass puzzle"):
+        model(x)
+    with torch.no_grad():
+        model.encoder.puzzle_embed.weight.normal_()
+    same = model(x, puzzle=torch.zeros(len(x), dtype=torch.long))
+    other = model(x, puzzle=torch.ones(len(x), dtype=torch.long))
+    assert torch.equal(same, model(x, puzzle=torch.zeros(len(x), dtype=torch.long)))
+    assert not torch.allclose(same, other)

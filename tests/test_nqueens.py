@@ -1,5 +1,6 @@
 """Tests for the N-Queens completion task."""
 
+import re
 from itertools import combinations
 
 import pytest
@@ -7,14 +8,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gram_pyro.config import UserError
 from gram_pyro.tasks.nqueens import (
-    all_solutions,
     EMPTY,
     QUEEN,
+    NQueensTask,
+    all_solutions,
     boards_from_columns,
     build_nqueens,
     coverage,
+    dihedral_permutations,
+    format_answer,
     is_valid_completion,
+    read_boards,
 )
 
 N = 8
@@ -95,15 +101,16 @@ def test_original_board_is_among_completions(splits):
 def test_batch_targets_are_valid_random_and_reproducible(splits):
     s = splits["train"]
     index = torch.arange(len(s))
-    x, y = s.batch(index, torch.Generator().manual_seed(0))
+    batch = s.batch(index, torch.Generator().manual_seed(0))
+    x, y = batch.x, batch.y
     assert torch.equal(x, s.inputs)
     assert is_valid_completion(x, y, N).all()
 
     multi = int((s.num_completions > 1).nonzero()[0, 0])
     rep = torch.full((200,), multi)
-    _, y1 = s.batch(rep, torch.Generator().manual_seed(3))
+    y1 = s.batch(rep, torch.Generator().manual_seed(3)).y
     assert len({tuple(r) for r in y1.tolist()}) > 1
-    _, y2 = s.batch(rep, torch.Generator().manual_seed(3))
+    y2 = s.batch(rep, torch.Generator().manual_seed(3)).y
     assert torch.equal(y1, y2)
 
 
@@ -196,3 +203,95 @@ def test_partial_completed_by_original_but_not_by_moved_queen(index, removed, ro
     moved = cols.clone()
     moved[row] = (moved[row] + shift) % N
     assert not is_valid_completion(x, board(moved.tolist()), N)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return NQueensTask(n=6, removals=(2, 3), cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def test_task_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    first = NQueensTask(n=6, removals=(2, 3), cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("nqueens-*.npz"))) == 1
+    monkeypatch.setattr(NQueensTask, "_build", staticmethod(lambda params: pytest.fail("rebuilt")))
+    again = NQueensTask(n=6, removals=(2, 3), cache_dir=str(tmp_path))
+    assert torch.equal(again.splits["test"].inputs, first.splits["test"].inputs)
+    assert torch.equal(again.splits["train"].completions, first.splits["train"].completions)
+
+
+def test_changed_config_rebuilds_and_corrupt_cache_is_rebuilt(tmp_path, capsys):
+    NQueensTask(n=6, removals=(2, 3), cache_dir=str(tmp_path))
+    NQueensTask(n=6, removals=(3,), cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("nqueens-*.npz"))) == 2
+    for npz in tmp_path.glob("nqueens-*.npz"):
+        npz.write_bytes(b"not an archive")
+    rebuilt = NQueensTask(n=6, removals=(3,), cache_dir=str(tmp_path))
+    assert "damaged or foreign" in capsys.readouterr().err
+    assert len(rebuilt.splits["train"]) + len(rebuilt.splits["test"]) > 0
+
+
+def test_stats_count_inputs_and_solutions(tmp_path):
+    stats = NQueensTask(cache_dir=str(tmp_path)).stats()
+    assert stats["total_solutions"] == 92 and stats["seq_len"] == 64 and stats["vocab_size"] == 3
+    hist = [stats["splits"][s]["solutions_per_input"] for s in ("train", "test")]
+    assert sum(stats["splits"][s]["inputs"] for s in ("train", "test")) == 5148
+    assert sum(h.get("1", 0) for h in hist) == round(0.655 * 5148)
+    assert max(int(k) for h in hist for k in h) == 18
+
+
+def test_original_target_is_fixed_and_valid(task):
+    split = task.splits["train"]
+    split.target = "original"
+    try:
+        index = torch.arange(len(split))
+        y1 = split.batch(index, torch.Generator().manual_seed(0)).y
+        y2 = split.batch(index, torch.Generator().manual_seed(1)).y
+    finally:
+        split.target = "random"
+    assert torch.equal(y1, y2)
+    assert is_valid_completion(split.inputs, y1, 6).all()
+
+
+def test_dihedral_symmetries_are_distinct_and_keep_pairs_valid(task):
+    perms = dihedral_permutations(6)
+    assert torch.equal(perms[0], torch.arange(36))
+    assert len({tuple(p) for p in perms.tolist()}) == 8
+    split = task.splits["train"]
+    split.augment = True
+    try:
+        batch = split.batch(torch.arange(len(split)), torch.Generator().manual_seed(0))
+    finally:
+        split.augment = False
+    assert is_valid_completion(batch.x, batch.y, 6).all()
+    assert not torch.equal(batch.x, split.inputs)
+
+
+def test_per_input_metrics_have_one_value_per_input(task):
+    split = task.splits["test"]
+    index = torch.arange(4)
+    answers = split.solutions[split.completions[index, 0]].expand(3, -1, -1)
+    metrics = task.per_input("test", index, answers)
+    assert torch.equal(metrics["accuracy"], torch.ones(4))
+    assert torch.allclose(metrics["coverage"], 1 / split.num_completions[index].float())
+
+
+def test_user_boards_are_read_and_bad_lines_named(tmp_path):
+    good = tmp_path / "boards.jsonl"
+    good.write_text('# two boards\n{"n": 6, "queens": [[0, 1]]}\n\n{"n": 6, "queens": []}\n')
+    boards = read_boards(good, 6)
+    assert boards.shape == (2, 36) and boards[0, 1] == QUEEN and (boards[1] == EMPTY).all()
+    task = NQueensTask(n=6, source=str(good), test_fraction=0.5)
+    assert len(task.splits["train"]) + len(task.splits["test"]) == 2
+    cases = {
+        '{"n": 6, "queens": [[0, 1]]}\n{"n": 6, queens: []}': ":2: expected",
+        '{"n": 8, "queens": []}': ":1: board size n=8",
+        '{"n": 6, "queens": [[6, 0]]}': ":1: queen (6, 0) is off",
+        '{"n": 6, "queens": [[0, 0], [1, 1]]}': ":1: two queens attack",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=re.escape(f"bad.jsonl{message}")):
+            read_boards(bad, 6)
+    line = format_answer(boards[0], task.splits["train"].solutions[0], 6)
+    assert '"valid"' in line

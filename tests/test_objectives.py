@@ -4,7 +4,8 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from gram_pyro.objectives import Batch, TruncatedSurrogate
+from gram_pyro.objectives import TruncatedSurrogate
+from gram_pyro.tasks.base import IGNORE, Batch
 from gram_pyro.reference import supervision_step, surrogate_loss, token_log_likelihood
 from tests.conftest import tiny_guide, tiny_model
 
@@ -20,8 +21,11 @@ def hand_surrogate(model, guide, x, y, beta, truncate=True):
     return losses
 
 
-def test_truncated_surrogate_matches_hand_computation(data):
+@pytest.mark.parametrize("ignored", [0, 2])
+def test_truncated_surrogate_matches_hand_computation(data, ignored):
     x, y = data
+    y = y.clone()
+    y[:, :ignored] = IGNORE  # unsupervised positions leave the likelihood and the token count
     model = tiny_model()
     guide = tiny_guide(model)
     objective = TruncatedSurrogate(beta=0.3)

@@ -16,13 +16,20 @@ Shapes, with ``L = n*n``, ``M`` unique inputs in a split, ``S`` solutions:
 * ``NQueensSplit.solutions``: ``[S, L]`` token boards (shared by all splits).
 """
 
+import json
 from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 
+from gram_pyro.config import UserError
+from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, solutions_histogram
+from gram_pyro.tasks.cache import cached, progress
+
 EMPTY, QUEEN = 1, 2
 VOCAB_SIZE = 3
+TARGETS = ("random", "original")
+SPLIT_ARRAYS = ("inputs", "completions", "num_completions", "original")
 
 
 def all_solutions(n: int) -> torch.Tensor:
@@ -56,78 +63,138 @@ def boards_from_columns(cols: torch.Tensor, n: int) -> torch.Tensor:
     return (EMPTY + (QUEEN - EMPTY) * one_hot).flatten(-2)
 
 
+def dihedral_permutations(n: int) -> torch.Tensor:
+    """LongTensor ``[8, n*n]``: for each of the 8 symmetries of the square, the source cell of every
+    cell (``board[..., perm]`` applies the symmetry). Row 0 is the identity. Symmetries map n-queens
+    solutions to solutions and partial boards to partial boards."""
+    cells = torch.arange(n * n).view(n, n)
+    grids = [cells.rot90(k, (0, 1)) for k in range(4)]
+    grids += [g.flip(1) for g in grids]
+    return torch.stack([g.flatten() for g in grids])
+
+
 @dataclass
 class NQueensSplit:
     """One split of the task.
 
-    inputs: LongTensor ``[M, n*n]`` tokens; completions: LongTensor ``[M, C_max]``
-    indices into ``solutions`` padded with -1; num_completions: LongTensor ``[M]``;
-    solutions: LongTensor ``[S, n*n]`` token boards (the same object in every split).
+    inputs: LongTensor ``[M, n*n]`` tokens; completions: LongTensor ``[M, C_max]`` indices into
+    ``solutions`` padded with -1; num_completions: LongTensor ``[M]``; original: LongTensor ``[M]`` one
+    fixed completion per input (the target when ``target='original'``); solutions: LongTensor
+    ``[S, n*n]`` token boards (the same object in every split).
     """
 
     n: int
     inputs: torch.Tensor
     completions: torch.Tensor
     num_completions: torch.Tensor
+    original: torch.Tensor
     solutions: torch.Tensor
+    target: str = "random"
+    augment: bool = False
+    puzzles = None
+
+    @property
+    def num_solutions(self) -> torch.Tensor:
+        return self.num_completions
 
     def __len__(self) -> int:
         """Number of unique inputs."""
         return self.inputs.shape[0]
 
-    def batch(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x = inputs[index]`` and ``y``: one uniformly random valid completion per row, drawn with ``generator``."""
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
+        """``x = inputs[index]`` and ``y``: a uniformly random valid completion per row (``target='random'``)
+        or the row's fixed original board, both under one random dihedral symmetry per row when
+        ``augment``; all randomness from ``generator``."""
         counts = self.num_completions[index]
-        u = torch.rand(counts.shape, generator=generator, device=counts.device)
-        slot = torch.minimum((u * counts).long(), counts - 1)
-        choice = self.completions[index, slot]
-        return self.inputs[index], self.solutions[choice]
+        u = torch.rand(counts.shape, generator=generator)
+        if self.target == "random":
+            slot = torch.minimum((u * counts).long(), counts - 1)
+            choice = self.completions[index, slot]
+        else:
+            choice = self.original[index]
+        x, y = self.inputs[index], self.solutions[choice]
+        if self.augment:
+            symmetry = torch.randint(8, counts.shape, generator=generator)
+            perm = dihedral_permutations(self.n)[symmetry]
+            x, y = x.gather(-1, perm), y.gather(-1, perm)
+        return Batch(x, y)
 
 
-def _completion_table(inputs: torch.Tensor, solutions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices ``[M, C_max]`` (-1 padded) and counts ``[M]`` of the solutions containing every queen of each input."""
-    queens = (inputs == QUEEN).float()
-    overlap = queens @ (solutions == QUEEN).float().T
-    match = overlap == queens.sum(-1, keepdim=True)
-    counts = match.sum(-1)
-    rows, sols = match.nonzero(as_tuple=True)
+def _completion_table(inputs: torch.Tensor, solutions: torch.Tensor, chunk: int = 4096
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``[M, C_max]`` (-1 padded) and counts ``[M]`` of the solutions containing every queen of
+    each input; computed ``chunk`` inputs at a time to bound memory (``chunk x S`` overlaps)."""
+    sol_q = (solutions == QUEEN).float().T
+    rows, sols = [], []
+    for begin in range(0, len(inputs), chunk):
+        queens = (inputs[begin:begin + chunk] == QUEEN).float()
+        match = (queens @ sol_q) == queens.sum(-1, keepdim=True)
+        r, c = match.nonzero(as_tuple=True)
+        rows.append(r + begin)
+        sols.append(c)
+    rows, sols = torch.cat(rows), torch.cat(sols)
+    counts = torch.bincount(rows, minlength=len(inputs))
     starts = torch.cumsum(counts, 0) - counts
     slots = torch.arange(rows.numel()) - starts[rows]
-    table = torch.full((inputs.shape[0], int(counts.max())), -1, dtype=torch.long)
+    table = torch.full((inputs.shape[0], max(int(counts.max()), 1)), -1, dtype=torch.long)
     table[rows, slots] = sols
     return table, counts
+
+
+def _check_args(n: int, removals, test_fraction: float) -> tuple[int, ...] | None:
+    """The removal set as a tuple (``None`` stays ``None``: no removals to check, the boards come from a
+    file); a bad argument raises ``ValueError`` naming it."""
+    if not 4 <= n <= 12:
+        raise ValueError(f"n must be in 4..12, got {n}")
+    if removals is not None:
+        removals = tuple(removals)
+        if not removals or any(not 1 <= k <= n for k in removals):
+            raise ValueError(f"removals must be a non-empty set of k in 1..{n}, got {removals}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    return removals
+
+
+def _partial_boards(n: int, removals: tuple[int, ...], columns: torch.Tensor) -> torch.Tensor:
+    """The unique partial boards ``[M, n*n]`` left by removing ``k`` queens (rows) from each solution
+    (``columns [S, n]``). Deduplicated as column vectors (-1 = removed row), ``n`` bytes per board."""
+    removed = [rows for k in removals for rows in combinations(range(n), k)]
+    partial = columns.to(torch.int8).repeat(len(removed), 1).view(len(removed), -1, n)
+    for i, rows in enumerate(progress(removed, desc=f"{n}-queens partial boards")):
+        partial[i, :, list(rows)] = -1
+    unique = torch.unique(partial.flatten(0, 1), dim=0).long()
+    queens = torch.nn.functional.one_hot(unique.clamp(min=0), n) * (unique >= 0)[..., None]
+    return (EMPTY + (QUEEN - EMPTY) * queens).flatten(-2)
+
+
+def _split(n: int, inputs: torch.Tensor, solutions: torch.Tensor, test_fraction: float, seed: int
+           ) -> dict[str, NQueensSplit]:
+    """Enumerate the completions of ``inputs`` and split them ``1 - test_fraction : test_fraction`` by
+    unique input, with a permutation seeded by ``seed``; the fixed original of each input is one of its
+    completions drawn with the same seed."""
+    table, counts = _completion_table(inputs, solutions)
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(inputs), generator=generator)
+    pick = torch.minimum((torch.rand(len(inputs), generator=generator) * counts).long(), counts - 1)
+    original = table[torch.arange(len(inputs)), pick]
+    n_test = round(test_fraction * len(inputs))
+    splits = {}
+    for name, idx in (("train", perm[n_test:]), ("test", perm[:n_test])):
+        idx = idx.sort().values
+        c = counts[idx]
+        splits[name] = NQueensSplit(n, inputs[idx], table[idx, : int(c.max())], c, original[idx], solutions)
+    return splits
 
 
 def build_nqueens(
     n: int = 8, removals=(5, 6, 7), test_fraction: float = 0.15, seed: int = 0
 ) -> dict[str, NQueensSplit]:
-    """Build ``{'train': ..., 'test': ...}``; split 85:15 by unique input with a permutation seeded by ``seed``."""
-    if not 4 <= n <= 12:
-        raise ValueError(f"n must be in 4..12, got {n}")
-    removals = tuple(removals)
-    if not removals or any(not 1 <= k <= n for k in removals):
-        raise ValueError(f"removals must be a non-empty set of k in 1..{n}, got {removals}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-
-    solutions = boards_from_columns(all_solutions(n), n)
-    removed = [rows for k in removals for rows in combinations(range(n), k)]
-    keep_rows = torch.ones(len(removed), n, dtype=torch.bool)
-    for i, rows in enumerate(removed):
-        keep_rows[i, list(rows)] = False
-    keep = keep_rows.repeat_interleave(n, dim=1)
-    partial = torch.where((solutions == QUEEN)[:, None] & keep, QUEEN, EMPTY).to(torch.uint8)
-    inputs = torch.unique(partial.flatten(0, 1), dim=0).long()
-    table, counts = _completion_table(inputs, solutions)
-
-    perm = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
-    n_test = round(test_fraction * len(inputs))
-    splits = {}
-    for name, idx in (("test", perm[:n_test]), ("train", perm[n_test:])):
-        idx = idx.sort().values
-        c = counts[idx]
-        splits[name] = NQueensSplit(n, inputs[idx], table[idx, : int(c.max())], c, solutions)
-    return {"train": splits["train"], "test": splits["test"]}
+    """Build ``{'train': ..., 'test': ...}`` from every solution with ``k in removals`` queens removed;
+    split 85:15 by unique input with a permutation seeded by ``seed``."""
+    removals = _check_args(n, removals, test_fraction)
+    columns = all_solutions(n)
+    solutions = boards_from_columns(columns, n)
+    return _split(n, _partial_boards(n, removals, columns), solutions, test_fraction, seed)
 
 
 def is_valid_completion(x: torch.Tensor, answer: torch.Tensor, n: int) -> torch.Tensor:
@@ -172,24 +239,108 @@ def coverage(
     return found.sum(-1) / num_completions
 
 
-class NQueensTask:
-    """The N-Queens task as the trainer and evaluator use it: splits, sizes and a judge.
+def read_boards(path, n: int) -> torch.Tensor:
+    """Partial boards ``[M, n*n]`` from a JSON Lines file, one board per line:
+    ``{"n": 8, "queens": [[row, col], ...]}``. A line that is not such an object, a wrong ``n``, a queen
+    off the board or two queens attacking each other is a one-line error naming the file and line."""
+    boards = []
+    for line, text in data_lines(path):
+        try:
+            record = json.loads(text)
+            queens = record["queens"]
+            size = record["n"]
+            cells = [(int(r), int(c)) for r, c in queens]
+        except (ValueError, KeyError, TypeError):
+            raise data_error(path, line, 'expected {"n": <int>, "queens": [[row, col], ...]}') from None
+        if size != n:
+            raise data_error(path, line, f"board size n={size}, but the task has n={n}")
+        board = torch.full((n * n,), EMPTY)
+        for r, c in cells:
+            if not (0 <= r < n and 0 <= c < n):
+                raise data_error(path, line, f"queen ({r}, {c}) is off the {n}x{n} board")
+            board[r * n + c] = QUEEN
+        if not _queens_compatible(board, n):
+            raise data_error(path, line, "two queens attack each other")
+        boards.append(board)
+    return torch.stack(boards)
 
-    ``judge(x, answer, y)`` is :func:`is_valid_completion` (any valid completion is correct; ``y`` is
-    not consulted). ``score(split, index, answers [N, M, n*n])`` gives accuracy (share of the ``N x M``
-    answers that are valid) and coverage@N (mean over inputs of distinct valid completions found /
-    all valid completions).
+
+def _queens_compatible(board: torch.Tensor, n: int) -> bool:
+    """Whether the queens of ``board [n*n]`` attack no one (at most one per row, column and diagonal)."""
+    rows, cols = (board.view(n, n) == QUEEN).nonzero(as_tuple=True)
+    lines = (rows, cols, rows - cols, rows + cols)
+    return all(len(torch.unique(v)) == len(v) for v in lines)
+
+
+def format_answer(x: torch.Tensor, answer: torch.Tensor, n: int) -> str:
+    """One JSON line for a solved board: the given queens, the answer's queens and its validity."""
+    given = (x.view(n, n) == QUEEN).nonzero().tolist()
+    queens = (answer.view(n, n) == QUEEN).nonzero().tolist()
+    valid = bool(is_valid_completion(x, answer, n))
+    return json.dumps({"n": n, "queens": given, "answer": queens, "valid": valid})
+
+
+class NQueensTask(Task):
+    """The N-Queens task: splits (built once into the cache), a rule-based judge and the metrics.
+
+    ``judge(x, answer, y)`` is :func:`is_valid_completion` (any valid completion is correct; ``y`` is not
+    consulted). ``per_input`` gives per input the share of its ``N`` answers that are valid
+    (``accuracy``) and coverage@N (distinct valid completions found / all valid completions).
+
+    ``source``: a JSON Lines file of partial boards (:func:`read_boards`) to use instead of the generated
+    ones; every input needs at least one completion. ``target``: ``random`` (a random valid completion
+    per access, the default) or ``original`` (one fixed completion per input). ``augment``: a random
+    dihedral symmetry per training access.
     """
 
-    def __init__(self, n: int = 8, removals=(5, 6, 7), test_fraction: float = 0.15, seed: int = 0):
+    name = "nqueens"
+    VERSION = 2
+
+    def __init__(self, n: int = 8, removals=(5, 6, 7), test_fraction: float = 0.15, seed: int = 0,
+                 target: str = "random", augment: bool = False, source: str | None = None,
+                 cache_dir: str | None = None):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        removals = _check_args(n, None if source else removals, test_fraction)
         self.n, self.vocab_size, self.seq_len = n, VOCAB_SIZE, n * n
-        self.splits = build_nqueens(n, removals, test_fraction, seed)
+        solutions = boards_from_columns(all_solutions(n), n)
+        if source:
+            inputs = read_boards(source, n)
+            _, counts = _completion_table(inputs, solutions)
+            if (counts == 0).any():
+                first = int((counts == 0).nonzero()[0, 0])
+                raise UserError(f"{source}: board {first + 1} has no valid completion")
+            splits = _split(n, inputs, solutions, test_fraction, seed)
+        else:
+            params = {"n": n, "removals": sorted(removals), "test_fraction": test_fraction, "seed": seed}
+            arrays, _ = cached("nqueens", params, self.VERSION, lambda: self._build(params), cache_dir)
+            splits = {name: NQueensSplit(n, *(torch.from_numpy(arrays[f"{name}/{key}"]) for key in SPLIT_ARRAYS),
+                                         solutions) for name in ("train", "test")}
+        for split in splits.values():
+            split.target = target
+        splits["train"].augment = augment
+        self.splits = splits
+
+    @staticmethod
+    def _build(params: dict) -> tuple[dict, dict]:
+        splits = build_nqueens(params["n"], params["removals"], params["test_fraction"], params["seed"])
+        arrays = {f"{name}/{key}": getattr(split, key).numpy() for name, split in splits.items()
+                  for key in SPLIT_ARRAYS}
+        meta = {"vocab_size": VOCAB_SIZE, "seq_len": params["n"] ** 2,
+                "counts": {name: len(split) for name, split in splits.items()}}
+        return arrays, meta
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return is_valid_completion(x, answer, self.n)
 
-    def score(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, float]:
+    def per_input(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
         data = self.splits[split]
         valid = self.judge(data.inputs[index], answers)
         covered = coverage(data.completions[index], data.num_completions[index], data.solutions, answers)
-        return {"accuracy": valid.float().mean().item(), "coverage": covered.mean().item()}
+        return {"accuracy": valid.float().mean(0), "coverage": covered}
+
+    def stats(self) -> dict:
+        splits = {name: {"inputs": len(split), "solutions_per_input": solutions_histogram(split.num_completions)}
+                  for name, split in self.splits.items()}
+        return {"task": self.name, "n": self.n, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "total_solutions": len(self.splits["train"].solutions), "splits": splits}

@@ -1,0 +1,106 @@
+"""What every task provides, and the one batch type that flows from a task into an objective.
+
+A task is a plain object with
+
+* ``name`` (str), ``vocab_size`` (int), ``seq_len`` (int ``S``), ``num_puzzles`` (int; > 0 when inputs
+  carry puzzle identifiers that feed a learned prefix embedding, as ARC's per-task embedding; else 0);
+* ``splits``: ``{"train": Split, "test": Split, ...}``;
+* ``judge(x [..., S], answer [..., S], y [..., S] | None) -> bool [...]``: whether ``answer`` is a
+  correct answer to ``x`` **by the task's rules** (never by equality with a stored target alone);
+* ``per_input(split, index [M], answers [N, M, S]) -> {metric: float tensor [M]}``: each metric per
+  input over its ``N`` answers (``accuracy`` always; ``coverage``, ``conflicts`` ... where defined);
+* ``score(split, index, answers) -> {metric: float}``: the means of :meth:`Task.per_input` unless a
+  task defines set-level metrics (uniqueness, Inception score);
+* ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len).
+
+A split holds ``inputs`` (LongTensor ``[M, S]``), ``puzzles`` (LongTensor ``[M]`` or ``None``),
+``num_solutions`` (LongTensor ``[M]`` or ``None`` when inputs have one answer) and
+``batch(index [B], generator) -> Batch``, which draws the training target (a random valid answer where
+there are several) and applies the task's augmentation per access.
+
+User data files (``task.source=<file>`` for training, ``gram-pyro solve`` for answering) are read line
+by line with :func:`data_lines`; a malformed line raises :func:`data_error` naming the file and line.
+
+Targets may hold :data:`IGNORE` at positions that are not predicted (the adjacency part of a graph
+colouring sequence, the padding of an ARC canvas): the likelihood skips them and the loss is divided
+by the number of supervised tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from gram_pyro.config import UserError
+
+IGNORE = -1
+"""Target token value at positions that carry no supervision."""
+
+
+@dataclass
+class Batch:
+    """``x [B, S]`` input tokens, ``y [B, S]`` target tokens (``IGNORE`` where unsupervised) and
+    ``puzzle [B]`` identifiers (``None`` for tasks without them)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    puzzle: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.x), move(self.y), move(self.puzzle))
+
+
+class Task:
+    """Base class with the defaults of the interface above; subclasses set the attributes and
+    implement ``judge``, ``per_input`` and ``stats``."""
+
+    name: str
+    vocab_size: int
+    seq_len: int
+    num_puzzles: int = 0
+    splits: dict
+
+    def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def per_input(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def score(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, float]:
+        return {k: v.float().mean().item() for k, v in self.per_input(split, index, answers).items()}
+
+    def stats(self) -> dict:
+        raise NotImplementedError
+
+
+def solutions_histogram(num_solutions: torch.Tensor) -> dict[str, int]:
+    """``{"1": count, "2": count, ...}``: how many inputs have each number of valid solutions."""
+    values, counts = torch.unique(num_solutions, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+def data_error(path: str | Path, line: int, message: str) -> UserError:
+    """The one-line error for a bad line of a user data file: ``<file>:<line>: <message>``."""
+    return UserError(f"{path}:{line}: {message}")
+
+
+def data_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every line of a user data file that is not blank or a ``#`` comment,
+    stripped of surrounding whitespace. A missing or unreadable file is a one-line :class:`UserError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read data file {path}: {getattr(error, 'strerror', None) or error}") from None
+    found = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            found = True
+            yield number, line
+    if not found:
+        raise UserError(f"data file {path} holds no puzzles")
