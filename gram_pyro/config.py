@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 CONFIG_MODULE = "experiments.configs"
 
@@ -68,6 +69,9 @@ def build(node: DictConfig, what: str, **kwargs):
     """Instantiate a ``_target_`` config node; a bad value becomes a one-line :class:`UserError`."""
     try:
         return instantiate(node, **kwargs)
+    except MissingMandatoryValue as error:
+        key = error.full_key
+        raise UserError(f"missing required value {key}: set it on the command line, e.g. {key}=<value>") from None
     except InstantiationException as error:
         cause = error.__cause__ or error
         if isinstance(cause, UserError):  # already says what is wrong (a bad data file line, ...)

@@ -11,10 +11,14 @@ A task is a plain object with
   input over its ``N`` answers (``accuracy`` always; ``coverage``, ``conflicts`` ... where defined);
 * ``score(split, index, answers) -> {metric: float}``: the means of :meth:`Task.per_input` unless a
   task defines set-level metrics (uniqueness, Inception score);
-* ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len).
+* ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len);
+* ``read_inputs(path) -> LongTensor [M, S]`` and ``format_answer(x [S], answer [S]) -> str``: a user's
+  puzzles in the task's file format, and one answer as a line of that format with its validity (tasks
+  without a user format say so in a one-line error).
 
 A split holds ``inputs`` (LongTensor ``[M, S]``), ``puzzles`` (LongTensor ``[M]`` or ``None``),
-``num_solutions`` (LongTensor ``[M]`` or ``None`` when inputs have one answer) and
+``num_solutions`` (LongTensor ``[M]``, or ``None`` where it is not a per-input count: one answer per
+input, or every target a solution of every input as in unconditional generation) and
 ``batch(index [B], generator) -> Batch``, which draws the training target (a random valid answer where
 there are several) and applies the task's augmentation per access.
 
@@ -75,6 +79,12 @@ class Task:
 
     def stats(self) -> dict:
         raise NotImplementedError
+
+    def read_inputs(self, path) -> torch.Tensor:
+        raise UserError(f"task {self.name} has no user input format")
+
+    def format_answer(self, x: torch.Tensor, answer: torch.Tensor) -> str:
+        raise UserError(f"task {self.name} has no user answer format")
 
 
 def solutions_histogram(num_solutions: torch.Tensor) -> dict[str, int]:

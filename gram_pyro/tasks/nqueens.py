@@ -339,6 +339,12 @@ class NQueensTask(Task):
         covered = coverage(data.completions[index], data.num_completions[index], data.solutions, answers)
         return {"accuracy": valid.float().mean(0), "coverage": covered}
 
+    def read_inputs(self, path) -> torch.Tensor:
+        return read_boards(path, self.n)
+
+    def format_answer(self, x: torch.Tensor, answer: torch.Tensor) -> str:
+        return format_answer(x, answer, self.n)
+
     def stats(self) -> dict:
         splits = {name: {"inputs": len(split), "solutions_per_input": solutions_histogram(split.num_completions)}
                   for name, split in self.splits.items()}
