@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gram_pyro.config import UserError, build, save_config
+from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
+                                   mean_over_ranks, shard)
 from gram_pyro.tasks.base import Batch
 from gram_pyro.sampling import sample_answers
 
@@ -115,9 +117,10 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
 class Run:
     """Everything a training run holds; built from a composed config."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, world: World = World()):
         trainer = cfg.trainer
-        self.cfg, self.device = cfg, resolve_device(trainer.device)
+        self.cfg, self.world = cfg, world
+        self.device = join(world, resolve_device(trainer.device))
         torch.manual_seed(trainer.seed)
         self.task = build(cfg.task, "task")
         self.model = build(cfg.model, "model", vocab_size=self.task.vocab_size, seq_len=self.task.seq_len,
@@ -134,6 +137,8 @@ class Run:
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
         self.batches_done = 0
         self.bad_steps = 0
+        if world.rank:  # identical initial weights on every rank, then a random stream of its own
+            torch.manual_seed(trainer.seed + world.rank)
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
@@ -151,12 +156,16 @@ class Run:
                             f"{str(error).strip().splitlines()[0]}") from None
         self.scheduler.load_state_dict(payload["scheduler"])
         self.ema.load_state_dict(payload["ema"])
-        set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"])  # rank 0's stream; the others continue from their own seed
+        if self.world.rank:
+            torch.manual_seed(self.cfg.trainer.seed + self.world.rank * 1_000_003 + payload["batches_done"])
         self.batches_done, self.bad_steps = payload["batches_done"], payload["bad_steps"]
 
     def train_batch(self, batch: Batch) -> dict:
-        """All optimizer steps of one batch; returns the last update's metrics (tensors)."""
+        """All optimizer steps of one global batch (this rank's rows of it); returns the last update's
+        metrics (tensors, this rank's)."""
         trainer = self.cfg.trainer
+        batch, scale = shard(batch, self.world)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and trainer.bf16)
         state: dict = {}
         metrics: dict = {}
@@ -164,13 +173,14 @@ class Run:
             with autocast:
                 loss, metrics = self.objective.loss(self.model, self.guide, batch, state, update)
             self.optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            if not all_finite(loss, self.world):
                 self.bad_steps += 1
                 if self.bad_steps > trainer.max_bad_steps:
                     raise UserError(f"stopped: {self.bad_steps} non-finite losses (trainer.max_bad_steps="
                                     f"{trainer.max_bad_steps}); the last good checkpoint is kept")
                 continue
-            loss.backward()
+            (loss * scale).backward()
+            average_gradients(self.params, self.world)
             torch.nn.utils.clip_grad_norm_(self.params, trainer.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
@@ -183,74 +193,90 @@ def default_run_dir(cfg: DictConfig) -> Path:
     return Path("runs") / f"{task}-{cfg.model.noise}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+class RunLog:
+    """The files of a run directory that training appends to (rank 0 only): ``metrics.csv``,
+    ``eval.csv``, TensorBoard events and the progress bar."""
+
+    def __init__(self, run_dir: Path, total: int, done: int, resume: bool, quiet: bool):
+        from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
+
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=done)
+        self.files = {name: (run_dir / f"{name}.csv").open("a", newline="") for name in ("metrics", "eval")}
+        self.headers = {name: resume for name in self.files}
+        self.progress = tqdm(total=total, initial=done, desc=f"train {run_dir.name}", disable=quiet,
+                             dynamic_ncols=True)
+
+    def row(self, name: str, batch: int, values: dict) -> None:
+        """Append ``values`` at ``batch`` to ``<name>.csv`` (header on first use) and to TensorBoard."""
+        out = csv.writer(self.files[name])
+        if not self.headers[name]:
+            out.writerow(["batch", *values])
+            self.headers[name] = True
+        out.writerow([batch, *values.values()])
+        self.files[name].flush()
+        for key, value in values.items():
+            if key not in ("seconds", "lr"):
+                self.writer.add_scalar(f"{'train' if name == 'metrics' else name}/{key}", value, batch)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.close()
+        for handle in self.files.values():
+            handle.close()
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> Path:
-    """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``); returns the dir."""
+    """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``); returns the dir.
+    Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
     trainer = cfg.trainer
+    world = launched()
     pyro.enable_validation(bool(trainer.validate_pyro))
-    if torch.get_num_threads() < (os.cpu_count() or 1):
-        torch.set_num_threads(os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max((os.cpu_count() or 1) // local_ranks, 1))
     run_dir = Path(run_dir or default_run_dir(cfg))
-    run = Run(cfg)
+    run = Run(cfg, world)
     checkpoint = run_dir / "checkpoint.pt"
     if resume:
         run.load(load_checkpoint(checkpoint))
-    else:
+    elif world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
-
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=run.batches_done)
-    metrics_file = (run_dir / "metrics.csv").open("a", newline="")
-    eval_file = (run_dir / "eval.csv").open("a", newline="")
-    metrics_csv, eval_csv = csv.writer(metrics_file), csv.writer(eval_file)
-    eval_header_written = resume
-    header_written = resume
+    log = None
+    if world.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        log = RunLog(run_dir, trainer.max_batches, run.batches_done, resume, quiet)
     split = run.task.splits["train"]
     start = time.time()
-    progress = tqdm(total=trainer.max_batches, initial=run.batches_done, desc=f"train {run_dir.name}",
-                    disable=quiet, dynamic_ncols=True)
 
-    def log_eval() -> dict:
-        nonlocal eval_header_written
+    def log_eval() -> None:
         with run.ema.applied():
             scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
-        if not eval_header_written:
-            eval_csv.writerow(["batch", *scores])
-            eval_header_written = True
-        eval_csv.writerow([run.batches_done, *scores.values()])
-        eval_file.flush()
-        for key, value in scores.items():
-            writer.add_scalar(f"eval/{key}", value, run.batches_done)
-        return scores
+        log.row("eval", run.batches_done, scores)
+        log.progress.set_postfix(scores)
 
     try:
         while run.batches_done < trainer.max_batches:
             batch = batch_at(split, run.batches_done, trainer.batch_size, trainer.seed, run.device)
             metrics = run.train_batch(batch)
             run.batches_done += 1
-            progress.update(1)
             if run.batches_done % trainer.log_every == 0 or run.batches_done == trainer.max_batches:
-                values = {k: v.item() for k, v in metrics.items()}
-                if not header_written:
-                    metrics_csv.writerow(["batch", "seconds", "lr", *values])
-                    header_written = True
-                metrics_csv.writerow([run.batches_done, round(time.time() - start, 2),
-                                      run.scheduler.get_last_lr()[0], *values.values()])
-                metrics_file.flush()
-                for key, value in values.items():
-                    writer.add_scalar(f"train/{key}", value, run.batches_done)
-                progress.set_postfix({k: f"{values[k]:.3f}" for k in ("loss", "kl", "acc") if k in values})
-            if trainer.eval_every and run.batches_done % trainer.eval_every == 0:
-                progress.set_postfix(log_eval())
-            if run.batches_done % trainer.checkpoint_every == 0:
-                save_checkpoint(checkpoint, run.state())
-        if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
-            log_eval()
-        save_checkpoint(checkpoint, run.state())
+                values = {k: v.item() for k, v in mean_over_ranks(metrics, world).items()}
+                if log:
+                    log.row("metrics", run.batches_done, {"seconds": round(time.time() - start, 2),
+                                                          "lr": run.scheduler.get_last_lr()[0], **values})
+                    log.progress.set_postfix({k: f"{values[k]:.3f}" for k in ("loss", "kl", "acc") if k in values})
+            if log:
+                log.progress.update(1)
+                if trainer.eval_every and run.batches_done % trainer.eval_every == 0:
+                    log_eval()
+                if run.batches_done % trainer.checkpoint_every == 0:
+                    save_checkpoint(checkpoint, run.state())
+        if log:
+            if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
+                log_eval()
+            save_checkpoint(checkpoint, run.state())
+        barrier(world)
     finally:
-        progress.close()
-        writer.close()
-        metrics_file.close()
-        eval_file.close()
+        if log:
+            log.close()
+        leave(world)
     return run_dir
-
