@@ -22,6 +22,7 @@ REQUIRED = ("model", "guide", "optimizer", "scheduler", "ema", "rng", "batches_d
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically: a crash leaves the previous checkpoint intact."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:

@@ -5,7 +5,8 @@ calls the objective ``updates_per_batch`` times with one optimizer step after ea
 truncated GRAM surrogate: one step per supervision step, as TRM/GRAM train). Batch ``b`` of a run is a
 function of ``(trainer.seed, b)``, so a resumed run sees exactly the data an uninterrupted one would.
 
-A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt``, ``metrics.csv`` (one row per
+A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest; with
+``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv`` (one row per
 logged batch), ``eval.csv`` (prior-sampled accuracy/coverage on held-out inputs, EMA weights) and
 TensorBoard events under ``tb/``.
 """
@@ -270,6 +271,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
                     log_eval()
                 if run.batches_done % trainer.checkpoint_every == 0:
                     save_checkpoint(checkpoint, run.state())
+                    if trainer.keep_checkpoints:
+                        save_checkpoint(run_dir / "checkpoints" / f"batch_{run.batches_done:06d}.pt", run.state())
         if log:
             if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
                 log_eval()

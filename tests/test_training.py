@@ -130,3 +130,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_without_a_poisoned_chec
     assert saved["bad_steps"] == 2  # the first batch's two updates were skipped and counted
     for name, value in saved["model"].items():
         assert torch.isfinite(value).all() and torch.equal(value, good[name]), name
+
+
+def test_keep_checkpoints_writes_one_file_per_checkpoint(tmp_path):
+    run = train(tiny_config("trainer.max_batches=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=true"),
+                tmp_path / "kept", quiet=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["batch_000001.pt", "batch_000002.pt"]
