@@ -1,7 +1,9 @@
 """Training objectives (posterior schemes): ``objective.loss(model, guide, batch, state, update)``.
 
 An objective is called ``updates_per_batch(model)`` times per batch, one optimizer step after each
-call; ``state`` is a dict it may use to carry the latent state between those calls.
+call; ``state`` is a dict it may use to carry the latent state between those calls. An objective may
+define ``check(model, guide)``, raising a one-line ``ValueError`` for a combination it cannot train
+(the trainer calls it before the first batch).
 
 Normalization (the meaning of beta depends on it): every loss is divided by the number of supervised
 target tokens in the batch (``B * S`` unless targets hold ``IGNORE`` positions). With ``beta = 1`` the
@@ -101,6 +103,12 @@ class TruncatedSurrogate:
 
     def updates_per_batch(self, model) -> int:
         return model.n_sup
+
+    def check(self, model, guide) -> None:
+        """A one-line ``ValueError`` if the guide's KL has no closed form (the surrogate needs one)."""
+        if not guide.analytic_kl:
+            raise ValueError(f"guide {type(guide).__name__} has no analytic KL: use objective=truncated_mc "
+                             "or a particle scheme (iwae, rws, smc)")
 
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
         if update == 0:

@@ -128,6 +128,11 @@ class Run:
                            num_puzzles=self.task.num_puzzles)
         self.guide = build(cfg.guide, "guide", model=self.model)
         self.objective = build(cfg.objective, "objective", judge=self.task.judge)
+        if hasattr(self.objective, "check"):
+            try:
+                self.objective.check(self.model, self.guide)
+            except ValueError as error:
+                raise UserError(f"objective does not fit the model/guide: {error}") from None
         self.model.to(self.device)
         self.guide.to(self.device)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]

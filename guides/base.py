@@ -38,7 +38,10 @@ def proposal_site(eps_site: str) -> str:
 
 class EpsGuide(GuideMessenger, nn.Module):
     """Base of the guide families: routes eps sites to :meth:`posterior`, everything else to its
-    prior. Subclasses implement ``posterior(kind, u, y, prior)`` for ``kind`` in ``{"eps", "eps_l"}``."""
+    prior. Subclasses implement ``posterior(kind, u, y, prior)`` for ``kind`` in ``{"eps", "eps_l"}``.
+    ``analytic_kl``: the posterior is a diagonal Normal, so KL(q || p) has a closed form."""
+
+    analytic_kl = True
 
     def __init__(self, model: nn.Module, posterior_transitions: str = "last"):
         nn.Module.__init__(self)
@@ -67,10 +70,14 @@ class EpsGuide(GuideMessenger, nn.Module):
             del self.args_kwargs
         return self.get_traces()
 
+    def argument(self, name: str):
+        """The argument ``name`` the model program was called with (``None`` if it was not passed)."""
+        args, kwargs = self.args_kwargs
+        return self._program_signature.bind(*args, **kwargs).arguments.get(name)
+
     def target(self) -> torch.Tensor:
         """The target ``y`` the model program was called with."""
-        args, kwargs = self.args_kwargs
-        y = self._program_signature.bind(*args, **kwargs).arguments.get("y")
+        y = self.argument("y")
         if y is None:
             raise ValueError("the posterior needs the target: call the program with y=<targets>")
         return y

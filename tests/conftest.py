@@ -20,6 +20,15 @@ def task_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids oversubscribing the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def pyro_validation():
     pyro.enable_validation(True)

@@ -136,3 +136,13 @@ def test_keep_checkpoints_writes_one_file_per_checkpoint(tmp_path):
     run = train(tiny_config("trainer.max_batches=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=true"),
                 tmp_path / "kept", quiet=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["batch_000001.pt", "batch_000002.pt"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["guide=flow"], "guide ConditionalFlow has no analytic KL: use objective=truncated_mc"),
+    (["model=trm", "guide=prior", "objective=iwae"], "ImportanceWeighted needs a stochastic model"),
+])
+def test_incompatible_guide_and_objective_is_one_line(capsys, overrides, message):
+    assert main(["train", *TINY, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
