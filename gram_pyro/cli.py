@@ -3,6 +3,10 @@
 Commands:
   train       train a model: ``gram-pyro train task=nqueens model=gram guide=gaussian objective=truncated``;
               continue a run with ``gram-pyro train resume=<run dir> [overrides]``.
+  eval        metrics of a trained run with 95% intervals, from N prior trajectories per input:
+              ``gram-pyro eval run=<dir> samples=20 depth=16 select=vote``.
+  solve       answer every puzzle of a user file: ``gram-pyro solve run=<dir> input=<file>``.
+  sample      unconditional samples of a generative task: ``gram-pyro sample run=<dir> n=64``.
   data stats  build a task's data (or read it from the cache) and print its counts as JSON:
               ``gram-pyro data stats task=coloring``.
 
@@ -16,11 +20,15 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from gram_pyro.config import UserError, build, compose_config
 
 USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train model=trm trainer.max_batches=100
+       gram-pyro eval run=<dir> [key=value ...]  e.g. gram-pyro eval run=runs/demo/learned samples=50
+       gram-pyro solve run=<dir> input=<file>
+       gram-pyro sample run=<dir> n=<N>
        gram-pyro data stats [key=value ...]   e.g. gram-pyro data stats task=sudoku"""
 
 
@@ -45,6 +53,48 @@ def _train(overrides: list[str]) -> None:
     print(f"run directory: {out}")
 
 
+def _sampling(cfg: DictConfig) -> dict:
+    """The keyword arguments of ``sample_trajectories`` that a sampling config sets."""
+    perturbation = OmegaConf.to_container(cfg.perturbation) if cfg.perturbation.kind else None
+    return {"depth": cfg.depth, "halting": cfg.halting, "seed": cfg.seed,
+            "memory_budget_mb": cfg.memory_budget_mb, "perturbation": perturbation}
+
+
+def _eval(overrides: list[str]) -> None:
+    from gram_pyro.evaluation import evaluate_run, format_table, load_run, write_evaluation
+
+    cfg = compose_config("eval", overrides)
+    loaded = load_run(cfg.run, cfg.device)
+    report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **_sampling(cfg))
+    tag = f"{cfg.split}-N{cfg.samples}-d{report['depth']}-{cfg.select}" + ("-halt" if cfg.halting else "") + \
+        (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
+    out = Path(cfg.out or Path(cfg.run) / "eval" / tag)
+    write_evaluation(report, arrays, out)
+    print(format_table(report))
+    print(f"wrote {out / 'metrics.json'} and {out / 'samples.npz'}")
+
+
+def _solve(overrides: list[str]) -> None:
+    from gram_pyro.evaluation import load_run, solve_file
+
+    cfg = compose_config("solve", overrides)
+    source = Path(cfg.input)
+    output = Path(cfg.output or source.with_name(f"{source.stem}.answers{source.suffix}"))
+    loaded = load_run(cfg.run, cfg.device)
+    solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **_sampling(cfg))
+    print(f"wrote {solved} answers ({valid} valid) to {output}")
+
+
+def _sample(overrides: list[str]) -> None:
+    from gram_pyro.evaluation import load_run, sample_unconditional
+
+    cfg = compose_config("sample", overrides)
+    loaded = load_run(cfg.run, cfg.device)
+    out = Path(cfg.out or Path(cfg.run) / "samples")
+    for path in sample_unconditional(loaded, cfg.n, out, **_sampling(cfg)):
+        print(f"wrote {path}")
+
+
 def _data(arguments: list[str]) -> None:
     if not arguments or arguments[0] != "stats":
         raise UserError("usage: gram-pyro data stats task=<name> [key=value ...]")
@@ -52,7 +102,7 @@ def _data(arguments: list[str]) -> None:
     print(json.dumps(build(cfg.task, "task").stats(), indent=2))
 
 
-COMMANDS = {"train": _train, "data": _data}
+COMMANDS = {"train": _train, "eval": _eval, "solve": _solve, "sample": _sample, "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[command](overrides)
     except UserError as error:
         print(f"gram-pyro: error: {error}", file=sys.stderr)
+        return 2
+    except MissingMandatoryValue as error:
+        print(f"gram-pyro: error: missing required value {error.full_key}: add {error.full_key}=<value>",
+              file=sys.stderr)
         return 2
     return 0
 

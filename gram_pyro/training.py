@@ -29,7 +29,7 @@ from gram_pyro.config import UserError, build, save_config
 from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
                                    mean_over_ranks, shard)
 from gram_pyro.tasks.base import Batch
-from gram_pyro.sampling import sample_answers
+from gram_pyro.inference import sample_trajectories
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -98,18 +98,18 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
              seed: int = 0) -> dict:
     """The task's scores (accuracy, coverage, ...) of answers decoded along ``num_samples`` **prior** trajectories for
     ``num_inputs`` inputs of ``split`` drawn at random (seeded; splits are stored sorted, so a prefix
-    would be a biased sample). The only evidence that counts (NOTES.md). Draws from its own seeded RNG,
-    so evaluating neither changes a training run's random stream nor varies by when it happens."""
+    would be a biased sample). The only evidence that counts (NOTES.md). Draws from its own keyed
+    streams (:mod:`gram_pyro.inference`), so evaluating neither changes a training run's random stream
+    nor varies by when it happens."""
     data = task.splits[split]
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data), generator=generator)[:num_inputs].sort().values
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            puzzle = None if data.puzzles is None else data.puzzles[index].to(device)
-            answers = sample_answers(model, data.inputs[index].to(device), num_samples, puzzle=puzzle).cpu()
+        puzzle = None if data.puzzles is None else data.puzzles[index].to(device)
+        answers = sample_trajectories(model, data.inputs[index].to(device), num_samples, puzzle=puzzle,
+                                      seed=seed).answers.cpu()
     finally:
         model.train(was_training)
     return task.score(split, index, answers)

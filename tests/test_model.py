@@ -10,7 +10,7 @@ from pyro.infer import SMCFilter, SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELB
 
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.tasks.base import Batch
-from gram_pyro.sampling import sample_answers
+from gram_pyro.inference import sample_trajectories
 from guides import PriorGuide, TargetConditionedGaussian
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_guide, tiny_model
 
@@ -125,7 +125,7 @@ def test_deterministic_model_repeats_itself_and_gram_does_not(data):
     trm = tiny_model(noise="none")
     first, second = trm(x), trm(x)
     assert torch.equal(first, second)
-    answers = sample_answers(trm, x, 5)
+    answers = sample_trajectories(trm, x, 5).answers
     assert (answers == answers[0]).all()
     gram = tiny_model(init_scale=2.0)
     logits = gram(x)

@@ -3,7 +3,9 @@
 A task is a plain object with
 
 * ``name`` (str), ``vocab_size`` (int), ``seq_len`` (int ``S``), ``num_puzzles`` (int; > 0 when inputs
-  carry puzzle identifiers that feed a learned prefix embedding, as ARC's per-task embedding; else 0);
+  carry puzzle identifiers that feed a learned prefix embedding, as ARC's per-task embedding; else 0),
+  ``unconditional`` (bool: the input is blank and every target is an answer) and ``image_side`` (the
+  side of a square image for image tasks, else ``None``);
 * ``splits``: ``{"train": Split, "test": Split, ...}``;
 * ``judge(x [..., S], answer [..., S], y [..., S] | None) -> bool [...]``: whether ``answer`` is a
   correct answer to ``x`` **by the task's rules** (never by equality with a stored target alone);
@@ -66,6 +68,8 @@ class Task:
     vocab_size: int
     seq_len: int
     num_puzzles: int = 0
+    unconditional: bool = False
+    image_side: int | None = None
     splits: dict
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

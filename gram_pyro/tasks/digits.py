@@ -179,11 +179,13 @@ class BinaryImageTask(Task):
     ``threshold`` and call :meth:`_set_splits` with the arrays of :func:`split_arrays`."""
 
     vocab_size = VOCAB_SIZE
+    unconditional = True
     side: int
     threshold: float
 
     def _set_splits(self, arrays: dict) -> None:
         self.seq_len = self.side * self.side
+        self.image_side = self.side
         self.splits = {}
         for name in ("train", "test"):
             labels = arrays.get(f"{name}_labels")

@@ -297,6 +297,8 @@ class UnconditionalSudokuTask(SudokuRules):
     4x4 and ``num_grids`` distinct random grids otherwise; ``train`` holds a seeded ``train_fraction`` of
     it (one blank input per grid), ``test`` holds ``num_test`` blank inputs to sample from."""
 
+    unconditional = True
+
     def __init__(self, size: int = 9, num_grids: int = 50000, train_fraction: float = 1.0, num_test: int = 256,
                  augment: bool = True, cache_dir: str | None = None, seed: int = 0):
         super().__init__(size, f"uncond_sudoku{size}x{size}")

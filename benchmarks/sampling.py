@@ -1,0 +1,117 @@
+"""Width scaling of prior sampling: wall time and memory of N trajectories, as ratios measured in one run.
+
+Builds the task and model of the train config (``experiments/configs``; untrained weights are fine
+for timing) and samples ``N = 1, 2, 5, 10, 20, 50`` trajectories of a fixed batch of test inputs at
+the model's depth with :func:`gram_pyro.inference.sample_trajectories`.
+
+* Time, under the default memory budget (its chunk plan is printed): the repeats go round all N in
+  turn, so a busy spell of other processes touches every N alike. For each N: the best and the
+  median wall time of the repeats, the ratio of the best to that of N = 1, and its ratio to
+  ``N x`` the N = 1 time (at most 1: sampling N trajectories together is no slower than one by one).
+* Memory, unchunked: the growth of peak RSS on CPU (``torch.cuda.max_memory_allocated`` on CUDA) over
+  the N = 1 run, divided by ``N - 1``, next to the estimate
+  :func:`gram_pyro.inference.trajectory_bytes` plans chunks with.
+* That the encoder reads ``x [B, S]`` once per supervision step, not ``[N, B, S]``.
+
+    python benchmarks/sampling.py [--batch 16] [--repeats 3] [--threads T] [--device auto] [override ...]
+
+Overrides are Hydra overrides of the train config, e.g. ``model=trm`` or ``model.dim=128``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import pyro
+import torch
+
+from gram_pyro.config import UserError, build, compose_config
+from gram_pyro.inference import (ACTIVATION_FACTOR, default_memory_budget_mb, plan_chunks, sample_trajectories,
+                                 trajectory_bytes)
+from gram_pyro.training import resolve_device
+
+WIDTHS = (1, 2, 5, 10, 20, 50)
+MB = 2**20
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory so far: the CUDA allocator's peak, or this process's peak RSS (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    pyro.enable_validation(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cfg = compose_config("train", args.overrides)
+    torch.manual_seed(0)
+    task = build(cfg.task, "task")
+    model = build(cfg.model, "model", vocab_size=task.vocab_size, seq_len=task.seq_len,
+                  num_puzzles=task.num_puzzles).to(device).eval()
+    split = task.splits["test"]
+    x = split.inputs[:args.batch].to(device)
+    puzzle = None if split.puzzles is None else split.puzzles[:args.batch].to(device)
+    encoder_calls = []
+    hook = model.encoder.register_forward_pre_hook(lambda module, inputs: encoder_calls.append(tuple(inputs[0].shape)))
+
+    def sample(num_samples: int, budget_mb: float | None = None) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        sample_trajectories(model, x, num_samples, puzzle=puzzle, seed=0, memory_budget_mb=budget_mb)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    sample(1)  # warm-up, recording the encoder's inputs during one run
+    hook.remove()
+    peaks = {}
+    for width in WIDTHS:  # unchunked, increasing N: the peak so far is this N's peak
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sample(width, float("inf"))
+        peaks[width] = peak_bytes(device)
+    times = {width: [] for width in WIDTHS}
+    for _ in range(args.repeats):
+        for width in WIDTHS:
+            times[width].append(sample(width))
+
+    length, dim = model.h0.shape
+    budget = default_memory_budget_mb(device)
+    chunk = plan_chunks(WIDTHS[-1], x.shape[0], trajectory_bytes(model, 1), budget * MB)
+    print(f"config: {type(task).__name__}, model noise={model.noise}, batch {x.shape[0]}, depth {model.n_sup}, "
+          f"L={length}, D={dim}, device {device}, threads {torch.get_num_threads()}, {args.repeats} repeats")
+    once_per_step = encoder_calls == [tuple(x.shape)] * model.n_sup
+    print(f"encoder inputs in one run: {encoder_calls[0]} x {len(encoder_calls)} calls "
+          f"({'[B, S] once per step' if once_per_step else 'NOT once per step on [B, S]'})")
+    print(f"default memory budget {budget:.0f} MB: chunks of {chunk[0]} trajectories x {chunk[1]} inputs")
+    print(f"{'N':>4} {'best s':>8} {'median s':>9} {'/ t(1)':>8} {'/ (N t(1))':>11} "
+          f"{'MB/traj meas.':>14} {'MB/traj est.':>13}")
+    estimate = trajectory_bytes(model, x.shape[0]) / MB
+    base_time = min(times[1])
+    for width in WIDTHS:
+        best = min(times[width])
+        measured = f"{(peaks[width] - peaks[1]) / (width - 1) / MB:14.2f}" if width > 1 else f"{'-':>14}"
+        print(f"{width:4d} {best:8.3f} {statistics.median(times[width]):9.3f} {best / base_time:8.2f} "
+              f"{best / (width * base_time):11.3f} {measured} {estimate:13.2f}")
+    print(f"estimate = batch x L x D x {model.h0.element_size()} bytes x ACTIVATION_FACTOR {ACTIVATION_FACTOR}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,224 @@
+"""Evaluating a trained run: N prior trajectories per held-out input, one answer selected, the task's
+metrics with 95% confidence intervals, and the files that let any other tool recompute them.
+
+``load_run(run_dir)`` rebuilds task, model and guide from the run's ``config.yaml`` and loads the EMA
+weights of its checkpoint (what training evaluates with). ``evaluate_run`` then samples with
+:func:`gram_pyro.inference.sample_trajectories` and reports, for ``M`` inputs:
+
+* ``<metric>`` (e.g. ``accuracy``, ``exact``, ``conflicts``): the task's per-input metric of the
+  **selected** answer (``select``: vote | lprm | halt | first, :mod:`gram_pyro.selection`);
+* ``sample_<metric>``: the same metric averaged over all ``N`` answers of an input (one random sample);
+* ``coverage@N``: distinct valid solutions among the ``N`` answers / all valid solutions, where the task
+  defines coverage; ``pass@N``: some answer is correct (the oracle selector);
+* set-level scores of all ``N x M`` answers that have no per-input form (``validity``, ``uniqueness``,
+  ``inception_score``, ``fid``, ARC's voted ``pass@1``/``pass@2``, ``conflicts_total``).
+
+A per-input metric is reported as its mean with the normal-approximation 95% interval
+``mean +- 1.96 * sd / sqrt(M)``; where inputs differ in their number of valid solutions the per-input
+metrics are also broken down by that number (the paper's coverage figure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gram_pyro.checkpoint import load_checkpoint
+from gram_pyro.config import UserError
+from gram_pyro.inference import sample_trajectories
+from gram_pyro.selection import select
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference: its config, task, model and guide (EMA weights, eval mode)."""
+
+    run_dir: Path
+    cfg: DictConfig
+    task: object
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """Rebuild the run in ``run_dir`` from its ``config.yaml`` and load its checkpoint's EMA weights."""
+    from gram_pyro.training import Run  # the trainer's builder, so both build exactly the same objects
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"run={run_dir}: not a run directory (no config.yaml)")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if device is not None:
+        cfg.trainer.device = device
+    run = Run(cfg)
+    run.load(load_checkpoint(run_dir / "checkpoint.pt"))
+    with torch.no_grad():
+        for param, shadow in zip(run.ema.params, run.ema.shadow):
+            param.copy_(shadow)
+    run.model.eval()
+    run.guide.eval()
+    return LoadedRun(run_dir, cfg, run.task, run.model, run.guide, run.device)
+
+
+def interval(values: torch.Tensor) -> dict:
+    """``{"mean", "ci95": [low, high], "n"}`` of per-input values ``[M]`` (normal approximation)."""
+    values = values.double()
+    mean = values.mean().item()
+    half = 1.96 * values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(values)}
+
+
+def breakdown(per_input: dict[str, torch.Tensor], num_solutions: torch.Tensor) -> dict[str, dict]:
+    """Per-input metrics averaged within each group of inputs with the same number of valid solutions."""
+    groups = {}
+    for count in torch.unique(num_solutions).tolist():
+        rows = num_solutions == count
+        groups[str(count)] = {"inputs": int(rows.sum()), **{k: v[rows].double().mean().item()
+                                                           for k, v in per_input.items()}}
+    return groups
+
+
+def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samples: int = 20,
+                 depth: int | None = None, rule: str = "vote", halting: bool = False, seed: int = 0,
+                 memory_budget_mb: float | None = None, perturbation=None) -> tuple[dict, dict]:
+    """``(report, arrays)``: the metrics (see the module docstring) and what ``samples.npz`` holds."""
+    task, model = loaded.task, loaded.model
+    if split not in task.splits:
+        raise UserError(f"unknown split {split!r}; this task has: {', '.join(task.splits)}")
+    data = task.splits[split]
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=generator)[:inputs].sort().values
+    x = data.inputs[index].to(loaded.device)
+    puzzle = None if data.puzzles is None else data.puzzles[index].to(loaded.device)
+    start = time.perf_counter()
+    paths = sample_trajectories(model, x, samples, depth=depth, halting=halting, puzzle=puzzle,
+                                memory_budget_mb=memory_budget_mb, seed=seed, perturbation=perturbation)
+    seconds = time.perf_counter() - start
+    answers = paths.answers.cpu()
+    value, halt_logit = paths.value.cpu(), paths.halt_logit.cpu()
+    selected, chosen = select(rule, answers, value, halt_logit)
+
+    all_answers = task.per_input(split, index, answers)
+    chosen_answer = task.per_input(split, index, selected[None])
+    metrics = {k: interval(v) for k, v in chosen_answer.items() if k != "coverage"}
+    metrics.update({f"sample_{k}": interval(v) for k, v in all_answers.items() if k != "coverage"})
+    if "coverage" in all_answers:
+        metrics[f"coverage@{samples}"] = interval(all_answers["coverage"])
+    if not task.unconditional:  # some answer correct (the oracle selector); accuracy is the share correct
+        metrics[f"pass@{samples}"] = interval((all_answers["accuracy"] > 0).double())
+    for key, score in task.score(split, index, answers).items():
+        if key not in all_answers:
+            metrics[key] = score
+    report = {"run": str(loaded.run_dir), "task": task.name, "split": split, "inputs": len(index),
+              "samples": samples, "depth": depth or model.n_sup, "select": rule, "halting": halting,
+              "seed": seed, "perturbation": None if perturbation is None else dict(perturbation),
+              "sampling_seconds": round(seconds, 3), "metrics": metrics}
+    num_solutions = getattr(data, "num_solutions", None)
+    if num_solutions is not None and len(torch.unique(num_solutions[index])) > 1:
+        per_input = {**{k: v for k, v in chosen_answer.items() if k != "coverage"},
+                     **({f"coverage@{samples}": all_answers["coverage"]} if "coverage" in all_answers else {})}
+        report["by_num_solutions"] = breakdown(per_input, num_solutions[index])
+    arrays = {"index": index.numpy(), "inputs": data.inputs[index].numpy(), "answers": answers.numpy(),
+              "selected": selected.numpy(), "chosen": chosen.numpy(), "value": value.numpy(),
+              "halt_logit": halt_logit.numpy(), "steps": paths.steps.cpu().numpy()}
+    if num_solutions is not None:
+        arrays["num_solutions"] = num_solutions[index].numpy()
+    return report, arrays
+
+
+def write_evaluation(report: dict, arrays: dict, out_dir: Path) -> None:
+    """``metrics.json`` and ``samples.npz`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    np.savez_compressed(out_dir / "samples.npz", **arrays)
+
+
+def format_table(report: dict) -> str:
+    """The metrics as an aligned text table (mean and 95% interval)."""
+    lines = [f"{report['task']} {report['split']}: {report['inputs']} inputs, N={report['samples']}, "
+             f"depth={report['depth']}, select={report['select']}" + (", halting" if report["halting"] else "")]
+    for name, value in report["metrics"].items():
+        if isinstance(value, dict):
+            low, high = value["ci95"]
+            lines.append(f"  {name:24s} {value['mean']:9.4f}   [{low:.4f}, {high:.4f}]")
+        else:
+            lines.append(f"  {name:24s} {value:9.4f}")
+    return "\n".join(lines)
+
+
+def _draw(loaded: LoadedRun, x: torch.Tensor, samples: int, **sampling) -> torch.Tensor:
+    """Answers ``[N, B, S]`` of ``samples`` prior trajectories for inputs ``x [B, S]``."""
+    if loaded.task.num_puzzles:
+        raise UserError(f"task {loaded.task.name} needs puzzle identifiers, which user inputs do not carry")
+    return sample_trajectories(loaded.model, x.to(loaded.device), samples, **sampling)
+
+
+def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule: str, **sampling
+               ) -> tuple[int, int]:
+    """Answer every puzzle of the user file ``source`` (the task's format) with the answer ``rule``
+    selects among ``samples`` trajectories; write one line per puzzle, in the same format with a
+    validity flag, to ``output``. Returns ``(answers written, valid answers)``."""
+    task = loaded.task
+    if task.unconditional:
+        raise UserError(f"task {task.name} is unconditional: draw samples with gram-pyro sample run=<dir>")
+    if output.resolve() == source.resolve():
+        raise UserError(f"output={output} would overwrite the input file")
+    x = task.read_inputs(source)
+    paths = _draw(loaded, x, samples, **sampling)
+    selected, _ = select(rule, paths.answers.cpu(), paths.value.cpu(), paths.halt_logit.cpu())
+    lines = [task.format_answer(puzzle, answer) for puzzle, answer in zip(x, selected)]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines) + "\n")
+    return len(lines), int(task.judge(x, selected).sum())
+
+
+def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -> list[Path]:
+    """Draw ``n`` answers to the blank input of an unconditional task; write ``samples.txt`` (one
+    answer per line in the task's format, or ``#``/``.`` rows for images), ``scores.json`` (the task's
+    set-level scores of the samples) and, for images, ``samples.png``. Returns the written paths."""
+    task = loaded.task
+    if not task.unconditional:
+        raise UserError(f"task {task.name} answers inputs: use gram-pyro solve run=<dir> input=<file>")
+    x = task.splits["test"].inputs[:1]
+    answers = _draw(loaded, x, n, **sampling).answers.cpu()  # [n, 1, S]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "samples.txt", out_dir / "scores.json"]
+    if task.image_side:
+        side = task.image_side
+        bits = (answers[:, 0] == answers.new_tensor(2)).view(n, side, side)
+        text = "\n\n".join("\n".join("".join("#" if b else "." for b in row) for row in image.tolist())
+                           for image in bits)
+        written.append(out_dir / "samples.png")
+        _image_sheet(bits, written[-1])
+    else:
+        text = "\n".join(task.format_answer(x[0], answer) for answer in answers[:, 0])
+    written[0].write_text(text + "\n")
+    scores = task.score("test", torch.zeros(1, dtype=torch.long), answers)
+    written[1].write_text(json.dumps({"samples": n, **scores}, indent=1))
+    return written
+
+
+def _image_sheet(bits: torch.Tensor, path: Path) -> None:
+    """A PNG grid of binary images ``[n, side, side]`` (white strokes on black)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(len(bits), 8)
+    rows = math.ceil(len(bits) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns, rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image in zip(axes.flat, bits):
+        axis.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+    figure.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(figure)

@@ -1,0 +1,338 @@
+"""Sampling trajectories: width (N trajectories per input), depth (supervision steps), ACT halting,
+chunking to a memory budget, and the naive-stochasticity / PTRM baselines.
+
+``sample_trajectories(model, x [B, S], N)`` drives the model contract (``model.init`` then
+``model.step`` per supervision step) itself, so that it can halt, perturb the state between steps and
+read the heads after every step. The ``N`` trajectories are a tensor dim: a ``pyro.plate``
+``trajectories`` at dim -2 (outside the model's ``data`` plate at dim -1) makes the state
+``[n, b, L, D]`` for a chunk of ``n`` trajectories and ``b`` inputs; the encoder still reads ``x [b, S]``
+(``e_x [b, L, D]`` broadcasts over the trajectories). The answer of a step is the argmax of its logits
+``[n, b, S, V]``; the halt logit and LPRM value are the step's ``halt/{n}`` and ``value/{n}`` sites.
+
+Halting (``halting=True``, ACT as the paper's code): a trajectory halts after the first step whose
+``sigmoid(halt_logit) > 0.5`` (``halt_logit > 0``), or at ``depth``. From then on its answer, halt
+logit, value and step count are frozen (``torch.where`` on the halted mask) while the rest of the
+chunk runs on; a chunk stops early once all of its trajectories have halted (unless every step is
+recorded). Without halting every trajectory runs ``depth`` steps (any depth: more steps than training
+used is fine).
+
+Keyed randomness: every random draw of trajectory ``i`` (global index ``0 <= i < N``) comes from its own
+``torch.Generator`` on the device of ``x``, seeded with ``(seed * 2654435761 + i) mod 2^32`` (Knuth's
+multiplicative hash: distinct trajectories of one run never share a stream; CPU generators only read
+32 bits of a seed). Per draw, the stream of trajectory ``i`` fills a tensor for the *whole* batch
+``[B, ...]`` and the chunk keeps its rows. The draws of a trajectory, in order: ``h0``, ``l0``
+(perturbation ``z0``), then per step the model's noise sites in program order (each eps site becomes
+``loc + scale * z``, a :class:`KeyedNoise` messenger), the decoder's Gumbel noise (perturbation
+``decoder``) and the latent noise (perturbation ``ptrm``). So the result is a function of
+``(seed, model, x)`` alone: chunked and unchunked sampling agree (up to the float rounding of matmul
+kernels picked for other chunk sizes), and trajectory ``i`` is the same whatever ``N``. The network always runs batched over the chunk; only the cheap draws loop over its
+trajectories. CPU and CUDA streams differ.
+
+Chunking: one trajectory over ``b`` inputs needs about
+``b * L * D * element size * ACTIVATION_FACTOR`` bytes of working memory (:func:`trajectory_bytes`;
+the factor covers the state, the transient activations of the widest layer, the noise and the
+logits, measured with ``benchmarks/sampling.py``). :func:`plan_chunks` splits ``N`` (and, when one
+trajectory over the whole batch does not fit, ``B``) so that a chunk fits ``memory_budget_mb``. The
+result tensors themselves are not counted. The default budget (:func:`default_memory_budget_mb`) is
+half the free memory of a CUDA device, and 256 MB on CPU, where larger chunks are slower per
+trajectory (their tensors fall out of the caches). Splitting ``B`` costs noise draws: each chunk of
+inputs draws the whole batch's noise of its trajectories (cheap next to the network unless ``B`` is
+split into hundreds of chunks).
+
+Deterministic models (``model.stochastic`` False) without a perturbation run once and their outputs
+are expanded to ``N`` (views). Perturbations (:class:`Perturbation`), the baselines of PAPER.md
+section 5, apply to any model:
+
+* ``ptrm``: ``state[which] += sigma * z`` after every supervision step but the last (PTRM's test-time
+  noise on the latent of a trained deterministic model; ``which`` is ``h`` or ``l``);
+* ``decoder``: the answer is a draw from ``Categorical(logits / temperature)`` (Gumbel-max:
+  ``argmax(logits / temperature - log E)``, ``E ~ Exp(1)``) instead of the argmax;
+* ``z0``: ``h0`` and ``l0`` are replaced by fresh ``N(0, I)`` draws per trajectory and input.
+
+A deterministic model under ``decoder`` alone runs the network on one lane and samples ``N`` decodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Mapping
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+
+from gram_pyro.config import UserError
+
+PERTURBATION_KINDS = ("ptrm", "decoder", "z0")
+LATENTS = ("h", "l")
+TRAJECTORY_KEY_MULTIPLIER = 2654435761
+ACTIVATION_FACTOR = 40
+"""Peak working memory of one trajectory in units of its state ``h`` (``L x D`` elements): measured as
+peak RSS growth per trajectory on CPU, 14-33 over dims 64-128, ffn_hidden 2-4 x dim, MLP-mixer and
+attention (33 at the demo config); 40 leaves a margin."""
+CPU_MEMORY_BUDGET_MB = 256.0
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A test-time source of randomness (see the module docstring): ``kind`` in ``ptrm`` | ``decoder``
+    | ``z0``; ``sigma`` and ``which`` (``h`` | ``l``) for ``ptrm``; ``temperature`` for ``decoder``."""
+
+    kind: str
+    sigma: float = 0.1
+    which: str = "h"
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in PERTURBATION_KINDS:
+            raise UserError(f"unknown perturbation kind {self.kind!r}; allowed: {', '.join(PERTURBATION_KINDS)}")
+        if self.which not in LATENTS:
+            raise UserError(f"unknown perturbation latent which={self.which!r}; allowed: {', '.join(LATENTS)}")
+        if not self.sigma > 0:
+            raise UserError(f"perturbation sigma must be positive, got {self.sigma}")
+        if not self.temperature > 0:
+            raise UserError(f"perturbation temperature must be positive, got {self.temperature}")
+
+    @property
+    def perturbs_latent(self) -> bool:
+        return self.kind in ("ptrm", "z0")
+
+
+def as_perturbation(spec: Perturbation | Mapping | str | None) -> Perturbation | None:
+    """A :class:`Perturbation` from itself, a mapping of its fields (a config node), a kind alone (its
+    defaults) or ``None``."""
+    if spec is None or isinstance(spec, Perturbation):
+        return spec
+    if isinstance(spec, str):
+        return Perturbation(spec)
+    allowed = [f.name for f in fields(Perturbation)]
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown or "kind" not in spec:
+        problem = f"unknown perturbation option {unknown[0]!r}" if unknown else "perturbation needs a kind"
+        raise UserError(f"{problem}; allowed: {', '.join(allowed)}")
+    return Perturbation(**spec)
+
+
+@dataclass
+class Trajectories:
+    """``N`` trajectories for ``B`` inputs. ``answers [N, B, S]`` (the answer each trajectory ends with),
+    ``halt_logit [N, B]`` and ``value [N, B]`` at the step that answer was taken, ``steps [N, B]``
+    (supervision steps used), the ``seed`` of the keyed streams, and with ``record_steps`` every step's
+    decoded answer ``step_answers [depth, N, B, S]``, ``step_halt_logit`` and ``step_value``
+    ``[depth, N, B]`` (recorded whether or not the trajectory had halted)."""
+
+    answers: torch.Tensor
+    halt_logit: torch.Tensor
+    value: torch.Tensor
+    steps: torch.Tensor
+    seed: int
+    step_answers: torch.Tensor | None = None
+    step_halt_logit: torch.Tensor | None = None
+    step_value: torch.Tensor | None = None
+
+    def expand(self, num_samples: int) -> "Trajectories":
+        """The same trajectories repeated to ``num_samples`` (views), from a run with one trajectory."""
+        grow = {name: _expand_dim(getattr(self, name), dim, num_samples) for name, dim in _FIELD_SAMPLE_DIM.items()}
+        return replace(self, **grow)
+
+
+_FIELD_SAMPLE_DIM = {"answers": 0, "halt_logit": 0, "value": 0, "steps": 0,
+                     "step_answers": 1, "step_halt_logit": 1, "step_value": 1}
+"""The sample (``N``) dim of each tensor field of :class:`Trajectories`; the inputs (``B``) dim follows."""
+
+
+def _expand_dim(tensor: torch.Tensor | None, dim: int, size: int) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    shape = list(tensor.shape)
+    shape[dim] = size
+    return tensor.expand(shape)
+
+
+def trajectory_seed(seed: int, index: int) -> int:
+    """The seed of the random stream of trajectory ``index`` in a run with ``seed``."""
+    return (seed * TRAJECTORY_KEY_MULTIPLIER + index) % 2**32
+
+
+class KeyedRandom:
+    """The random streams of the trajectories ``lanes`` (global indices) for the inputs ``rows`` of a
+    batch of ``batch`` inputs. Each draw fills ``[batch, *tail]`` per trajectory and keeps ``rows``,
+    returning ``[len(lanes), len(rows), *tail]``."""
+
+    def __init__(self, seed: int, lanes: range, rows: slice, batch: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.generators = [torch.Generator(device).manual_seed(trajectory_seed(seed, i)) for i in lanes]
+        self.rows, self.batch, self.device, self.dtype = rows, batch, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _draw(self, tail: torch.Size, fill: Callable) -> torch.Tensor:
+        out = torch.empty(len(self), self.rows.stop - self.rows.start, *tail, device=self.device, dtype=self.dtype)
+        for lane, generator in enumerate(self.generators):
+            whole_batch = torch.empty(self.batch, *tail, device=self.device, dtype=self.dtype)
+            out[lane] = fill(whole_batch, generator=generator)[self.rows]
+        return out
+
+    def normal(self, tail: torch.Size) -> torch.Tensor:
+        """Standard normal draws ``[n, b, *tail]``."""
+        return self._draw(tail, torch.Tensor.normal_)
+
+    def exponential(self, tail: torch.Size) -> torch.Tensor:
+        """Exp(1) draws ``[n, b, *tail]``."""
+        return self._draw(tail, torch.Tensor.exponential_)
+
+
+class KeyedNoise(Messenger):
+    """Draws every sample site named ``{kind}/...`` with ``kind`` in ``sites`` (the model's Normal noise
+    sites) as ``loc + scale * z``, ``z`` from ``keyed.normal``: the prior draw, with keyed randomness."""
+
+    def __init__(self, sites: tuple[str, ...], keyed: KeyedRandom):
+        super().__init__()
+        self.sites, self.keyed = sites, keyed
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"].partition("/")[0] not in self.sites or msg["is_observed"] or msg["value"] is not None:
+            return
+        normal = msg["fn"].base_dist
+        if not isinstance(normal, pyro.distributions.Normal):
+            raise TypeError(f"site {msg['name']}: keyed noise needs a Normal prior, got {type(normal).__name__}")
+        msg["value"] = normal.loc + normal.scale * self.keyed.normal(msg["fn"].event_shape)
+
+
+class HeadRecorder(Messenger):
+    """Keeps the latest value of the ``halt/{n}`` and ``value/{n}`` sites under ``"halt"``, ``"value"``."""
+
+    HEADS = ("halt", "value")
+
+    def __init__(self):
+        super().__init__()
+        self.values: dict[str, torch.Tensor] = {}
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        kind = msg["name"].partition("/")[0]
+        if kind in self.HEADS:
+            self.values[kind] = msg["value"]
+
+
+def trajectory_bytes(model, batch: int) -> int:
+    """Estimated working memory of one trajectory over ``batch`` inputs:
+    ``batch * L * D * element size * ACTIVATION_FACTOR`` bytes."""
+    length, dim = model.h0.shape
+    return batch * length * dim * model.h0.element_size() * ACTIVATION_FACTOR
+
+
+def default_memory_budget_mb(device: torch.device) -> float:
+    """Half the free memory of a CUDA device; :data:`CPU_MEMORY_BUDGET_MB` on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2 / 2**20
+    return CPU_MEMORY_BUDGET_MB
+
+
+def plan_chunks(num_samples: int, batch: int, bytes_per_input: int, budget_bytes: float) -> tuple[int, int]:
+    """``(trajectories, inputs)`` per chunk such that ``trajectories * inputs * bytes_per_input`` fits
+    ``budget_bytes``: all inputs and as many trajectories as fit, or one trajectory and as many inputs
+    as fit (at least one of each, whatever the budget; an infinite budget is one chunk)."""
+    per_trajectory = batch * bytes_per_input
+    if per_trajectory <= budget_bytes:
+        return max(1, int(min(num_samples, budget_bytes / per_trajectory))), batch
+    return 1, max(1, int(budget_bytes / bytes_per_input))
+
+
+def _decode(logits: torch.Tensor, perturbation: Perturbation | None, keyed: KeyedRandom) -> torch.Tensor:
+    """Answers ``[n, b, S]`` from logits ``[n | 1, b, S, V]``: argmax, or a keyed Gumbel-max draw from
+    ``Categorical(logits / temperature)`` under the ``decoder`` perturbation."""
+    if perturbation is not None and perturbation.kind == "decoder":
+        return (logits / perturbation.temperature - keyed.exponential(logits.shape[-2:]).log()).argmax(-1)
+    return logits.argmax(-1)
+
+
+def _sample_chunk(model, x: torch.Tensor, puzzle: torch.Tensor | None, depth: int, halting: bool,
+                  perturbation: Perturbation | None, keyed: KeyedRandom, record_steps: bool) -> dict:
+    """The trajectories of one chunk (``x [b, S]``, ``len(keyed)`` trajectories) as a dict of the
+    :class:`Trajectories` tensor fields, each with leading dims ``[n | 1, b]`` (after ``depth`` for the
+    step fields)."""
+    lanes = len(keyed) if model.stochastic or (perturbation is not None and perturbation.perturbs_latent) else 1
+    state: dict = {}
+    heads = HeadRecorder()
+    halted = torch.zeros(lanes, x.shape[0], dtype=torch.bool, device=x.device)
+    steps = torch.zeros_like(halted, dtype=torch.long)
+    answer = halt = value = None
+    recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    with pyro.plate("trajectories", lanes, dim=-2), KeyedNoise(model.noise_sites, keyed), heads:
+        model.init(state, x)
+        if perturbation is not None and perturbation.kind == "z0":
+            state["h"], state["l"] = keyed.normal(model.h0.shape), keyed.normal(model.l0.shape)
+        for n in range(depth):
+            step_answer = _decode(model.step(state, x, puzzle=puzzle), perturbation, keyed)
+            step_halt, step_value = heads.values["halt"], heads.values["value"]
+            if answer is None:
+                answer, halt, value = step_answer, step_halt, step_value
+            else:
+                answer = torch.where(halted[..., None], answer, step_answer)
+                halt, value = torch.where(halted, halt, step_halt), torch.where(halted, value, step_value)
+            steps += ~halted
+            if record_steps:
+                recorded.append((step_answer, step_halt, step_value))
+            if halting:
+                halted |= step_halt > 0
+                if not record_steps and bool(halted.all()):
+                    break
+            if perturbation is not None and perturbation.kind == "ptrm" and n < depth - 1:
+                latent = state[perturbation.which]
+                state[perturbation.which] = latent + perturbation.sigma * keyed.normal(latent.shape[-2:])
+    out = {"answers": answer, "halt_logit": halt, "value": value, "steps": steps}
+    if record_steps:
+        step_fields = ("step_answers", "step_halt_logit", "step_value")
+        out.update({name: torch.stack(values) for name, values in zip(step_fields, zip(*recorded))})
+    return out
+
+
+@torch.no_grad()
+def sample_trajectories(model, x: torch.Tensor, num_samples: int, depth: int | None = None,
+                        halting: bool = False, puzzle: torch.Tensor | None = None,
+                        memory_budget_mb: float | None = None, seed: int | None = None,
+                        perturbation: Perturbation | Mapping | str | None = None,
+                        record_steps: bool = False) -> Trajectories:
+    """``num_samples`` prior trajectories of ``depth`` (default ``model.n_sup``) supervision steps for
+    each input of ``x [B, S]`` (``puzzle [B]`` where the model embeds puzzle identifiers); see the
+    module docstring. ``seed=None`` draws the seed from torch's global generator;
+    ``memory_budget_mb=None`` is :func:`default_memory_budget_mb` of ``x``'s device."""
+    perturbation = as_perturbation(perturbation)
+    depth = model.n_sup if depth is None else depth
+    if num_samples < 1 or depth < 1:
+        raise UserError(f"need at least one trajectory and one step, got num_samples={num_samples}, depth={depth}")
+    if memory_budget_mb is None:
+        memory_budget_mb = default_memory_budget_mb(x.device)
+    if not memory_budget_mb > 0:
+        raise UserError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+    if seed is None:
+        seed = int(torch.randint(2**32, ()))
+    if not model.stochastic and perturbation is None:
+        return _sample(model, x, 1, depth, halting, puzzle, memory_budget_mb, seed, None,
+                       record_steps).expand(num_samples)
+    return _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, seed, perturbation,
+                   record_steps)
+
+
+def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, seed, perturbation,
+            record_steps) -> Trajectories:
+    """:func:`sample_trajectories` once its arguments are checked: chunk, sample, assemble."""
+    batch = x.shape[0]
+    per_chunk, inputs_per_chunk = plan_chunks(num_samples, batch, trajectory_bytes(model, 1),
+                                              memory_budget_mb * 2**20)
+    out: dict[str, torch.Tensor] = {}
+    for first in range(0, num_samples, per_chunk):
+        lanes = range(first, min(num_samples, first + per_chunk))
+        for row in range(0, batch, inputs_per_chunk):
+            rows = slice(row, min(batch, row + inputs_per_chunk))
+            keyed = KeyedRandom(seed, lanes, rows, batch, x.device, model.h0.dtype)
+            chunk = _sample_chunk(model, x[rows], None if puzzle is None else puzzle[rows], depth, halting,
+                                  perturbation, keyed, record_steps)
+            for name, tensor in chunk.items():
+                lead = (slice(None),) * _FIELD_SAMPLE_DIM[name]
+                if name not in out:
+                    shape = (*tensor.shape[:len(lead)], num_samples, batch, *tensor.shape[len(lead) + 2:])
+                    out[name] = tensor.new_empty(shape)
+                out[name][(*lead, slice(lanes.start, lanes.stop), rows)] = tensor
+    return Trajectories(seed=seed, **out)

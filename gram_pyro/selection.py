@@ -1,0 +1,96 @@
+"""Picking one answer out of N candidates, and the width metrics of a candidate set.
+
+Candidates are ``answers [N, B, S]`` (N trajectories for each of B inputs) with the LPRM ``value [N, B]``
+and ``halt_logit [N, B]`` of each (the fields of :class:`gram_pyro.inference.Trajectories`). Every
+selector has the signature ``(answers, value=None, halt_logit=None) -> (selected [B, S], index [B])``
+where ``index`` is the chosen trajectory of each input; ties are broken deterministically:
+
+* :func:`majority_vote`: the answer given by the most trajectories; among answers with equal counts the
+  one that occurs first (lowest trajectory index); ``index`` is that first occurrence.
+* :func:`lprm_best`: the highest LPRM value (best-of-N), lowest index among equal maxima.
+* :func:`halt_best`: the highest halt logit (PTRM's rule), lowest index among equal maxima.
+* :func:`first`: trajectory 0 (what a single sample would give).
+
+:data:`SELECTORS` maps the names ``vote``, ``lprm``, ``halt``, ``first`` to them; :func:`select` looks
+one up by name. Width metrics per input: :func:`oracle_pass_at_n` (some candidate is correct) and
+:func:`coverage_at_n` (distinct valid solutions found / valid solutions there are), from the integer
+ids of the matched solutions that a task assigns (``-1`` for an invalid answer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gram_pyro.config import UserError
+
+
+def _gather(answers: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``answers[index[b], b]`` for every input: ``[N, B, S]``, ``[B]`` -> ``[B, S]``."""
+    return answers.gather(0, index[None, :, None].expand(1, *answers.shape[1:]))[0]
+
+
+def _answer_ids(answers: torch.Tensor) -> torch.Tensor:
+    """Integer ids ``[N, B]`` with equal ids exactly where the answers ``[N, B, S]`` are equal."""
+    return torch.unique(answers.flatten(0, 1), dim=0, return_inverse=True)[1].view(answers.shape[:2])
+
+
+def _best(answers: torch.Tensor, score: torch.Tensor | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate with the highest ``score [N, B]`` (first maximum)."""
+    if score is None:
+        raise ValueError(f"this selector needs the candidates' {what}")
+    index = score.argmax(0)  # torch.argmax returns the first of equal maxima
+    return _gather(answers, index), index
+
+
+def majority_vote(answers: torch.Tensor, value: torch.Tensor | None = None,
+                  halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most frequent answer of each input. ``count[i, b]`` is how many candidates equal candidate
+    ``i`` (pairwise id equality ``[N, N, B]``); the first maximal count is the first occurrence of a most
+    frequent answer, and of the earliest such answer on ties."""
+    ids = _answer_ids(answers)
+    counts = (ids[:, None] == ids[None, :]).sum(1)
+    index = counts.argmax(0)
+    return _gather(answers, index), index
+
+
+def lprm_best(answers: torch.Tensor, value: torch.Tensor | None = None,
+              halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-of-N by the LPRM value."""
+    return _best(answers, value, "LPRM value")
+
+
+def halt_best(answers: torch.Tensor, value: torch.Tensor | None = None,
+              halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-of-N by the halt logit (PTRM's selection rule)."""
+    return _best(answers, halt_logit, "halt logit")
+
+
+def first(answers: torch.Tensor, value: torch.Tensor | None = None,
+          halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first candidate."""
+    return answers[0], answers.new_zeros(answers.shape[1])
+
+
+SELECTORS = {"vote": majority_vote, "lprm": lprm_best, "halt": halt_best, "first": first}
+
+
+def select(name: str, answers: torch.Tensor, value: torch.Tensor | None = None,
+           halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the selector called ``name`` (a key of :data:`SELECTORS`)."""
+    if name not in SELECTORS:
+        raise UserError(f"unknown selector {name!r}; allowed: {', '.join(SELECTORS)}")
+    return SELECTORS[name](answers, value, halt_logit)
+
+
+def oracle_pass_at_n(correct: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float: 1 where at least one of the ``N`` candidates is correct (``correct [N, B]`` bool)."""
+    return correct.any(0).float()
+
+
+def coverage_at_n(answer_ids: torch.Tensor, num_solutions: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float: the number of distinct non-negative ids among ``answer_ids [N, B]`` (the matched
+    valid solution of each candidate, ``-1`` for an invalid one) over ``num_solutions [B]``."""
+    ids = answer_ids.sort(0).values
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[1:] = ids[1:] != ids[:-1]
+    return ((ids >= 0) & new).sum(0) / num_solutions

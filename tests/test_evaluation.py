@@ -1,0 +1,96 @@
+"""gram-pyro eval / solve / sample on tiny trained runs: files written, metrics recomputable, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gram_pyro.cli import main
+from gram_pyro.evaluation import interval, load_run
+from gram_pyro.training import train
+from tests.test_tasks_train import TINY_MODEL
+from tests.test_training import tiny_config
+
+
+@pytest.fixture(scope="module")
+def nqueens_run(tmp_path_factory):
+    return train(tiny_config("trainer.max_batches=2"), tmp_path_factory.mktemp("runs") / "nqueens", quiet=True)
+
+
+def test_interval_is_the_normal_approximation():
+    values = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    result = interval(values)
+    half = 1.96 * values.std().item() / 2
+    assert result["mean"] == 0.75 and result["n"] == 4
+    assert result["ci95"] == pytest.approx([0.75 - half, 0.75 + half])
+
+
+def test_eval_writes_metrics_that_the_samples_reproduce(nqueens_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", f"run={nqueens_run}", "samples=3", "inputs=6", "depth=3", "select=first",
+                 f"out={out}"]) == 0
+    assert "coverage@3" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    saved = np.load(out / "samples.npz")
+    assert saved["answers"].shape == (3, 6, 36) and report["depth"] == 3
+    task = load_run(nqueens_run).task
+    inputs, answers = torch.from_numpy(saved["inputs"]), torch.from_numpy(saved["answers"])
+    assert torch.equal(torch.from_numpy(saved["selected"]), answers[0])  # select=first
+    valid = task.judge(inputs, answers).double()
+    assert report["metrics"]["sample_accuracy"]["mean"] == pytest.approx(valid.mean().item())
+    assert report["metrics"]["accuracy"]["mean"] == pytest.approx(valid[0].mean().item())
+    assert report["metrics"]["pass@3"]["mean"] == pytest.approx(valid.amax(0).mean().item())
+
+
+def test_solve_round_trips_a_user_file(nqueens_run, tmp_path, capsys):
+    source = tmp_path / "boards.jsonl"
+    source.write_text('{"n": 6, "queens": [[0, 1]]}\n# a comment\n{"n": 6, "queens": []}\n')
+    assert main(["solve", f"run={nqueens_run}", f"input={source}", "samples=2"]) == 0
+    lines = (tmp_path / "boards.answers.jsonl").read_text().splitlines()
+    assert [json.loads(line)["queens"] for line in lines] == [[[0, 1]], []]
+    assert all(isinstance(json.loads(line)["valid"], bool) for line in lines)
+    assert "wrote 2 answers" in capsys.readouterr().out
+    source.write_text('{"n": 6, "queens": [[0, 1]]}\n{"n": 6, "queens": [[9, 9]]}\n')
+    assert main(["solve", f"run={nqueens_run}", f"input={source}", f"output={source}"]) == 2
+    assert main(["solve", f"run={nqueens_run}", f"input={source}"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert "would overwrite the input" in errors[0] and "boards.jsonl:2: queen (9, 9) is off" in errors[1]
+
+
+def test_sample_writes_grids_and_scores_for_an_unconditional_task(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_training import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="train", overrides=["task=uncond_sudoku4", "task.num_test=4", *TINY_MODEL])
+    run = train(cfg, tmp_path / "uncond", quiet=True)
+    assert main(["sample", f"run={run}", "n=5"]) == 0
+    assert len((run / "samples" / "samples.txt").read_text().splitlines()) == 5
+    assert set(json.loads((run / "samples" / "scores.json").read_text())) >= {"validity", "uniqueness"}
+    assert main(["sample", f"run={tmp_path / 'uncond'}", "n=0"]) == 2
+    assert "at least one trajectory" in capsys.readouterr().err
+
+
+def test_sample_on_a_conditional_task_points_to_solve(nqueens_run, capsys):
+    assert main(["sample", f"run={nqueens_run}"]) == 2
+    assert "use gram-pyro solve" in capsys.readouterr().err
+
+
+def test_scaling_sweep_reads_every_point_off_one_recorded_run(nqueens_run, tmp_path):
+    import csv
+
+    from experiments.scaling import main as scaling
+
+    trm = train(tiny_config("trainer.max_batches=1", "model=trm", "guide=prior"), tmp_path / "trm", quiet=True)
+    scaling([f"runs.GRAM={nqueens_run}", f"runs.TRM={trm}", "baselines=[ptrm]", "inputs=4", "samples=[1,3]",
+             "depths=[1,3]", f"out={tmp_path / 'sweep'}"])
+    with (tmp_path / "sweep" / "scaling.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * 2 * 2 and (tmp_path / "sweep" / "scaling.png").is_file()
+    trm_rows = {(r["samples"], r["depth"]): r for r in rows if r["label"] == "TRM"}
+    assert trm_rows[("1", "3")]["accuracy"] == trm_rows[("3", "3")]["accuracy"]  # N identical copies
+    assert trm_rows[("3", "3")]["compute"] == "6"  # one trajectory of 3 steps x T = 2, whatever N
+    gram = {(r["samples"], r["depth"]): r for r in rows if r["label"] == "GRAM"}
+    assert gram[("3", "3")]["compute"] == "18"

@@ -1,0 +1,229 @@
+"""Sampling trajectories: shapes, depth, halting, keyed randomness under chunking, baselines."""
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from gram_pyro.config import UserError
+from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, plan_chunks, sample_trajectories,
+                                 trajectory_bytes)
+from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
+
+N = 4
+
+
+@pytest.fixture
+def x():
+    return torch.randint(1, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def assert_same(a, b):
+    """Two runs agree: identical answers and steps, heads equal up to float rounding (a chunk of
+    another size may take another matmul kernel)."""
+    assert torch.equal(a.answers, b.answers) and torch.equal(a.steps, b.steps)
+    torch.testing.assert_close(a.halt_logit, b.halt_logit)
+    torch.testing.assert_close(a.value, b.value)
+
+
+def differ(answers):
+    """Whether the N trajectories of some input disagree."""
+    return bool((answers != answers[:1]).any())
+
+
+def bias_towards_late_halting(model, bias=-0.4):
+    """Shift the halt logits down so that trajectories halt at different steps."""
+    with torch.no_grad():
+        model.halt_head.linear.bias.fill_(bias)
+
+
+class HaltFromStep(torch.nn.Module):
+    """A halt head whose logit turns positive at supervision step ``k`` (1-based), counted by calls."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.calls = k, 0
+
+    def forward(self, h):
+        self.calls += 1
+        return torch.full(h.shape[:-2], 1.0 if self.calls >= self.k else -1.0)
+
+
+def test_shapes_and_default_depth(x):
+    model = tiny_model()
+    out = sample_trajectories(model, x, N, seed=0, record_steps=True)
+    assert out.answers.shape == (N, BATCH, SEQ) and out.answers.dtype == torch.long
+    assert out.halt_logit.shape == out.value.shape == out.steps.shape == (N, BATCH)
+    assert out.step_answers.shape == (model.n_sup, N, BATCH, SEQ)
+    assert out.step_value.shape == out.step_halt_logit.shape == (model.n_sup, N, BATCH)
+    assert (out.steps == model.n_sup).all()
+    assert ((out.value > 0) & (out.value < 1)).all()
+    assert torch.equal(out.answers, out.step_answers[-1])
+    assert sample_trajectories(model, x, N, seed=0).step_answers is None
+
+
+def test_stochastic_trajectories_differ_and_are_reproducible(x):
+    model = tiny_model()
+    out = sample_trajectories(model, x, N, seed=5)
+    assert differ(out.answers)
+    assert_same(out, sample_trajectories(model, x, N, seed=5))
+    assert not torch.equal(out.halt_logit, sample_trajectories(model, x, N, seed=6).halt_logit)
+    torch.manual_seed(3)
+    drawn = sample_trajectories(model, x, N)
+    torch.manual_seed(3)
+    assert_same(drawn, sample_trajectories(model, x, N))
+
+
+@pytest.mark.parametrize("chunk", [(3, BATCH), (1, BATCH), (1, 2), (1, 1)])
+@pytest.mark.parametrize("perturbation", [None, {"kind": "ptrm", "sigma": 0.3}, {"kind": "z0"},
+                                          {"kind": "decoder", "temperature": 2.0}])
+def test_chunked_equals_unchunked(x, chunk, perturbation):
+    model = tiny_model(noise="learned" if perturbation is None else "none")
+    bias_towards_late_halting(model)
+    whole = sample_trajectories(model, x, N, depth=4, halting=True, seed=1, perturbation=perturbation)
+    budget_mb = chunk[0] * chunk[1] * trajectory_bytes(model, 1) / 2**20
+    assert plan_chunks(N, BATCH, trajectory_bytes(model, 1), budget_mb * 2**20) == chunk
+    chunked = sample_trajectories(model, x, N, depth=4, halting=True, seed=1, perturbation=perturbation,
+                                  memory_budget_mb=budget_mb)
+    assert_same(whole, chunked)
+    assert differ(whole.answers)
+
+
+def test_a_trajectory_does_not_depend_on_how_many_are_drawn(x):
+    model = tiny_model()
+    few, many = (sample_trajectories(model, x, n, seed=2, halting=True) for n in (2, 7))
+    assert torch.equal(few.answers, many.answers[:2])
+    torch.testing.assert_close(few.value, many.value[:2])
+
+
+def test_halted_trajectories_keep_the_answer_of_their_halting_step(x):
+    model = tiny_model()
+    bias_towards_late_halting(model)
+    depth = 6
+    out = sample_trajectories(model, x, 8, depth=depth, halting=True, seed=0, record_steps=True)
+    step = torch.arange(1, depth + 1)[:, None, None]
+    expected_steps = torch.where(out.step_halt_logit > 0, step, depth).min(0).values
+    assert torch.equal(out.steps, expected_steps)
+    assert len(out.steps.unique()) > 2  # trajectories halt at different steps
+    taken = (out.steps - 1)[None]
+    assert torch.equal(out.answers, out.step_answers.gather(0, taken[..., None].expand(1, *out.answers.shape))[0])
+    assert torch.equal(out.halt_logit, out.step_halt_logit.gather(0, taken)[0])
+    assert torch.equal(out.value, out.step_value.gather(0, taken)[0])
+    moved_on = (out.steps < depth) & (out.step_answers[-1] != out.answers).any(-1)
+    assert moved_on.any()  # some answers would have changed after halting
+    running = sample_trajectories(model, x, 8, depth=depth, seed=0)
+    assert not torch.equal(running.answers, out.answers)
+
+
+@pytest.mark.parametrize("noise", ["learned", "none"])
+def test_halting_at_a_known_step_freezes_the_outputs_and_stops(x, noise):
+    model = tiny_model(noise=noise)
+    model.halt_head = HaltFromStep(3)
+    halted = sample_trajectories(model, x, N, depth=8, halting=True, seed=4)
+    assert (halted.steps == 3).all()
+    assert model.halt_head.calls == 3  # the chunk stopped once every trajectory had halted
+    model.halt_head = HaltFromStep(3)
+    assert_same(halted, sample_trajectories(model, x, N, depth=3, seed=4))
+
+
+def test_depth_beyond_training_continues_the_same_trajectories(x):
+    model = tiny_model(n_sup=2)
+    deep = sample_trajectories(model, x, N, depth=7, seed=3, record_steps=True)
+    assert deep.step_answers.shape[0] == 7 and (deep.steps == 7).all()
+    shallow = sample_trajectories(model, x, N, seed=3)
+    assert torch.equal(deep.step_answers[1], shallow.answers)
+    torch.testing.assert_close(deep.step_value[1], shallow.value)
+
+
+def test_deterministic_model_runs_one_lane_and_repeats_it(x):
+    model = tiny_model(noise="none")
+    lanes = []
+    model.core.f_low.register_forward_pre_hook(lambda module, args: lanes.append(args[0].shape[0]))
+    out = sample_trajectories(model, x, 10, seed=0)
+    assert set(lanes) == {1}
+    assert not differ(out.answers) and not differ(out.value)
+    assert out.answers.shape == (10, BATCH, SEQ)
+
+
+def test_encoder_reads_the_inputs_once_per_step_not_per_trajectory(x):
+    model = tiny_model()
+    shapes = []
+    model.encoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    sample_trajectories(model, x, 9, depth=3, seed=0)
+    assert shapes == [(BATCH, SEQ)] * 3
+
+
+@pytest.mark.parametrize("perturbation", [Perturbation("ptrm", sigma=0.5), Perturbation("ptrm", 0.5, which="l"),
+                                          Perturbation("decoder", temperature=2.0), Perturbation("z0")])
+def test_perturbations_make_deterministic_trajectories_differ(x, perturbation):
+    model = tiny_model(noise="none")
+    plain = sample_trajectories(model, x, 6, depth=3, seed=0)
+    out = sample_trajectories(model, x, 6, depth=3, seed=0, perturbation=perturbation)
+    assert not differ(plain.answers) and differ(out.answers)
+
+
+def test_ptrm_noise_enters_between_steps_only(x):
+    model = tiny_model(noise="none")
+    one_step = sample_trajectories(model, x, N, depth=1, seed=0, perturbation={"kind": "ptrm", "sigma": 1.0})
+    assert not differ(one_step.answers) and not differ(one_step.value)
+
+
+def test_decoder_sampling_follows_the_tempered_softmax(x):
+    model = tiny_model(noise="none", n_sup=1)
+    temperature = 1.5
+    probs = torch.softmax(model(x[:1]) / temperature, -1)[0]  # [S, V]
+    out = sample_trajectories(model, x[:1], 4000, seed=0, perturbation={"kind": "decoder", "temperature": temperature})
+    freq = torch.nn.functional.one_hot(out.answers[:, 0], VOCAB).float().mean(0)
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+    cold = sample_trajectories(model, x, N, seed=0, perturbation=Perturbation("decoder", temperature=1e-4))
+    assert torch.equal(cold.answers, sample_trajectories(model, x, N, seed=0).answers)
+
+
+def test_keyed_noise_draws_prior_loc_plus_scale_times_keyed_normal(x):
+    model = tiny_model()
+    draws = KeyedRandom(7, range(3), slice(0, BATCH), BATCH, x.device, torch.float32)
+    with poutine.trace() as tracer, pyro.plate("trajectories", 3, dim=-2), KeyedNoise(model.noise_sites, draws):
+        state = {}
+        model.init(state, x)
+        model.step(state, x)
+    site = tracer.trace.nodes["eps/0/0"]
+    normal = site["fn"].base_dist
+    z = KeyedRandom(7, range(3), slice(0, BATCH), BATCH, x.device, torch.float32).normal(model.h0.shape)
+    torch.testing.assert_close(site["value"], normal.loc + normal.scale * z)
+    rows = KeyedRandom(7, range(3), slice(1, 3), BATCH, x.device, torch.float32).normal(model.h0.shape)
+    assert torch.equal(rows, z[:, 1:3])
+
+
+def test_plan_chunks_fits_the_budget():
+    assert plan_chunks(50, 8, bytes_per_input=100, budget_bytes=1e9) == (50, 8)
+    assert plan_chunks(50, 8, bytes_per_input=100, budget_bytes=2500) == (3, 8)
+    assert plan_chunks(50, 8, bytes_per_input=100, budget_bytes=500) == (1, 5)
+    assert plan_chunks(50, 8, bytes_per_input=100, budget_bytes=1) == (1, 1)
+
+
+def test_a_perturbation_may_be_given_as_a_kind_or_a_mapping(x):
+    model = tiny_model(noise="none")
+    runs = [sample_trajectories(model, x, N, seed=0, perturbation=spec)
+            for spec in ("z0", {"kind": "z0"}, Perturbation("z0"))]
+    assert differ(runs[0].answers)
+    for run in runs[1:]:
+        assert_same(runs[0], run)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"kind": "dropout"}, "unknown perturbation kind 'dropout'; allowed: ptrm, decoder, z0"),
+    ({"kind": "ptrm", "sigma": 0.0}, "perturbation sigma must be positive"),
+    ({"kind": "ptrm", "which": "z"}, "unknown perturbation latent which='z'; allowed: h, l"),
+    ({"kind": "decoder", "temp": 2}, "unknown perturbation option 'temp'; allowed: kind, sigma, which, temperature"),
+    ({"sigma": 1.0}, "perturbation needs a kind"),
+])
+def test_bad_perturbation_is_a_user_error(x, spec, message):
+    with pytest.raises(UserError, match=message):
+        sample_trajectories(tiny_model(), x, N, perturbation=spec)
+
+
+def test_bad_sizes_are_user_errors(x):
+    with pytest.raises(UserError, match="at least one trajectory"):
+        sample_trajectories(tiny_model(), x, 0)
+    with pytest.raises(UserError, match="memory_budget_mb must be positive"):
+        sample_trajectories(tiny_model(), x, N, memory_budget_mb=0)

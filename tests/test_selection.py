@@ -1,0 +1,98 @@
+"""Selection rules (vote, LPRM, halt, first) and width metrics on hand-made candidates."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gram_pyro.config import UserError
+from gram_pyro.selection import (SELECTORS, coverage_at_n, first, halt_best, lprm_best, majority_vote,
+                                 oracle_pass_at_n, select)
+
+A, B, C = [1, 2, 2], [2, 1, 2], [2, 2, 1]
+
+
+def candidates(*columns):
+    """``answers [N, len(columns), 3]`` from one list of answers per input."""
+    return torch.tensor(columns).transpose(0, 1)
+
+
+def test_vote_picks_the_most_frequent_answer_and_its_first_occurrence():
+    answers = candidates([A, B, C, B, A, B], [C, A, A, B, B, A])
+    selected, index = majority_vote(answers)
+    assert selected.tolist() == [B, A]
+    assert index.tolist() == [1, 1]
+
+
+def test_vote_breaks_equal_counts_by_the_earliest_answer():
+    answers = candidates([C, A, B, A, C, B], [B, B, A, A, C, C])
+    selected, index = majority_vote(answers)
+    assert selected.tolist() == [C, B]
+    assert index.tolist() == [0, 0]
+
+
+def test_vote_counts_whole_answers_not_tokens():
+    # token-wise majority would give [2, 2, 2], which no candidate proposed
+    selected, index = majority_vote(candidates([A, B, C, C]))
+    assert selected.tolist() == [C] and index.tolist() == [2]
+
+
+def test_lprm_and_halt_take_the_first_of_equal_maxima():
+    answers = candidates([A, B, C, A], [A, B, C, B])
+    value = torch.tensor([[0.2, 0.9], [0.7, 0.9], [0.7, 0.1], [0.1, 0.3]])
+    halt = torch.tensor([[3.0, -1.0], [-2.0, -1.0], [3.0, -0.5], [0.0, -0.5]])
+    selected, index = lprm_best(answers, value=value)
+    assert index.tolist() == [1, 0] and selected.tolist() == [B, A]
+    selected, index = halt_best(answers, halt_logit=halt)
+    assert index.tolist() == [0, 2] and selected.tolist() == [A, C]
+
+
+def test_first_and_the_registry():
+    answers = candidates([C, A], [B, A])
+    selected, index = first(answers)
+    assert selected.tolist() == [C, B] and index.tolist() == [0, 0]
+    assert set(SELECTORS) == {"vote", "lprm", "halt", "first"}
+    value = torch.tensor([[0.1, 0.1], [0.5, 0.0]])
+    assert select("lprm", answers, value, None)[1].tolist() == [1, 0]
+
+
+def test_bad_selector_name_and_missing_scores_are_errors():
+    with pytest.raises(UserError, match="unknown selector 'best'; allowed: vote, lprm, halt, first"):
+        select("best", candidates([A]))
+    with pytest.raises(ValueError, match="LPRM value"):
+        lprm_best(candidates([A]))
+
+
+def test_oracle_pass_at_n_is_any_correct():
+    correct = torch.tensor([[False, True, False], [False, False, False], [True, True, False]])
+    assert oracle_pass_at_n(correct).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_coverage_counts_distinct_valid_solution_ids():
+    ids = torch.tensor([[3, -1, 0], [3, -1, 1], [5, -1, 2], [-1, -1, 1]])
+    coverage = coverage_at_n(ids, torch.tensor([4, 2, 3]))
+    assert coverage.tolist() == [0.5, 0.0, 1.0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_vote_matches_a_counting_reference(data):
+    n, b = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 3))
+    rows = data.draw(st.lists(st.lists(st.lists(st.integers(0, 2), min_size=2, max_size=2),
+                                       min_size=b, max_size=b), min_size=n, max_size=n))
+    answers = torch.tensor(rows)
+    selected, index = majority_vote(answers)
+    for column in range(b):
+        proposals = [tuple(answers[i, column].tolist()) for i in range(n)]
+        best = max(proposals, key=lambda p: (proposals.count(p), -proposals.index(p)))
+        assert tuple(selected[column].tolist()) == best
+        assert index[column] == proposals.index(best)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, 4), min_size=3, max_size=3), min_size=1, max_size=8))
+def test_coverage_matches_a_set_reference(rows):
+    ids = torch.tensor(rows)
+    num_solutions = torch.tensor([5, 6, 7])
+    expected = [len({r[c] for r in rows} - {-1}) / num_solutions[c].item() for c in range(3)]
+    assert coverage_at_n(ids, num_solutions).tolist() == pytest.approx(expected)
