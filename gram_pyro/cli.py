@@ -7,6 +7,8 @@ Commands:
               ``gram-pyro eval run=<dir> samples=20 depth=16 select=vote``.
   solve       answer every puzzle of a user file: ``gram-pyro solve run=<dir> input=<file>``.
   sample      unconditional samples of a generative task: ``gram-pyro sample run=<dir> n=64``.
+  diagnose    posterior diagnostics (shortcut check, PSIS k-hat, diversity, ELBO curves) of a run:
+              ``gram-pyro diagnose run=<dir>``.
   data stats  build a task's data (or read it from the cache) and print its counts as JSON:
               ``gram-pyro data stats task=coloring``.
 
@@ -29,6 +31,7 @@ USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train mo
        gram-pyro eval run=<dir> [key=value ...]  e.g. gram-pyro eval run=runs/demo/learned samples=50
        gram-pyro solve run=<dir> input=<file>
        gram-pyro sample run=<dir> n=<N>
+       gram-pyro diagnose run=<dir> [inputs=256 particles=64 ...]
        gram-pyro data stats [key=value ...]   e.g. gram-pyro data stats task=sudoku"""
 
 
@@ -95,6 +98,21 @@ def _sample(overrides: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def _diagnose(overrides: list[str]) -> None:
+    from gram_pyro.diagnostics import diagnose  # imports ArviZ: slow, so only here
+    from gram_pyro.evaluation import load_run
+
+    cfg = compose_config("diagnose", overrides)
+    loaded = load_run(cfg.run, cfg.device)
+    out = Path(cfg.out or Path(cfg.run) / "diagnostics")
+    checkpoints = sorted((Path(cfg.run) / "checkpoints").glob("batch_*.pt"))
+    summary = diagnose(loaded.task, loaded.model, loaded.guide, out, run_dir=cfg.run, split=cfg.split,
+                       num_inputs=cfg.inputs, num_particles=cfg.particles, num_trajectories=cfg.trajectories,
+                       seed=cfg.seed, mcmc_chains=cfg.mcmc_chains, checkpoints=checkpoints,
+                       shortcut_threshold=cfg.shortcut_threshold)
+    print(f"{summary['shortcut']['verdict']}\nwrote {out / 'report.md'}, {out / 'diagnostics.nc'} and figures")
+
+
 def _data(arguments: list[str]) -> None:
     if not arguments or arguments[0] != "stats":
         raise UserError("usage: gram-pyro data stats task=<name> [key=value ...]")
@@ -102,7 +120,8 @@ def _data(arguments: list[str]) -> None:
     print(json.dumps(build(cfg.task, "task").stats(), indent=2))
 
 
-COMMANDS = {"train": _train, "eval": _eval, "solve": _solve, "sample": _sample, "data": _data}
+COMMANDS = {"train": _train, "eval": _eval, "solve": _solve, "sample": _sample, "diagnose": _diagnose,
+            "data": _data}
 
 
 def main(argv: list[str] | None = None) -> int:

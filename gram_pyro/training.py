@@ -135,9 +135,12 @@ class Run:
                 raise UserError(f"objective does not fit the model/guide: {error}") from None
         self.model.to(self.device)
         self.guide.to(self.device)
+        if trainer.compile:  # the plain-torch networks only: Pyro's handlers are not worth compiling
+            for module in (self.model.encoder, self.model.core, self.model.decoder):
+                module.compile()
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
-                                           betas=tuple(trainer.betas))
+                                           betas=tuple(trainer.betas), fused=self.device.type == "cuda")
         warmup = max(trainer.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)

@@ -94,3 +94,14 @@ def test_scaling_sweep_reads_every_point_off_one_recorded_run(nqueens_run, tmp_p
     assert trm_rows[("3", "3")]["compute"] == "6"  # one trajectory of 3 steps x T = 2, whatever N
     gram = {(r["samples"], r["depth"]): r for r in rows if r["label"] == "GRAM"}
     assert gram[("3", "3")]["compute"] == "18"
+
+
+def test_diagnose_writes_the_inference_data_report_and_figures(tmp_path, capsys):
+    run = train(tiny_config("trainer.max_batches=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=true"),
+                tmp_path / "kept", quiet=True)
+    assert main(["diagnose", f"run={run}", "inputs=4", "particles=4", "trajectories=2"]) == 0
+    out = run / "diagnostics"
+    assert (out / "diagnostics.nc").is_file() and (out / "report.md").is_file()
+    assert any(out.glob("*.png")) and "wrote" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == 4

@@ -56,7 +56,12 @@ class Batch:
     puzzle: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        """The batch on ``device``; copies to a GPU go through pinned memory and do not block."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.device == device:
+                return t
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
         return Batch(move(self.x), move(self.y), move(self.puzzle))
 
 

@@ -1,0 +1,100 @@
+"""The posterior-shortcut check (NOTES.md): does the model answer only when the guide hands it y?
+
+    posterior accuracy = share of answers the task's judge accepts among those decoded along guide
+                         trajectories (the model run under q(eps | x, y): argmax of the final step's logits)
+    prior accuracy     = the same along prior trajectories (no guide, no y): what the model can do alone
+    gap                = posterior accuracy - prior accuracy, on held-out inputs
+
+A gap above ``threshold`` is the shortcut: the target reaches the decoder through eps. Its other
+sign is the KL: :func:`kl_profile` gives ``KL(q || p)`` per transition (nats, summed over the ``L x D``
+units, averaged over inputs and particles) and the active units per supervision step: unit ``(l, d)``
+of step ``n`` is active when its KL summed over the step's transitions, averaged over inputs and
+particles, exceeds ``unit_threshold`` nats (NaN where the guide family has no per-unit KL).
+:func:`training_curves` reads the KL and likelihood logged during training from ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gram_pyro.config import UserError
+from gram_pyro.tasks.base import data_error
+
+TRAINING_COLUMNS = ("kl", "nll", "neg_elbo", "loss")
+"""Columns of ``metrics.csv`` kept for the KL-over-training figure, where the objective logs them."""
+
+
+@dataclass
+class ShortcutCheck:
+    prior_accuracy: float
+    posterior_accuracy: float
+    gap: float
+    threshold: float
+    flagged: bool
+    verdict: str
+
+
+@dataclass
+class KLProfile:
+    per_transition: list[list[float]]  # [N_sup][T] nats
+    total: float                        # summed over transitions
+    active_units: list[float]           # [N_sup] count (NaN where per-unit KL is unknown)
+    units_per_step: int                 # L * D
+    unit_threshold: float
+
+
+def shortcut_check(prior_accuracy: torch.Tensor, posterior_accuracy: torch.Tensor,
+                   threshold: float = 0.2) -> ShortcutCheck:
+    """The check of the module docstring from per-input accuracies ``[M]``."""
+    prior, posterior = prior_accuracy.float().mean().item(), posterior_accuracy.float().mean().item()
+    gap = posterior - prior
+    if gap > threshold:
+        verdict = (f"POSTERIOR SHORTCUT: answers decoded along posterior trajectories are correct {posterior:.1%} "
+                   f"of the time but only {prior:.1%} along prior ones (gap {gap:+.1%} > {threshold:.0%}): the guide "
+                   "carries the target through eps; trust prior samples only, raise beta or use "
+                   "posterior_transitions=last")
+    else:
+        verdict = (f"no posterior shortcut: posterior accuracy {posterior:.1%}, prior accuracy {prior:.1%} "
+                   f"(gap {gap:+.1%}, threshold {threshold:.0%})")
+    return ShortcutCheck(prior, posterior, gap, threshold, gap > threshold, verdict)
+
+
+def kl_profile(kl: torch.Tensor, kl_units: torch.Tensor, unit_threshold: float = 0.01) -> KLProfile:
+    """Per-transition KL and active units (module docstring) from the particle KLs ``[K, M, N_sup, T]``
+    and the mean per-unit KL ``[N_sup, T, L, D]``."""
+    per_transition = kl.double().mean((0, 1))
+    step_units = kl_units.sum(1).flatten(1)  # [N_sup, L D]
+    active = (step_units > unit_threshold).sum(-1).double()
+    active = torch.where(step_units.isnan().any(-1), torch.nan, active)
+    return KLProfile(per_transition.tolist(), per_transition.sum().item(), active.tolist(),
+                     step_units.shape[-1], unit_threshold)
+
+
+def training_curves(run_dir: str | Path | None) -> dict[str, list[float]] | None:
+    """``{"batch": [...], column: [...]}`` for the :data:`TRAINING_COLUMNS` present in
+    ``run_dir/metrics.csv``; ``None`` without a run directory or file. A malformed line is a
+    one-line :class:`UserError` naming it."""
+    path = Path(run_dir) / "metrics.csv" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or "batch" not in rows[0]:
+        raise UserError(f"{path}: no header with a 'batch' column")
+    header = rows[0]
+    keep = ["batch", *(name for name in TRAINING_COLUMNS if name in header)]
+    curves: dict[str, list[float]] = {name: [] for name in keep}
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise data_error(path, line, f"{len(row)} fields, the header has {len(header)}")
+        for name in keep:
+            try:
+                curves[name].append(float(row[header.index(name)]))
+            except ValueError:
+                raise data_error(path, line, f"{name}={row[header.index(name)]!r} is not a number") from None
+    return curves
+
