@@ -67,6 +67,7 @@ def sweep(label: str, loaded, index: torch.Tensor, cfg, perturbation: dict | Non
 
 def plot(rows: list[dict], trained_depth: int, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,15 +82,15 @@ def plot(rows: list[dict], trained_depth: int, path: Path) -> None:
                       ([r for r in mine if r["samples"] == widest], "depth", f"supervision steps (N = {widest})"),
                       (sorted(mine, key=lambda r: r["compute"]), "compute", "transitions per input")]
             for axis, (points, key, xlabel) in zip(axes[i], panels):
-                if key == "compute":  # the best accuracy reachable at each compute
-                    best, frontier = -1.0, []
+                if key == "compute":  # the best value reachable with at most this much compute
+                    best, frontier = -1.0, {}
                     for r in points:
-                        if r[metric] != "" and r[metric] > best:
-                            best = r[metric]
-                            frontier.append(r)
-                    points = frontier
+                        best = max(best, r[metric])
+                        frontier[r["compute"]] = {"compute": r["compute"], metric: best}
+                    points = list(frontier.values())
                 axis.plot([r[key] for r in points], [r[metric] for r in points], marker="o", label=label)
                 axis.set_xscale("log")
+                axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 axis.set_xlabel(xlabel)
                 axis.set_ylabel(metric)
     axes[0][0].legend(fontsize=8)
