@@ -134,10 +134,21 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     return report, arrays
 
 
+def json_ready(value):
+    """Plain JSON: NaN becomes ``None``, infinities the strings ``"inf"``/``"-inf"``, tuples lists."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
 def write_evaluation(report: dict, arrays: dict, out_dir: Path) -> None:
     """``metrics.json`` and ``samples.npz`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "metrics.json").write_text(json.dumps(json_ready(report), indent=1))
     np.savez_compressed(out_dir / "samples.npz", **arrays)
 
 
@@ -202,7 +213,7 @@ def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -
         text = "\n".join(task.format_answer(x[0], answer) for answer in answers[:, 0])
     written[0].write_text(text + "\n")
     scores = task.score("test", torch.zeros(1, dtype=torch.long), answers)
-    written[1].write_text(json.dumps({"samples": n, **scores}, indent=1))
+    written[1].write_text(json.dumps(json_ready({"samples": n, **scores}), indent=1))
     return written
 
 

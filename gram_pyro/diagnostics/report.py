@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from gram_pyro.diagnostics.importance import (KHAT_LIMIT, PROJECTION_DIMS, guide
                                               importance_khat, random_directions)
 from gram_pyro.diagnostics.mcmc import VARIABLE, mcmc_diagnostics
 from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_curves
+from gram_pyro.evaluation import json_ready
 from gram_pyro.posteriors.particles import log_mean_exp
 from gram_pyro.tasks.base import IGNORE, Batch
 
@@ -59,17 +59,6 @@ class Timer:
 def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
     """``num_inputs`` distinct rows of a split of ``size`` drawn with ``seed``, sorted."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_inputs].sort().values
-
-
-def json_ready(value):
-    """Plain JSON: NaN becomes ``None``, infinities the strings ``"inf"``/``"-inf"``, tuples lists."""
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    return value
 
 
 @dataclass
