@@ -1,0 +1,276 @@
+"""The posterior comparison: one model configuration trained under several (guide, objective) pairs at
+equal compute, each run then scored on held-out inputs from its own files.
+
+    python experiments/compare_posteriors.py [out=DIR] [compare.pairs=[[gaussian,truncated],[prior,smc]]]
+                                             [task=coloring] [model.dim=64] [key=value ...]
+
+Settings: ``experiments/configs/compare_posteriors.yaml`` (the train config plus ``out`` and
+``compare``). Guide and objective come from each pair; every objective with particles gets
+``compare.num_particles``; all other keys (task, model, trainer) are shared by every run.
+
+Equal compute. Cost is counted in transitions (one transition of the recursive model is
+``K_low + 1`` backbone passes, the same model in every run) per training example. One batch costs
+(:func:`transitions_per_batch`, from the config alone)
+
+* ``N_sup * T`` for the truncated surrogates (one particle, ``T`` transitions per supervision step);
+* ``K * N_sup * T`` for IWAE, SMC, Trace_ELBO and RWS with ``K`` particles (truncated or not), twice that
+  for RWS with ``insomnia < 1`` (sleep-phi runs ``K`` whole prior programs per batch);
+* ``N_sup * T * (1 + (warmup + samples) * leapfrog steps per draw + m_step_samples)`` for MCMC-EM (HMC:
+  ``num_steps``; NUTS: its maximum ``2^max_tree_depth``; nominal, the chain's adaptation adds some).
+
+The budget is ``compare.budget_batches * N_sup * T`` transitions per training example (what
+``budget_batches`` batches of the truncated surrogate cost) and a pair trains for
+``budget // transitions_per_batch`` batches of the same batch size: ``K`` particles buy ``K`` times fewer
+batches and optimizer steps. A pair whose batch costs more than the budget is a one-line error.
+
+Measured per run (``test`` split, EMA weights, seeded so every run sees the same inputs and targets):
+
+* ``accuracy`` (share of all ``compare.eval_samples`` answers per input that the task's judge accepts) and
+  ``coverage@N`` from prior trajectories on ``compare.eval_inputs`` inputs
+  (:func:`gram_pyro.evaluation.evaluate_run`), with 95% intervals;
+* ``log_evidence``: mean over ``evidence_inputs`` inputs of ``log p(y | x)`` in nats per example (``y``
+  observed at every supervision step), by importance sampling with the run's guide as proposal
+  (``evidence_particles`` particles, :func:`gram_pyro.posteriors.importance_log_evidence`; a lower bound
+  whose gap depends on the guide) and ``ess``, the mean effective sample size of its weights;
+* ``kl``: the training ``kl`` metric (KL of the final transition, nats per target token) averaged over
+  the last quarter of ``metrics.csv`` rows, where the objective reports one (the truncated surrogates);
+* ``optimizer_steps`` (the checkpoint's EMA update count), ``transitions`` and ``backbone_passes`` spent
+  per training example, ``train_seconds`` (task load, training, the run's own final evaluation) and
+  ``eval_seconds`` (the measurements above).
+
+Writes ``<out>/<guide>-<objective>/`` (each run), ``<out>/comparison.csv``, ``<out>/comparison.md``
+(a markdown table) and ``<out>/comparison.png`` (bars of accuracy, coverage and log p(y | x)). Every
+number comes from the run directories. ``compare.threads`` fixes torch's threads for everything
+(default 1: on a CPU shared with other jobs one thread is much faster at this size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gram_pyro.checkpoint import load_checkpoint  # noqa: E402
+from gram_pyro.config import UserError, compose_config  # noqa: E402
+from gram_pyro.evaluation import evaluate_run, load_run  # noqa: E402
+from gram_pyro.posteriors import importance_log_evidence  # noqa: E402
+from gram_pyro.training import train  # noqa: E402
+
+CONFIG = "compare_posteriors"
+TRAIN_KEYS = ["task", "model", "guide", "objective", "trainer"]
+PER_PAIR = ("guide", "objective")
+COLUMNS = ["guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "backbone_passes",
+           "train_seconds", "eval_seconds", "accuracy", "accuracy_ci95", "coverage", "coverage_ci95",
+           "log_evidence", "ess", "kl", "run_dir"]
+
+
+def transitions_per_batch(cfg: DictConfig) -> int:
+    """Transitions one batch of ``cfg``'s objective runs per training example (module docstring)."""
+    program = cfg.model.n_sup * cfg.model.transitions
+    objective = cfg.objective
+    scheme = objective._target_.rsplit(".", 1)[-1]
+    if scheme == "MonteCarloEM":
+        per_draw = 2 ** objective.max_tree_depth if objective.kernel == "nuts" else objective.num_steps
+        chain = (objective.warmup_steps + objective.num_samples) * per_draw
+        return program * (1 + chain + objective.m_step_samples)
+    runs = objective.get("num_particles", 1)
+    if scheme == "ReweightedWakeSleep" and objective.insomnia < 1:
+        runs *= 2
+    return program * runs
+
+
+def pair_config(overrides: list[str], guide: str, objective: str, num_particles: int) -> DictConfig:
+    """The train config of one pair: the comparison's shared keys, the pair's guide and objective."""
+    cfg = compose_config(CONFIG, [*overrides, f"guide={guide}", f"objective={objective}"])
+    if "num_particles" in cfg.objective:
+        cfg.objective.num_particles = num_particles
+    return OmegaConf.masked_copy(cfg, TRAIN_KEYS)
+
+
+def plan(settings: DictConfig, overrides: list[str]) -> list[tuple[str, str, DictConfig]]:
+    """``(guide, objective, config)`` per pair, ``trainer.max_batches`` set by the budget rule."""
+    compare = settings.compare
+    if compare.budget_batches < 1:
+        raise UserError(f"compare.budget_batches must be at least 1, got {compare.budget_batches}")
+    runs = []
+    for pair in compare.pairs:
+        if not OmegaConf.is_list(pair) or len(pair) != 2:
+            raise UserError(f"compare.pairs: each pair is [guide, objective], got {pair}")
+        guide, objective = pair
+        cfg = pair_config(overrides, guide, objective, compare.num_particles)
+        budget = compare.budget_batches * cfg.model.n_sup * cfg.model.transitions
+        cost = transitions_per_batch(cfg)
+        if cost > budget:
+            raise UserError(f"pair [{guide}, {objective}]: one batch costs {cost} transitions per example, more "
+                            f"than the budget of {budget}; raise compare.budget_batches")
+        cfg.trainer.max_batches = budget // cost
+        runs.append((guide, objective, cfg))
+    return runs
+
+
+def training_kl(run_dir: Path) -> float:
+    """The ``kl`` column of ``metrics.csv`` averaged over its last quarter of rows (nan if absent)."""
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "kl" not in rows[0]:
+        return math.nan
+    tail = rows[-max(len(rows) // 4, 1):]
+    return sum(float(row["kl"]) for row in tail) / len(tail)
+
+
+def ci_half_width(metric: dict) -> float:
+    low, high = metric["ci95"]
+    return (high - low) / 2
+
+
+def measure(run_dir: Path, compare: DictConfig) -> dict:
+    """The held-out scores and costs of a finished run, read from its directory (module docstring)."""
+    start = time.perf_counter()
+    loaded = load_run(run_dir)
+    report, _ = evaluate_run(loaded, inputs=compare.eval_inputs, samples=compare.eval_samples)
+    metrics = report["metrics"]
+    data = loaded.task.splits["test"]
+    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:compare.evidence_inputs]
+    batch = data.batch(index.sort().values, torch.Generator().manual_seed(0)).to(loaded.device)
+    evidence = importance_log_evidence(loaded.model, loaded.guide, batch, compare.evidence_particles,
+                                       compare.evidence_chunk)
+    coverage = metrics.get(f"coverage@{compare.eval_samples}")
+    batches = loaded.cfg.trainer.max_batches
+    spent = batches * transitions_per_batch(loaded.cfg)
+    return {"batches": batches,
+            "optimizer_steps": load_checkpoint(run_dir / "checkpoint.pt")["ema"]["updates"],
+            "transitions": spent, "backbone_passes": spent * (loaded.cfg.model.low_steps + 1),
+            "eval_seconds": round(time.perf_counter() - start, 1),
+            "accuracy": metrics["sample_accuracy"]["mean"],
+            "accuracy_ci95": ci_half_width(metrics["sample_accuracy"]),
+            "coverage": math.nan if coverage is None else coverage["mean"],
+            "coverage_ci95": math.nan if coverage is None else ci_half_width(coverage),
+            "log_evidence": evidence.log_evidence.mean().item(), "ess": evidence.ess.mean().item(),
+            "kl": training_kl(run_dir)}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        out.writeheader()
+        out.writerows(rows)
+
+
+def number(value: float, digits: int) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def write_markdown(rows: list[dict], settings: DictConfig, command: str, path: Path) -> None:
+    """The table of ``rows`` with the settings it was measured under."""
+    compare = settings.compare
+    samples = compare.eval_samples
+    lines = [f"`{command}`", "",
+             f"Budget: {compare.budget_batches * settings.model.n_sup * settings.model.transitions} transitions "
+             f"per training example (batch {settings.trainer.batch_size}); accuracy and coverage@{samples}: "
+             f"{compare.eval_inputs} held-out inputs x {samples} prior trajectories (95% intervals); "
+             f"log p(y|x): {compare.evidence_inputs} inputs, K = {compare.evidence_particles}, guide as proposal.",
+             "",
+             f"| guide | objective | K | batches | steps | train s | accuracy % | coverage@{samples} % "
+             f"| log p(y\\|x) | ESS / {compare.evidence_particles} | KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} | {r['optimizer_steps']} "
+                     f"| {r['train_seconds']:.0f} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f} "
+                     f"| {number(100 * r['coverage'], 1)} ± {number(100 * r['coverage_ci95'], 1)} "
+                     f"| {r['log_evidence']:.2f} | {r['ess']:.1f} | {number(r['kl'], 3)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], samples: int, path: Path) -> None:
+    """Bars of accuracy, coverage (with 95% intervals) and log p(y | x) per pair."""
+    labels = [f"{r['guide']}\n{r['objective']}" for r in rows]
+    panels = [("accuracy", "accuracy %", 100), ("coverage", f"coverage@{samples} %", 100),
+              ("log_evidence", "log p(y|x), nats", 1)]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for axis, (key, title, scale) in zip(axes, panels):
+        values = [scale * r[key] for r in rows]
+        errors = [scale * r[f"{key}_ci95"] for r in rows] if f"{key}_ci95" in rows[0] else None
+        axis.bar(range(len(rows)), values, yerr=errors, color="tab:blue", capsize=2)
+        axis.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+        axis.set_title(title, fontsize=9)
+    axes[2].set_yscale("symlog")  # a guide far from the posterior can be thousands of nats below the rest
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def train_and_measure(guide: str, objective: str, cfg: DictConfig, run_dir: Path, compare: DictConfig,
+                      quiet: bool) -> dict:
+    """Train one pair into ``run_dir`` and measure it: its row of ``comparison.csv``."""
+    start = time.perf_counter()
+    train(cfg, run_dir, quiet=quiet)
+    return {"guide": guide, "objective": objective, "particles": cfg.objective.get("num_particles", 1),
+            "train_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
+            **measure(run_dir, compare)}
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op threads fixed to ``count`` inside the block (``None``: left as they are).
+    ``train`` sets one thread per core and has no option for it yet; on a CPU shared with other jobs,
+    one thread ran this comparison's small tensors 5-10x faster than two (measured), so its call is
+    held off here."""
+    if count is None:
+        yield
+        return
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    set_threads(count)
+    torch.set_num_threads = lambda _: None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+
+
+def compare_posteriors(overrides: list[str], quiet: bool = False) -> list[dict]:
+    """Train and measure every pair (module docstring); returns the rows of ``comparison.csv``."""
+    for override in overrides:
+        if override.lstrip("+~").partition("=")[0] in PER_PAIR:
+            raise UserError(f"{override}: guide and objective are set per pair; use compare.pairs=[[guide,objective],...]")
+    settings = compose_config(CONFIG, overrides)
+    out = Path(settings.out)
+    runs = plan(settings, overrides)
+    for guide, objective, _ in runs:
+        if (out / f"{guide}-{objective}").exists():
+            raise UserError(f"{out / f'{guide}-{objective}'} already exists: choose another out= or remove it")
+    rows = []
+    with torch_threads(settings.compare.threads):
+        for guide, objective, cfg in runs:
+            if not quiet:
+                print(f"[{len(rows) + 1}/{len(runs)}] {guide} + {objective}: {cfg.trainer.max_batches} batches",
+                      flush=True)
+            rows.append(train_and_measure(guide, objective, cfg, out / f"{guide}-{objective}", settings.compare, quiet))
+    command = " ".join(["python experiments/compare_posteriors.py", *overrides])
+    write_csv(rows, out / "comparison.csv")
+    write_markdown(rows, settings, command, out / "comparison.md")
+    plot(rows, settings.compare.eval_samples, out / "comparison.png")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    try:
+        compare_posteriors(argv)
+    except UserError as error:
+        print(f"compare_posteriors: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,69 @@
+"""The posterior comparison's machinery on a tiny config: the equal-compute rule against the schemes'
+own transition counters, the files it writes, and one-line errors for pairs it cannot run."""
+
+import csv
+
+import pytest
+
+from experiments.compare_posteriors import compare_posteriors, main, pair_config, transitions_per_batch
+
+TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
+        "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=8", "trainer.eval_inputs=2",
+        "trainer.eval_samples=2", "trainer.warmup_steps=2", "compare.eval_inputs=4", "compare.eval_samples=2",
+        "compare.evidence_inputs=3",
+        "compare.evidence_particles=4", "compare.evidence_chunk=3"]
+N_SUP, T = 2, 2
+
+
+@pytest.mark.parametrize("objective, options, per_batch", [
+    ("truncated", [], N_SUP * T),
+    ("truncated_mc", [], N_SUP * T),
+    ("iwae", [], 3 * N_SUP * T),
+    ("smc", [], 3 * N_SUP * T),
+    ("rws", ["objective.insomnia=0.5"], 2 * 3 * N_SUP * T),
+    ("mcmc_em", ["objective.kernel=hmc", "objective.num_steps=4", "objective.warmup_steps=2",
+                 "objective.num_samples=3", "objective.m_step_samples=2"], N_SUP * T * (1 + 5 * 4 + 2)),
+])
+def test_cost_per_batch_follows_the_rule(objective, options, per_batch):
+    assert transitions_per_batch(pair_config([*TINY, *options], "gaussian", objective, 3)) == per_batch
+
+
+def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path):
+    out = tmp_path / "cmp"
+    rows = compare_posteriors([*TINY, f"out={out}", "compare.budget_batches=4", "compare.num_particles=2",
+                               "compare.pairs=[[gaussian,truncated],[gaussian,iwae],[prior,smc]]"], quiet=True)
+    assert [(r["guide"], r["objective"], r["particles"]) for r in rows] == \
+        [("gaussian", "truncated", 1), ("gaussian", "iwae", 2), ("prior", "smc", 2)]
+    assert [r["batches"] for r in rows] == [4, 2, 2]            # K = 2 particles buy half the batches
+    assert [r["optimizer_steps"] for r in rows] == [8, 4, 4]    # one step per supervision step
+    assert {r["transitions"] for r in rows} == {4 * N_SUP * T}  # equal compute, backbone K_low + 1 = 3 each
+    assert {r["backbone_passes"] for r in rows} == {3 * 4 * N_SUP * T}
+    for row in rows[1:]:  # the rule matches what the particle schemes count themselves (T K per update)
+        with (out / f"{row['guide']}-{row['objective']}" / "metrics.csv").open() as f:
+            reported = [float(r["transitions"]) * N_SUP for r in csv.DictReader(f)]
+        assert reported == [row["transitions"] / row["batches"]] * row["batches"]
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["coverage"] <= 1
+        assert row["log_evidence"] < 0 and 1 <= row["ess"] <= 4
+    assert rows[0]["kl"] > 0 and rows[1]["kl"] != rows[1]["kl"]  # only the surrogate reports a KL
+    with (out / "comparison.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert [float(r["log_evidence"]) for r in written] == [r["log_evidence"] for r in rows]
+    table = (out / "comparison.md").read_text()
+    assert table.count("\n| gaussian |") == 2 and "\n| prior | smc | 2 | 2 | 4 |" in table
+    assert 0 < (out / "comparison.png").stat().st_size < 150_000
+    with pytest.raises(Exception, match="already exists"):
+        compare_posteriors([*TINY, f"out={out}", "compare.pairs=[[gaussian,truncated]]"], quiet=True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["compare.pairs=[[gaussian,mcmc_em]]"], "pair [gaussian, mcmc_em]: one batch costs"),
+    (["compare.pairs=[[gaussian]]"], "each pair is [guide, objective]"),
+    (["compare.pairs=[[oracle,truncated]]"], "unknown guide 'oracle'"),
+    (["guide=flow"], "guide and objective are set per pair"),
+    (["compare.budget_batches=0"], "compare.budget_batches must be at least 1"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, overrides, message):
+    assert main([*TINY, f"out={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
