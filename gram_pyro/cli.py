@@ -25,7 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gram_pyro.config import UserError, build, compose_config
+from gram_pyro.config import UserError, build, compose_config, load_run_config
 
 USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train model=trm trainer.max_batches=100
        gram-pyro eval run=<dir> [key=value ...]  e.g. gram-pyro eval run=runs/demo/learned samples=50
@@ -43,7 +43,7 @@ def _train(overrides: list[str]) -> None:
         run_dir = Path(cfg.resume)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
-        saved = OmegaConf.load(run_dir / "config.yaml")
+        saved = load_run_config(run_dir / "config.yaml")
         OmegaConf.set_struct(saved, True)  # an override may change a key, not add one
         changes = [o for o in overrides if not o.startswith("resume=")]
         try:

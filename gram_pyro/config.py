@@ -79,5 +79,14 @@ def build(node: DictConfig, what: str, **kwargs):
         raise UserError(f"bad {what} config: {str(cause).strip().splitlines()[0]}") from None
 
 
+def load_run_config(path) -> DictConfig:
+    """A run's saved ``config.yaml``, with trainer keys added to ``trainer/default.yaml`` since the run
+    was written filled in from their defaults (so older runs still load and resume)."""
+    saved = OmegaConf.load(path)
+    defaults = OmegaConf.load(str(resources.files(CONFIG_MODULE) / "trainer" / "default.yaml"))
+    saved.trainer = OmegaConf.merge(defaults, saved.trainer)
+    return saved
+
+
 def save_config(cfg: DictConfig, path) -> None:
     OmegaConf.save(cfg, path, resolve=True)

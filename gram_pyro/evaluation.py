@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gram_pyro.checkpoint import load_checkpoint
-from gram_pyro.config import UserError
+from gram_pyro.config import UserError, load_run_config
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import select
 
@@ -55,7 +55,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"run={run_dir}: not a run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     if device is not None:
         cfg.trainer.device = device
     run = Run(cfg)

@@ -105,3 +105,17 @@ def test_diagnose_writes_the_inference_data_report_and_figures(tmp_path, capsys)
     assert any(out.glob("*.png")) and "wrote" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["inputs"] == 4
+
+
+def test_a_run_saved_before_newer_trainer_keys_still_loads(nqueens_run, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    old = tmp_path / "old"
+    shutil.copytree(nqueens_run, old)
+    cfg = OmegaConf.load(old / "config.yaml")
+    del cfg.trainer["compile"], cfg.trainer["keep_checkpoints"]
+    OmegaConf.save(cfg, old / "config.yaml")
+    assert load_run(old).cfg.trainer.compile is False
+    assert main(["train", f"resume={old}", "trainer.max_batches=3"]) == 0
