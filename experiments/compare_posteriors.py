@@ -40,13 +40,13 @@ Measured per run (``test`` split, EMA weights, seeded so every run sees the same
 
 Writes ``<out>/<guide>-<objective>/`` (each run), ``<out>/comparison.csv``, ``<out>/comparison.md``
 (a markdown table) and ``<out>/comparison.png`` (bars of accuracy, coverage and log p(y | x)). Every
-number comes from the run directories. ``compare.threads`` fixes torch's threads for everything
-(default 1: on a CPU shared with other jobs one thread is much faster at this size).
+number comes from the run directories. The config sets ``trainer.threads: 1`` (on a CPU shared with
+other jobs one thread is much faster at this size); training sets it, and the measurements that
+follow each run keep it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import sys
@@ -64,6 +64,7 @@ from gram_pyro.checkpoint import load_checkpoint  # noqa: E402
 from gram_pyro.config import UserError, compose_config  # noqa: E402
 from gram_pyro.evaluation import evaluate_run, load_run  # noqa: E402
 from gram_pyro.posteriors import importance_log_evidence  # noqa: E402
+from gram_pyro.tasks.base import held_out_index  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 
 CONFIG = "compare_posteriors"
@@ -140,8 +141,8 @@ def measure(run_dir: Path, compare: DictConfig) -> dict:
     report, _ = evaluate_run(loaded, inputs=compare.eval_inputs, samples=compare.eval_samples)
     metrics = report["metrics"]
     data = loaded.task.splits["test"]
-    index = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:compare.evidence_inputs]
-    batch = data.batch(index.sort().values, torch.Generator().manual_seed(0)).to(loaded.device)
+    index = held_out_index(len(data), compare.evidence_inputs, 0)
+    batch = data.batch(index, torch.Generator().manual_seed(0)).to(loaded.device)
     evidence = importance_log_evidence(loaded.model, loaded.guide, batch, compare.evidence_particles,
                                        compare.evidence_chunk)
     coverage = metrics.get(f"coverage@{compare.eval_samples}")
@@ -219,25 +220,6 @@ def train_and_measure(guide: str, objective: str, cfg: DictConfig, run_dir: Path
             **measure(run_dir, compare)}
 
 
-@contextlib.contextmanager
-def torch_threads(count: int | None):
-    """torch's intra-op threads fixed to ``count`` inside the block (``None``: left as they are).
-    ``train`` sets one thread per core and has no option for it yet; on a CPU shared with other jobs,
-    one thread ran this comparison's small tensors 5-10x faster than two (measured), so its call is
-    held off here."""
-    if count is None:
-        yield
-        return
-    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    set_threads(count)
-    torch.set_num_threads = lambda _: None
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_threads
-        set_threads(threads)
-
-
 def compare_posteriors(overrides: list[str], quiet: bool = False) -> list[dict]:
     """Train and measure every pair (module docstring); returns the rows of ``comparison.csv``."""
     for override in overrides:
@@ -250,12 +232,11 @@ def compare_posteriors(overrides: list[str], quiet: bool = False) -> list[dict]:
         if (out / f"{guide}-{objective}").exists():
             raise UserError(f"{out / f'{guide}-{objective}'} already exists: choose another out= or remove it")
     rows = []
-    with torch_threads(settings.compare.threads):
-        for guide, objective, cfg in runs:
-            if not quiet:
-                print(f"[{len(rows) + 1}/{len(runs)}] {guide} + {objective}: {cfg.trainer.max_batches} batches",
-                      flush=True)
-            rows.append(train_and_measure(guide, objective, cfg, out / f"{guide}-{objective}", settings.compare, quiet))
+    for guide, objective, cfg in runs:
+        if not quiet:
+            print(f"[{len(rows) + 1}/{len(runs)}] {guide} + {objective}: {cfg.trainer.max_batches} batches",
+                  flush=True)
+        rows.append(train_and_measure(guide, objective, cfg, out / f"{guide}-{objective}", settings.compare, quiet))
     command = " ".join(["python experiments/compare_posteriors.py", *overrides])
     write_csv(rows, out / "comparison.csv")
     write_markdown(rows, settings, command, out / "comparison.md")

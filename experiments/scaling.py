@@ -35,6 +35,7 @@ from gram_pyro.config import UserError, compose_config
 from gram_pyro.evaluation import load_run
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import select
+from gram_pyro.tasks.base import held_out_index
 
 PERTURBATIONS = {"ptrm": lambda cfg: {"kind": "ptrm", "sigma": cfg.ptrm_sigma, "which": "h"},
                  "decoder": lambda cfg: {"kind": "decoder"}, "z0": lambda cfg: {"kind": "z0"}}
@@ -111,7 +112,7 @@ def main(overrides: list[str]) -> None:
         loaded = load_run(run_dir, cfg.device)
         trained_depth = trained_depth or loaded.model.n_sup
         data = loaded.task.splits[cfg.split]
-        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.inputs].sort().values
+        index = held_out_index(len(data), cfg.inputs, cfg.seed)
         variants = [(label, None)]
         if not loaded.model.stochastic:
             variants += [(f"{label}+{name}", PERTURBATIONS[name](cfg)) for name in cfg.baselines]

@@ -34,6 +34,7 @@ from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.config import UserError, load_run_config
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import select
+from gram_pyro.tasks.base import held_out_index
 
 
 @dataclass
@@ -94,8 +95,7 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     if split not in task.splits:
         raise UserError(f"unknown split {split!r}; this task has: {', '.join(task.splits)}")
     data = task.splits[split]
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(data), generator=generator)[:inputs].sort().values
+    index = held_out_index(len(data), inputs, seed)
     x = data.inputs[index].to(loaded.device)
     puzzle = None if data.puzzles is None else data.puzzles[index].to(loaded.device)
     start = time.perf_counter()

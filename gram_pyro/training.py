@@ -28,7 +28,7 @@ from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from gram_pyro.config import UserError, build, save_config
 from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
                                    mean_over_ranks, shard)
-from gram_pyro.tasks.base import Batch
+from gram_pyro.tasks.base import Batch, held_out_index
 from gram_pyro.inference import sample_trajectories
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,8 +102,7 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
     streams (:mod:`gram_pyro.inference`), so evaluating neither changes a training run's random stream
     nor varies by when it happens."""
     data = task.splits[split]
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(data), generator=generator)[:num_inputs].sort().values
+    index = held_out_index(len(data), num_inputs, seed)
     was_training = model.training
     model.eval()
     try:
@@ -241,7 +240,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     world = launched()
     pyro.enable_validation(bool(trainer.validate_pyro))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max((os.cpu_count() or 1) // local_ranks, 1))
+    torch.set_num_threads(trainer.threads or max((os.cpu_count() or 1) // local_ranks, 1))
     run_dir = Path(run_dir or default_run_dir(cfg))
     run = Run(cfg, world)
     checkpoint = run_dir / "checkpoint.pt"

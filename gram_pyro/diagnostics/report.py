@@ -38,7 +38,7 @@ from gram_pyro.diagnostics.mcmc import VARIABLE, mcmc_diagnostics
 from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_curves
 from gram_pyro.evaluation import json_ready
 from gram_pyro.posteriors.particles import log_mean_exp
-from gram_pyro.tasks.base import IGNORE, Batch
+from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
 
 
 class Timer:
@@ -54,11 +54,6 @@ class Timer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
-    """``num_inputs`` distinct rows of a split of ``size`` drawn with ``seed``, sorted."""
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_inputs].sort().values
 
 
 @dataclass

@@ -96,6 +96,12 @@ class Task:
         raise UserError(f"task {self.name} has no user answer format")
 
 
+def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
+    """``num_inputs`` distinct rows of a split of ``size`` drawn with ``seed``, sorted (splits are stored
+    sorted, so a prefix would be a biased sample)."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_inputs].sort().values
+
+
 def solutions_histogram(num_solutions: torch.Tensor) -> dict[str, int]:
     """``{"1": count, "2": count, ...}``: how many inputs have each number of valid solutions."""
     values, counts = torch.unique(num_solutions, return_counts=True)
