@@ -4,10 +4,11 @@ Builds the task and model of the train config (``experiments/configs``; untraine
 for timing) and samples ``N = 1, 2, 5, 10, 20, 50`` trajectories of a fixed batch of test inputs at
 the model's depth with :func:`gram_pyro.inference.sample_trajectories`.
 
-* Time, under the default memory budget (its chunk plan is printed): the repeats go round all N in
-  turn, so a busy spell of other processes touches every N alike. For each N: the best and the
-  median wall time of the repeats, the ratio of the best to that of N = 1, and its ratio to
-  ``N x`` the N = 1 time (at most 1: sampling N trajectories together is no slower than one by one).
+* Time, under the default memory budget (its chunk plan is printed): for each N, the wall time of
+  sampling the N trajectories together (batched) and of N calls that sample one trajectory each
+  (one by one), back to back in the same repeat so that clock changes and other processes touch
+  both alike. Printed: the median of each over the repeats, and the median over repeats of the ratio
+  batched / one by one (at most 1: sampling N trajectories together costs at most N times one).
 * Memory, unchunked: the growth of peak RSS on CPU (``torch.cuda.max_memory_allocated`` on CUDA) over
   the N = 1 run, divided by ``N - 1``, next to the estimate
   :func:`gram_pyro.inference.trajectory_bytes` plans chunks with.
@@ -84,10 +85,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         sample(width, float("inf"))
         peaks[width] = peak_bytes(device)
-    times = {width: [] for width in WIDTHS}
+    batched = {width: [] for width in WIDTHS}
+    one_by_one = {width: [] for width in WIDTHS}
     for _ in range(args.repeats):
         for width in WIDTHS:
-            times[width].append(sample(width))
+            batched[width].append(sample(width))
+            one_by_one[width].append(sum(sample(1) for _ in range(width)))
 
     length, dim = model.h0.shape
     budget = default_memory_budget_mb(device)
@@ -98,15 +101,13 @@ def main() -> None:
     print(f"encoder inputs in one run: {encoder_calls[0]} x {len(encoder_calls)} calls "
           f"({'[B, S] once per step' if once_per_step else 'NOT once per step on [B, S]'})")
     print(f"default memory budget {budget:.0f} MB: chunks of {chunk[0]} trajectories x {chunk[1]} inputs")
-    print(f"{'N':>4} {'best s':>8} {'median s':>9} {'/ t(1)':>8} {'/ (N t(1))':>11} "
-          f"{'MB/traj meas.':>14} {'MB/traj est.':>13}")
+    print(f"{'N':>4} {'batched s':>10} {'one by one s':>13} {'ratio':>6} {'MB/traj meas.':>14} {'MB/traj est.':>13}")
     estimate = trajectory_bytes(model, x.shape[0]) / MB
-    base_time = min(times[1])
     for width in WIDTHS:
-        best = min(times[width])
+        ratio = statistics.median(b / o for b, o in zip(batched[width], one_by_one[width]))
         measured = f"{(peaks[width] - peaks[1]) / (width - 1) / MB:14.2f}" if width > 1 else f"{'-':>14}"
-        print(f"{width:4d} {best:8.3f} {statistics.median(times[width]):9.3f} {best / base_time:8.2f} "
-              f"{best / (width * base_time):11.3f} {measured} {estimate:13.2f}")
+        print(f"{width:4d} {statistics.median(batched[width]):10.3f} {statistics.median(one_by_one[width]):13.3f} "
+              f"{ratio:6.3f} {measured} {estimate:13.2f}")
     print(f"estimate = batch x L x D x {model.h0.element_size()} bytes x ACTIVATION_FACTOR {ACTIVATION_FACTOR}")
 
 

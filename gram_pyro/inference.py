@@ -34,8 +34,10 @@ the factor covers the state, the transient activations of the widest layer, the 
 logits, measured with ``benchmarks/sampling.py``). :func:`plan_chunks` splits ``N`` (and, when one
 trajectory over the whole batch does not fit, ``B``) so that a chunk fits ``memory_budget_mb``. The
 result tensors themselves are not counted. The default budget (:func:`default_memory_budget_mb`) is
-half the free memory of a CUDA device, and 256 MB on CPU, where larger chunks are slower per
-trajectory (their tensors fall out of the caches). Splitting ``B`` costs noise draws: each chunk of
+half the free memory of a CUDA device, and the size of the last-level cache on CPU: there a chunk
+whose working set outgrows the cache is slower per trajectory (measured with
+``benchmarks/sampling.py``: at one thread, 50 trajectories of 16 inputs cost 1.25 times one
+trajectory each in chunks of 20 trajectories, 1.0 in chunks of 2). Splitting ``B`` costs noise draws: each chunk of
 inputs draws the whole batch's noise of its trajectories (cheap next to the network unless ``B`` is
 split into hundreds of chunks).
 
@@ -54,7 +56,9 @@ A deterministic model under ``decoder`` alone runs the network on one lane and s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Callable, Mapping
 
 import pyro
@@ -70,7 +74,8 @@ ACTIVATION_FACTOR = 40
 """Peak working memory of one trajectory in units of its state ``h`` (``L x D`` elements): measured as
 peak RSS growth per trajectory on CPU, 14-33 over dims 64-128, ffn_hidden 2-4 x dim, MLP-mixer and
 attention (33 at the demo config); 40 leaves a margin."""
-CPU_MEMORY_BUDGET_MB = 256.0
+CPU_CACHE_FALLBACK_MB = 32.0
+"""The CPU budget where the last-level cache size cannot be read (not Linux)."""
 
 
 @dataclass(frozen=True)
@@ -222,11 +227,22 @@ def trajectory_bytes(model, batch: int) -> int:
     return batch * length * dim * model.h0.element_size() * ACTIVATION_FACTOR
 
 
+def last_level_cache_mb() -> float:
+    """The largest CPU cache of CPU 0 in MB, from Linux sysfs; :data:`CPU_CACHE_FALLBACK_MB` where
+    that cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        match = re.fullmatch(r"(\d+)([KMG]?)", entry.read_text().strip())
+        if match:
+            sizes.append(int(match[1]) * {"": 2**-20, "K": 2**-10, "M": 1, "G": 2**10}[match[2]])
+    return max(sizes, default=CPU_CACHE_FALLBACK_MB)
+
+
 def default_memory_budget_mb(device: torch.device) -> float:
-    """Half the free memory of a CUDA device; :data:`CPU_MEMORY_BUDGET_MB` on CPU."""
+    """Half the free memory of a CUDA device; the last-level cache (:func:`last_level_cache_mb`) on CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2 / 2**20
-    return CPU_MEMORY_BUDGET_MB
+    return last_level_cache_mb()
 
 
 def plan_chunks(num_samples: int, batch: int, bytes_per_input: int, budget_bytes: float) -> tuple[int, int]:
