@@ -1,7 +1,7 @@
 """Width scaling of prior sampling: wall time and memory of N trajectories, as ratios measured in one run.
 
 Builds the task and model of the train config (``experiments/configs``; untrained weights are fine
-for timing) and samples ``N = 1, 2, 5, 10, 20, 50`` trajectories of a fixed batch of test inputs at
+for timing) and samples ``N = 1, 2, 5, 10, 20, 50`` (``--widths``) trajectories of a fixed batch of test inputs at
 the model's depth with :func:`gram_pyro.inference.sample_trajectories`.
 
 * Time, under the default memory budget (its chunk plan is printed): for each N, the wall time of
@@ -14,7 +14,8 @@ the model's depth with :func:`gram_pyro.inference.sample_trajectories`.
   :func:`gram_pyro.inference.trajectory_bytes` plans chunks with.
 * That the encoder reads ``x [B, S]`` once per supervision step, not ``[N, B, S]``.
 
-    python benchmarks/sampling.py [--batch 16] [--repeats 3] [--threads T] [--device auto] [override ...]
+    python benchmarks/sampling.py [--batch 16] [--repeats 3] [--widths 1 2 5 ...] [--threads T]
+                                  [--device auto] [override ...]
 
 Overrides are Hydra overrides of the train config, e.g. ``model=trm`` or ``model.dim=128``.
 """
@@ -49,10 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="values of N, from 1 up")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    widths = sorted(set(args.widths))
+    if widths[0] != 1:
+        parser.error("--widths must include 1 (the baseline)")
     pyro.enable_validation(False)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,21 +85,21 @@ def main() -> None:
     sample(1)  # warm-up, recording the encoder's inputs during one run
     hook.remove()
     peaks = {}
-    for width in WIDTHS:  # unchunked, increasing N: the peak so far is this N's peak
+    for width in widths:  # unchunked, increasing N: the peak so far is this N's peak
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sample(width, float("inf"))
         peaks[width] = peak_bytes(device)
-    batched = {width: [] for width in WIDTHS}
-    one_by_one = {width: [] for width in WIDTHS}
+    batched = {width: [] for width in widths}
+    one_by_one = {width: [] for width in widths}
     for _ in range(args.repeats):
-        for width in WIDTHS:
+        for width in widths:
             batched[width].append(sample(width))
             one_by_one[width].append(sum(sample(1) for _ in range(width)))
 
     length, dim = model.h0.shape
     budget = default_memory_budget_mb(device)
-    chunk = plan_chunks(WIDTHS[-1], x.shape[0], trajectory_bytes(model, 1), budget * MB)
+    chunk = plan_chunks(widths[-1], x.shape[0], trajectory_bytes(model, 1), budget * MB)
     print(f"config: {type(task).__name__}, model noise={model.noise}, batch {x.shape[0]}, depth {model.n_sup}, "
           f"L={length}, D={dim}, device {device}, threads {torch.get_num_threads()}, {args.repeats} repeats")
     once_per_step = encoder_calls == [tuple(x.shape)] * model.n_sup
@@ -103,7 +108,7 @@ def main() -> None:
     print(f"default memory budget {budget:.0f} MB: chunks of {chunk[0]} trajectories x {chunk[1]} inputs")
     print(f"{'N':>4} {'batched s':>10} {'one by one s':>13} {'ratio':>6} {'MB/traj meas.':>14} {'MB/traj est.':>13}")
     estimate = trajectory_bytes(model, x.shape[0]) / MB
-    for width in WIDTHS:
+    for width in widths:
         ratio = statistics.median(b / o for b, o in zip(batched[width], one_by_one[width]))
         measured = f"{(peaks[width] - peaks[1]) / (width - 1) / MB:14.2f}" if width > 1 else f"{'-':>14}"
         print(f"{width:4d} {statistics.median(batched[width]):10.3f} {statistics.median(one_by_one[width]):13.3f} "

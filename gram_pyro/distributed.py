@@ -94,12 +94,13 @@ def average_gradients(params: list[torch.Tensor], world: World) -> None:
         offset += p.numel()
 
 
-def all_finite(loss: torch.Tensor, world: World) -> bool:
-    """Whether the loss is finite on every rank (all ranks must skip a step together)."""
-    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
+def all_finite(loss: torch.Tensor, world: World) -> torch.Tensor:
+    """Whether the loss is finite on every rank, as a bool tensor on the loss's device (no host sync;
+    all ranks must skip a step together)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(())
     if world.distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    return finite.bool()
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:

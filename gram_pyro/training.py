@@ -138,13 +138,14 @@ class Run:
             for module in (self.model.encoder, self.model.core, self.model.decoder):
                 module.compile()
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
+        # fused (CPU and CUDA): it reads ``found_inf`` and skips a whole update on device (train_batch)
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
-                                           betas=tuple(trainer.betas), fused=self.device.type == "cuda")
+                                           betas=tuple(trainer.betas), fused=True)
         warmup = max(trainer.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
         self.batches_done = 0
-        self.bad_steps = 0
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
         if world.rank:  # identical initial weights on every rank, then a random stream of its own
             torch.manual_seed(trainer.seed + world.rank)
 
@@ -152,7 +153,7 @@ class Run:
         return {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict(), "rng": rng_state(),
-                "batches_done": self.batches_done, "bad_steps": self.bad_steps}
+                "batches_done": self.batches_done, "bad_steps": int(self.bad_steps)}
 
     def load(self, payload: dict) -> None:
         try:
@@ -167,7 +168,15 @@ class Run:
         set_rng_state(payload["rng"])  # rank 0's stream; the others continue from their own seed
         if self.world.rank:
             torch.manual_seed(self.cfg.trainer.seed + self.world.rank * 1_000_003 + payload["batches_done"])
-        self.batches_done, self.bad_steps = payload["batches_done"], payload["bad_steps"]
+        self.batches_done = payload["batches_done"]
+        self.bad_steps.fill_(payload["bad_steps"])
+
+    def check_bad_steps(self) -> None:
+        """Stop the run once more than ``trainer.max_bad_steps`` updates had a non-finite loss. It reads
+        the device counter (a host sync), so training calls it at logging and checkpoint intervals only."""
+        if int(self.bad_steps) > self.cfg.trainer.max_bad_steps:
+            raise UserError(f"stopped: {int(self.bad_steps)} non-finite losses (trainer.max_bad_steps="
+                            f"{self.cfg.trainer.max_bad_steps}); the last good checkpoint is kept")
 
     def train_batch(self, batch: Batch) -> dict:
         """All optimizer steps of one global batch (this rank's rows of it); returns the last update's
@@ -181,18 +190,17 @@ class Run:
             with autocast:
                 loss, metrics = self.objective.loss(self.model, self.guide, batch, state, update)
             self.optimizer.zero_grad(set_to_none=True)
-            if not all_finite(loss, self.world):
-                self.bad_steps += 1
-                if self.bad_steps > trainer.max_bad_steps:
-                    raise UserError(f"stopped: {self.bad_steps} non-finite losses (trainer.max_bad_steps="
-                                    f"{trainer.max_bad_steps}); the last good checkpoint is kept")
-                continue
+            finite = all_finite(loss, self.world)
             (loss * scale).backward()
             average_gradients(self.params, self.world)
             torch.nn.utils.clip_grad_norm_(self.params, trainer.grad_clip)
+            # a non-finite loss (on any rank) leaves parameters and optimizer state as they were, without a
+            # host sync: the fused AdamW skips its update where ``found_inf`` is 1 (torch's GradScaler contract)
+            self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
             self.scheduler.step()
             self.ema.update()
+            self.bad_steps += ~finite
         return metrics
 
 
@@ -267,6 +275,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
             metrics = run.train_batch(batch)
             run.batches_done += 1
             if run.batches_done % trainer.log_every == 0 or run.batches_done == trainer.max_batches:
+                run.check_bad_steps()
                 values = {k: v.item() for k, v in mean_over_ranks(metrics, world).items()}
                 if log:
                     log.row("metrics", run.batches_done, {"seconds": round(time.time() - start, 2),
@@ -277,6 +286,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
                 if trainer.eval_every and run.batches_done % trainer.eval_every == 0:
                     log_eval()
                 if run.batches_done % trainer.checkpoint_every == 0:
+                    run.check_bad_steps()
                     save_checkpoint(checkpoint, run.state())
                     if trainer.keep_checkpoints:
                         save_checkpoint(run_dir / "checkpoints" / f"batch_{run.batches_done:06d}.pt", run.state())

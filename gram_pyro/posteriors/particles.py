@@ -196,6 +196,6 @@ class ParticleObjective:
             metrics.update(halt=halt, value=value, acc=correct.mean())
         transitions = extra_transitions + sum(
             transitions_per_example(trace, batch.x.shape[0]) for trace in {id(t): t for t, _ in traces}.values())
-        metrics.update(loss=loss, transitions=torch.tensor(float(transitions)),
-                       forward_seconds=torch.tensor(time.perf_counter() - self._started))
+        metrics.update(loss=loss, transitions=torch.tensor(float(transitions), device=loss.device),
+                       forward_seconds=torch.tensor(time.perf_counter() - self._started, device=loss.device))
         return loss, metrics
