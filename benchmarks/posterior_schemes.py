@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import pyro
 import torch
 
-from gram_pyro.config import UserError, compose_config
+from gram_pyro.config import compose_config
 from gram_pyro.training import Run, batch_at
+
+import harness
 
 SCHEMES = {  # objective: guide
     "truncated": "gaussian", "truncated_mc": "gaussian", "trace_elbo": "gaussian",
@@ -52,11 +52,8 @@ def time_scheme(scheme: str, overrides: list[str], batch_size: int, repeats: int
     run.train_batch(batch)  # warm-up, counting backbone passes
     for hook in hooks:
         hook.remove()
-    times = []
-    for _ in range(1 if scheme == "mcmc_em" else repeats):
-        start = time.perf_counter()
-        run.train_batch(batch)
-        times.append(time.perf_counter() - start)
+    times = [harness.seconds(lambda: run.train_batch(batch), run.device)
+             for _ in range(1 if scheme == "mcmc_em" else repeats)]
     steps = run.objective.updates_per_batch(run.model)
     seconds = statistics.median(times)
     return {"batch_s": seconds, "step_s": seconds / steps, "steps": steps,
@@ -68,13 +65,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    harness.add_threads_argument(parser)
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    pyro.enable_validation(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.setup(args)
     schemes = ["truncated", *[s for s in args.schemes if s != "truncated"]]
     with_k = [f"objective.num_particles={args.particles}"]
     results = {s: time_scheme(s, [*(with_k if s in PARTICLE_SCHEMES else []), *args.overrides], args.batch,
@@ -97,7 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        raise SystemExit(f"error: {error}") from None
+    harness.run(main)

@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import time
 
-import pyro
 import torch
 
-from gram_pyro.config import UserError, build, compose_config
+from gram_pyro.config import build, compose_config
 from gram_pyro.inference import (ACTIVATION_FACTOR, default_memory_budget_mb, plan_chunks, sample_trajectories,
                                  trajectory_bytes)
 from gram_pyro.training import resolve_device
+
+import harness
 
 WIDTHS = (1, 2, 5, 10, 20, 50)
 MB = 2**20
@@ -51,16 +51,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="values of N, from 1 up")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    harness.add_threads_argument(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     widths = sorted(set(args.widths))
     if widths[0] != 1:
         parser.error("--widths must include 1 (the baseline)")
-    pyro.enable_validation(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.setup(args)
     device = resolve_device(args.device)
     cfg = compose_config("train", args.overrides)
     torch.manual_seed(0)
@@ -74,13 +72,8 @@ def main() -> None:
     hook = model.encoder.register_forward_pre_hook(lambda module, inputs: encoder_calls.append(tuple(inputs[0].shape)))
 
     def sample(num_samples: int, budget_mb: float | None = None) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        sample_trajectories(model, x, num_samples, puzzle=puzzle, seed=0, memory_budget_mb=budget_mb)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return harness.seconds(lambda: sample_trajectories(model, x, num_samples, puzzle=puzzle, seed=0,
+                                                           memory_budget_mb=budget_mb), device)
 
     sample(1)  # warm-up, recording the encoder's inputs during one run
     hook.remove()
@@ -117,7 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        raise SystemExit(f"error: {error}") from None
+    harness.run(main)

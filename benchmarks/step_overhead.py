@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import pyro
 import torch
 
 from gram_pyro.objectives import TruncatedSurrogate
@@ -24,17 +22,17 @@ from gram_pyro.tasks.nqueens import NQueensTask
 from guides import TargetConditionedGaussian
 from models import RecursiveReasoningModel
 
+import harness
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    harness.add_threads_argument(parser)
     args = parser.parse_args()
-    pyro.enable_validation(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.setup(args)
     torch.manual_seed(0)
     task = NQueensTask()
     model = RecursiveReasoningModel(task.vocab_size, task.seq_len, dim=args.dim, ffn_hidden=2 * args.dim)
@@ -59,17 +57,12 @@ def main() -> None:
         step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
         update(surrogate_loss(model, step, x, y, beta=1.0))
 
-    def timed(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
     for fn in (pyro_step, torch_step):  # warm-up
         fn()
     pyro_times, torch_times = [], []
     for _ in range(args.repeats):
-        pyro_times.append(timed(pyro_step))
-        torch_times.append(timed(torch_step))
+        pyro_times.append(harness.seconds(pyro_step))
+        torch_times.append(harness.seconds(torch_step))
     ratios = [p / t for p, t in zip(pyro_times, torch_times)]
     print(f"config: N-Queens 8x8, batch {args.batch}, dim {args.dim}, K={model.core.low_steps}, "
           f"T={model.transitions}, threads {torch.get_num_threads()}, {args.repeats} repeats")
@@ -80,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main)

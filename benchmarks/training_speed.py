@@ -26,33 +26,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import pyro
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gram_pyro.config import UserError, compose_config
+from gram_pyro.config import compose_config
 from gram_pyro.training import Run, batch_at, resolve_device
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+import harness
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
     """Best FLOP/s of ``[size, size] @ [size, size]`` (``2 size^3`` FLOPs) over ``repeats`` timings."""
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / min(harness.seconds(lambda: a @ b, device) for _ in range(repeats))
 
 
 def measure(overrides: list[str], repeats: int) -> dict:
@@ -63,18 +51,12 @@ def measure(overrides: list[str], repeats: int) -> dict:
                for i in range(repeats + 1)]
     with FlopCounterMode(display=False) as counter:
         run.train_batch(batches[0])  # also the warm-up
-    times = []
-    for batch in batches[1:]:
-        synchronize(run.device)
-        start = time.perf_counter()
-        run.train_batch(batch)
-        synchronize(run.device)
-        times.append(time.perf_counter() - start)
+    times = [harness.seconds(lambda: run.train_batch(batch), run.device) for batch in batches[1:]]
     updates = run.objective.updates_per_batch(run.model)
     seconds = statistics.median(times)
     return {"seconds": seconds, "update_ms": 1000 * seconds / updates, "updates": updates,
             "examples_per_s": run.cfg.trainer.batch_size / seconds, "flops": counter.get_total_flops(),
-            "device": run.device, "bf16": run.device.type == "cuda" and run.cfg.trainer.bf16}
+            "bf16": run.device.type == "cuda" and run.cfg.trainer.bf16}
 
 
 def main() -> None:
@@ -84,13 +66,11 @@ def main() -> None:
     parser.add_argument("--ffn-ratio", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on CPU, 8192 on CUDA")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    harness.add_threads_argument(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    pyro.enable_validation(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.setup(args)
     device = resolve_device(args.device)
     common = [f"trainer.device={device.type}", *args.overrides]
     rows = []
@@ -117,7 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        raise SystemExit(f"error: {error}") from None
+    harness.run(main)

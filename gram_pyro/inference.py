@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields, replace
+from functools import cache
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -227,9 +228,10 @@ def trajectory_bytes(model, batch: int) -> int:
     return batch * length * dim * model.h0.element_size() * ACTIVATION_FACTOR
 
 
+@cache
 def last_level_cache_mb() -> float:
-    """The largest CPU cache of CPU 0 in MB, from Linux sysfs; :data:`CPU_CACHE_FALLBACK_MB` where
-    that cannot be read."""
+    """The largest CPU cache of CPU 0 in MB, from Linux sysfs (read once per process);
+    :data:`CPU_CACHE_FALLBACK_MB` where that cannot be read."""
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         match = re.fullmatch(r"(\d+)([KMG]?)", entry.read_text().strip())

@@ -13,11 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.dim=16", "model.ffn_hidden=32", "model.n_sup=2"]
 
 
-def run_benchmark(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("script, args, expected", [
@@ -30,10 +28,11 @@ def run_benchmark(script: str, *args: str) -> str:
                               *TINY_MODEL, "--schemes", "truncated", "iwae"], "iwae: K=2"),
 ])
 def test_benchmark_prints_its_table(script, args, expected):
-    assert expected in run_benchmark(script, *args)
+    result = run_benchmark(script, *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expected in result.stdout
 
 
 def test_sampling_benchmark_rejects_widths_without_the_baseline():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--widths", "2", "4"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_benchmark("sampling.py", "--widths", "2", "4")
     assert result.returncode == 2 and "--widths must include 1" in result.stderr
