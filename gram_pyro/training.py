@@ -44,6 +44,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+TRAINER_LIMITS = {
+    "batch_size": (1, None), "max_batches": (0, None), "lr": (0, None), "weight_decay": (0, None),
+    "warmup_steps": (0, None), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
+    "eval_every": (0, None), "eval_inputs": (1, None), "eval_samples": (1, None),
+    "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None),
+}
+"""Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; ``threads`` may be null)."""
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """One-line :class:`UserError` for a trainer value out of :data:`TRAINER_LIMITS` or not a number."""
+    for key, (low, high) in TRAINER_LIMITS.items():
+        value = trainer[key]
+        if key == "threads" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"trainer.{key}={value!r} is not a number")
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise UserError(f"trainer.{key}={value} is out of range; allowed: {allowed}")
+    if len(trainer.betas) != 2 or not all(0 <= b < 1 for b in trainer.betas):
+        raise UserError(f"trainer.betas={list(trainer.betas)} must be two numbers in [0, 1)")
+
+
 class EMA:
     """Exponential moving average of parameters: ``shadow <- d_t * shadow + (1 - d_t) * param`` with the
     warm-up ``d_t = min(decay, (1 + t) / (10 + t))`` at update ``t``, so that a short run's average is
@@ -119,6 +143,7 @@ class Run:
 
     def __init__(self, cfg: DictConfig, world: World = World()):
         trainer = cfg.trainer
+        check_trainer(trainer)
         self.cfg, self.world = cfg, world
         self.device = join(world, resolve_device(trainer.device))
         torch.manual_seed(trainer.seed)
@@ -294,7 +319,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
             if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
                 log_eval()
             save_checkpoint(checkpoint, run.state())
-        barrier(world)
+            log.close()
+            log = None
+        barrier(world)  # every rank leaves the process group together, after rank 0's files are closed
     finally:
         if log:
             log.close()
