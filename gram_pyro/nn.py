@@ -13,7 +13,9 @@ Pieces (PAPER.md section 1):
   attention or, for the MLP-mixer variant, a SwiGLU over the sequence axis.
 - :class:`ReasoningNet`: ``net(z, injection) = blocks(z + injection)``. The last block ends in an
   RMSNorm, so the output always has unit RMS per token (the "final RMSNorm" that keeps the state and
-  the KL from blowing up; a second norm would be the identity).
+  the KL from blowing up; a second norm would be the identity). Inside :func:`backbone_precision`
+  its matmuls run under autocast to a lower precision (bf16) while the state it returns, and every
+  head and distribution, stay in the model's dtype.
 - :class:`RecursiveCore`: the TRM/HRM recursion of one transition:
   ``l <- f_L(l, h + e_x)`` K times, then ``u = f_H(h, l)``. TRM-style uses one shared network for both
   levels, HRM-style two.
@@ -22,6 +24,7 @@ Pieces (PAPER.md section 1):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -128,12 +131,34 @@ class ReasoningNet(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, ffn_hidden, seq_len, mixer, num_heads) for _ in range(num_layers)
         )
+        self.compute_dtype: torch.dtype | None = None  # set by backbone_precision
 
     def forward(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        z = z + injection
-        for block in self.blocks:
-            z = block(z)
-        return z
+        dtype = z.dtype
+        # no context at all when unset: a disabled autocast would switch off an outer one (CUDA training)
+        with contextlib.nullcontext() if self.compute_dtype is None else torch.autocast(z.device.type,
+                                                                                        self.compute_dtype):
+            z = z + injection
+            for block in self.blocks:
+                z = block(z)
+        return z.to(dtype)
+
+
+@contextlib.contextmanager
+def backbone_precision(module: nn.Module, dtype: torch.dtype | None):
+    """Within the block, every :class:`ReasoningNet` in ``module`` runs its matmuls under autocast to
+    ``dtype`` (``None``: as it is). The residual stream, the heads and hence every density stay in the
+    model's dtype, so log-probabilities remain exact for the trajectories drawn; only the
+    deterministic transition is computed at lower precision."""
+    nets = [m for m in module.modules() if isinstance(m, ReasoningNet)]
+    previous = [net.compute_dtype for net in nets]
+    for net in nets:
+        net.compute_dtype = dtype
+    try:
+        yield
+    finally:
+        for net, value in zip(nets, previous):
+            net.compute_dtype = value
 
 
 class RecursiveCore(nn.Module):

@@ -23,6 +23,7 @@ from gram_pyro.diagnostics.importance import (guide_particles, importance_ess, i
                                               site_kl)
 from gram_pyro.diagnostics.mcmc import mcmc_diagnostics
 from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_curves
+from gram_pyro.nn import backbone_precision
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.tasks.base import Batch
 from gram_pyro.tasks.nqueens import NQueensTask
@@ -122,6 +123,21 @@ def test_kl_is_zero_and_projection_covers_every_transition_where_the_guide_is_th
     assert torch.allclose(directions.norm(dim=-1), torch.ones(5))
 
 
+def test_a_bf16_backbone_moves_the_importance_weights_by_rounding_only(data):
+    model = tiny_model()
+    guide = tiny_guide(model)
+    batch = Batch(*data)
+    torch.manual_seed(0)
+    full = guide_particles(model, guide, batch, 8)
+    torch.manual_seed(0)
+    with backbone_precision(model, torch.bfloat16):
+        low = guide_particles(model, guide, batch, 8)
+    assert low.log_weight.dtype == torch.float64
+    # an untrained random map amplifies rounding along the trajectory, yet the weights barely move
+    assert 0 < (low.log_weight - full.log_weight).abs().median() < 0.01 * full.log_weight.std()
+    assert torch.corrcoef(torch.stack([low.log_weight.flatten(), full.log_weight.flatten()]))[0, 1] > 0.999
+
+
 def test_particles_chunked_to_a_tiny_memory_budget_stay_with_their_inputs():
     model, batch = toy_problem(inputs=5)
     particles = guide_particles(model, ExactLinearGaussianPosterior(model), batch, 6, decode=False,
@@ -162,10 +178,10 @@ def reports(nqueens5, tmp_path_factory):
         csv.writer(handle).writerows([["batch", "seconds", "lr", "loss", "nll", "kl"], [10, 1, 0.1, 2, 1.5, 0.5],
                                       [20, 2, 0.1, 1, 0.8, 0.2]])
     out = {}
-    for name, guide in (("copying", TargetCopyingGuide(model)), ("prior", PriorGuide(model))):
+    for name, guide, precision in (("copying", TargetCopyingGuide(model), "bf16"), ("prior", PriorGuide(model), "fp32")):
         out_dir = tmp_path_factory.mktemp(name)
         summary = diagnose(nqueens5, model, guide, out_dir, run_dir=run_dir, num_inputs=8, num_particles=16,
-                           num_trajectories=5, seed=3, num_projections=3, pca_inputs=2)
+                           num_trajectories=5, seed=3, num_projections=3, pca_inputs=2, precision=precision)
         out[name] = (summary, out_dir)
     return out
 
@@ -181,6 +197,7 @@ def test_a_guide_that_copies_the_target_is_flagged_as_a_posterior_shortcut(repor
 def test_the_prior_as_guide_is_not_flagged_and_pays_no_kl(reports):
     summary, _ = reports["prior"]
     check = summary["shortcut"]
+    assert summary["precision"] == "fp32"
     assert not check["flagged"] and abs(check["gap"]) < 0.2
     assert summary["kl"]["total"] == 0 and summary["kl"]["active_units"] == [0.0, 0.0]
 
@@ -266,6 +283,7 @@ def test_report_json_and_figures_are_written(reports):
     assert figures <= set(summary["files"])
     report = (out_dir / "report.md").read_text()
     assert "POSTERIOR SHORTCUT" in report and "## Timings" in report and "surrogate vs full ELBO skipped" in report
+    assert summary["precision"] == "bf16" and "Backbone matmuls in bf16" in report
     assert set(summary["seconds"]) >= {"prior trajectories", "guide particles", "importance diagnostics"}
 
 

@@ -6,8 +6,8 @@ import torch
 from pyro import poutine
 
 from gram_pyro.config import UserError
-from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, plan_chunks, sample_trajectories,
-                                 trajectory_bytes)
+from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, backbone_dtype, plan_chunks,
+                                 sample_trajectories, trajectory_bytes)
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
 
 N = 4
@@ -227,3 +227,13 @@ def test_bad_sizes_are_user_errors(x):
         sample_trajectories(tiny_model(), x, 0)
     with pytest.raises(UserError, match="memory_budget_mb must be positive"):
         sample_trajectories(tiny_model(), x, N, memory_budget_mb=0)
+
+
+def test_backbone_dtype_resolves_auto_from_the_hardware_and_rejects_unknown_names(monkeypatch):
+    cpu = torch.device("cpu")
+    assert backbone_dtype("fp32", cpu) is None and backbone_dtype("bf16", cpu) is torch.bfloat16
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr("gram_pyro.inference.native_bf16", lambda device, native=native: native)
+        assert backbone_dtype("auto", cpu) is expected
+    with pytest.raises(UserError, match="unknown precision 'fp16'; allowed: auto, fp32, bf16"):
+        backbone_dtype("fp16", cpu)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gram_pyro.nn import GaussianHead, RecursiveCore, ReasoningNet, ScalarHead, TokenDecoder, TokenEncoder
+from gram_pyro.nn import (GaussianHead, RecursiveCore, ReasoningNet, ScalarHead, TokenDecoder, TokenEncoder,
+                          backbone_precision)
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
@@ -15,6 +16,36 @@ def test_reasoning_net_keeps_shape_and_ends_with_unit_rms(mixer, lead):
     out = net(z, torch.randn_like(z))
     assert out.shape == z.shape
     assert torch.allclose(out.square().mean(-1), torch.ones(out.shape[:-1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "mlp"])
+def test_backbone_precision_runs_the_matmuls_in_bf16_and_returns_the_model_dtype(mixer):
+    torch.manual_seed(0)
+    core = RecursiveCore(dim=16, ffn_hidden=32, seq_len=7, num_layers=2, mixer=mixer, num_heads=4, low_steps=2,
+                         shared=False)
+    h, l = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    seen = []
+    core.f_high.blocks[0].mlp.down.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    core.propose_high(h, l)
+    with backbone_precision(core, torch.bfloat16):
+        low = core.propose_high(h, l)
+    assert seen == [torch.float32, torch.bfloat16] and low.dtype == torch.float32
+    assert core.f_low.compute_dtype is core.f_high.compute_dtype is None  # restored on exit
+
+
+def test_backbone_precision_is_close_to_full_precision_and_leaves_an_outer_autocast_alone():
+    torch.manual_seed(0)
+    net = ReasoningNet(dim=16, ffn_hidden=32, seq_len=7, num_layers=2, mixer="mlp", num_heads=4)
+    z, injection = torch.randn(4, 7, 16), torch.randn(4, 7, 16)
+    full = net(z, injection)
+    with backbone_precision(net, torch.bfloat16):
+        low = net(z, injection)
+    assert 0 < (low - full).abs().max() < 0.05  # bf16 rounding of the branches; the residual stream is fp32
+    seen = []
+    net.blocks[0].mlp.down.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # unset precision must not switch an outer autocast off
+        net(z, injection)
+    assert seen == [torch.bfloat16]
 
 
 def test_attention_mixes_positions_and_is_permutation_sensitive():

@@ -37,6 +37,8 @@ from gram_pyro.diagnostics.importance import (KHAT_LIMIT, PROJECTION_DIMS, guide
 from gram_pyro.diagnostics.mcmc import VARIABLE, mcmc_diagnostics
 from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_curves
 from gram_pyro.evaluation import json_ready
+from gram_pyro.inference import backbone_dtype
+from gram_pyro.nn import backbone_precision
 from gram_pyro.posteriors.particles import log_mean_exp
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
 
@@ -77,6 +79,7 @@ class Options:
     mcmc_warmup: int
     elbo_particles: int
     memory_budget_mb: float | None
+    precision: str
 
 
 def _check(task, options: Options) -> None:
@@ -103,12 +106,14 @@ def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None
              mcmc_chains: int = 0, checkpoints: Sequence[str | Path] = (), *, shortcut_threshold: float = 0.2,
              unit_threshold: float = 0.01, num_projections: int = 4, pca_inputs: int = 4, mcmc_inputs: int = 2,
              mcmc_samples: int = 100, mcmc_warmup: int = 100, elbo_particles: int = 8,
-             memory_budget_mb: float | None = None) -> dict:
+             memory_budget_mb: float | None = None, precision: str = "auto") -> dict:
     """Run every diagnostic (module docstring) and return the summary numbers (also in
-    ``summary.json``)."""
+    ``summary.json``). ``precision`` (:data:`gram_pyro.inference.PRECISIONS`) is that of the backbone's
+    matmuls for the prior trajectories, guide particles and ELBO curves; MCMC always runs in the
+    model's dtype (its gradients)."""
     options = Options(run_dir, split, num_inputs, num_particles, num_trajectories, seed, mcmc_chains,
                       list(checkpoints), shortcut_threshold, unit_threshold, num_projections, pca_inputs, mcmc_inputs,
-                      mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb)
+                      mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb, precision)
     _check(task, options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,10 +144,12 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
     directions = None
     if model.stochastic:
         directions = random_directions(options.num_projections, model.h0.numel(), options.seed).to(model.h0.device)
-    with timer.part("prior trajectories"):
+    dtype = backbone_dtype(options.precision, model.h0.device)
+    results["precision"] = "fp32" if dtype is None else "bf16"
+    with timer.part("prior trajectories"), backbone_precision(model, dtype):
         results["prior"] = prior_trajectories(model, batch.x, options.num_trajectories, batch.puzzle,
                                               options.pca_inputs, options.memory_budget_mb)
-    with timer.part("guide particles"):
+    with timer.part("guide particles"), backbone_precision(model, dtype):
         results["particles"] = particles = guide_particles(model, guide, batch, options.num_particles, directions,
                                                            True, options.memory_budget_mb)
     with timer.part("scores"):
@@ -168,7 +175,7 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
             results["mcmc"] = mcmc_diagnostics(model, guide, few, directions, options.mcmc_chains, options.mcmc_samples,
                                                options.mcmc_warmup, input_labels=index[rows].tolist())
     if len(options.checkpoints) >= 2:
-        with timer.part("elbo curves"):
+        with timer.part("elbo curves"), backbone_precision(model, dtype):
             results["elbo_curves"] = checkpoint_elbos(model, guide, batch, options.checkpoints,
                                                       options.elbo_particles, options.memory_budget_mb)
     else:
@@ -257,7 +264,7 @@ def _write(out_dir: Path, task, model, guide, options: Options, index: torch.Ten
         figures.elbo_curves(results["elbo_curves"], out_dir / files["elbo_curves"])
     return {
         "task": task.name, "split": options.split, "inputs": len(index), "num_particles": options.num_particles,
-        "num_trajectories": options.num_trajectories, "seed": options.seed,
+        "num_trajectories": options.num_trajectories, "seed": options.seed, "precision": results["precision"],
         "model": {"noise": getattr(model, "noise", "learned"), "n_sup": model.n_sup, "transitions": model.transitions},
         "guide": {"family": type(guide).__name__, "posterior_transitions": guide.posterior_transitions},
         "shortcut": {**asdict(check), "prior_accuracy_by_step": prior_by_step,
@@ -341,7 +348,8 @@ def _write_report(out_dir: Path, summary: dict) -> None:
                   "", f"![ELBO]({files['elbo_curves']})", ""]
     if summary["notes"]:
         lines += ["## Notes", "", *(f"- {note}" for note in summary["notes"]), ""]
-    lines += ["## Timings", "", "| part | seconds |", "|---|---|",
+    lines += ["## Timings", "", f"Backbone matmuls in {summary['precision']} (densities in the model's dtype, log "
+              "weights in float64; `precision=fp32` for full precision).", "", "| part | seconds |", "|---|---|",
               *(f"| {name} | {seconds:.2f} |" for name, seconds in summary["seconds"].items()),
               f"| total | {sum(summary['seconds'].values()):.2f} |", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
