@@ -90,6 +90,7 @@ def _check(task, options: Options) -> None:
     too_small = [f"{name}={value}" for name, value in sizes.items() if value < (2 if name == "num_particles" else 1)]
     if too_small:
         raise UserError(f"diagnostics need num_particles >= 2 and the other counts >= 1, got {', '.join(too_small)}")
+    backbone_dtype(options.precision, torch.device("cpu"))  # a bad name fails here, before any file
     if options.mcmc_chains == 1 or options.mcmc_chains < 0:
         raise UserError(f"mcmc_chains must be 0 (no MCMC) or at least 2 (R-hat compares chains), "
                         f"got {options.mcmc_chains}")
