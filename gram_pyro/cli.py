@@ -19,6 +19,7 @@ one line ``gram-pyro: error: ...`` and exit with code 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -125,7 +126,27 @@ COMMANDS = {"train": _train, "eval": _eval, "solve": _solve, "sample": _sample, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    code = run_command(sys.argv[1:] if argv is None else argv)
+    if "WORLD_SIZE" in os.environ:  # a launcher's worker; torch is imported only then
+        from gram_pyro.distributed import launched
+
+        if launched().distributed:
+            leave_worker(code)
+    return code
+
+
+def leave_worker(code: int) -> None:
+    """End a ``torchrun`` worker once its command has returned (files closed, process group destroyed):
+    flush and ``os._exit``, skipping the interpreter's teardown, where gloo's threads are sometimes
+    destroyed while still joinable (``terminate called without an active exception``, SIGABRT), which
+    would fail a run that completed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_command(argv: list[str]) -> int:
+    """Run ``argv`` (command and overrides); the exit status (2 for a bad command or input)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
