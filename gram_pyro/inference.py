@@ -259,8 +259,8 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def backbone_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of :func:`gram_pyro.nn.backbone_precision` for ``precision`` (one of
+def network_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of :func:`gram_pyro.nn.network_precision` for ``precision`` (one of
     :data:`PRECISIONS`; ``auto`` is bf16 where :func:`native_bf16`, else fp32); ``None`` for fp32."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")

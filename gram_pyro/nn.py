@@ -13,13 +13,13 @@ Pieces (PAPER.md section 1):
   attention or, for the MLP-mixer variant, a SwiGLU over the sequence axis.
 - :class:`ReasoningNet`: ``net(z, injection) = blocks(z + injection)``. The last block ends in an
   RMSNorm, so the output always has unit RMS per token (the "final RMSNorm" that keeps the state and
-  the KL from blowing up; a second norm would be the identity). Inside :func:`backbone_precision`
-  its matmuls run under autocast to a lower precision (bf16) while the state it returns, and every
-  head and distribution, stay in the model's dtype.
+  the KL from blowing up; a second norm would be the identity).
 - :class:`RecursiveCore`: the TRM/HRM recursion of one transition:
   ``l <- f_L(l, h + e_x)`` K times, then ``u = f_H(h, l)``. TRM-style uses one shared network for both
   levels, HRM-style two.
 - :class:`TokenEncoder`, :class:`GaussianHead`, :class:`TokenDecoder`, :class:`ScalarHead`.
+- :func:`network_precision`: the backbone's and Gaussian heads' matmuls under bf16 autocast (inference),
+  their outputs and every density in the model's dtype.
 """
 
 from __future__ import annotations
@@ -131,26 +131,31 @@ class ReasoningNet(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, ffn_hidden, seq_len, mixer, num_heads) for _ in range(num_layers)
         )
-        self.compute_dtype: torch.dtype | None = None  # set by backbone_precision
+        self.compute_dtype: torch.dtype | None = None  # set by network_precision
 
     def forward(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
         dtype = z.dtype
-        # no context at all when unset: a disabled autocast would switch off an outer one (CUDA training)
-        with contextlib.nullcontext() if self.compute_dtype is None else torch.autocast(z.device.type,
-                                                                                        self.compute_dtype):
+        with autocast_to(self.compute_dtype, z.device):
             z = z + injection
             for block in self.blocks:
                 z = block(z)
         return z.to(dtype)
 
 
+def autocast_to(dtype: torch.dtype | None, device: torch.device):
+    """Autocast to ``dtype`` on ``device``; for ``None`` no context at all (a disabled autocast would
+    switch off an outer one, as CUDA training's)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+
+
 @contextlib.contextmanager
-def backbone_precision(module: nn.Module, dtype: torch.dtype | None):
-    """Within the block, every :class:`ReasoningNet` in ``module`` runs its matmuls under autocast to
-    ``dtype`` (``None``: as it is). The residual stream, the heads and hence every density stay in the
-    model's dtype, so log-probabilities remain exact for the trajectories drawn; only the
-    deterministic transition is computed at lower precision."""
-    nets = [m for m in module.modules() if isinstance(m, ReasoningNet)]
+def network_precision(modules: list[nn.Module], dtype: torch.dtype | None):
+    """Within the block, every :class:`ReasoningNet` and :class:`GaussianHead` in ``modules`` runs its
+    matmuls under autocast to ``dtype`` (``None``: as it is) and returns the model's dtype. The
+    residual stream stays in the model's dtype, and every density is built there from the networks'
+    outputs, so log-probabilities are exact for the trajectories drawn: only the networks' maps are
+    computed at lower precision."""
+    nets = [m for module in modules for m in module.modules() if isinstance(m, (ReasoningNet, GaussianHead))]
     previous = [net.compute_dtype for net in nets]
     for net in nets:
         net.compute_dtype = dtype
@@ -231,10 +236,13 @@ class GaussianHead(nn.Module):
         nn.init.zeros_(self.raw_scale.down.weight)
         # softplus(bias) + min_scale == init_scale at initialisation
         self.scale_bias = nn.Parameter(torch.tensor(math.log(math.expm1(init_scale - min_scale))))
+        self.compute_dtype: torch.dtype | None = None  # set by network_precision
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = F.softplus(self.raw_scale(u) + self.scale_bias) + self.min_scale
-        return self.loc(u), scale
+        with autocast_to(self.compute_dtype, u.device):
+            loc, raw_scale = self.loc(u), self.raw_scale(u)
+        scale = F.softplus(raw_scale.to(u.dtype) + self.scale_bias) + self.min_scale
+        return loc.to(u.dtype), scale
 
 
 class TokenDecoder(nn.Module):

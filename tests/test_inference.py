@@ -6,7 +6,7 @@ import torch
 from pyro import poutine
 
 from gram_pyro.config import UserError
-from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, backbone_dtype, plan_chunks,
+from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, network_dtype, plan_chunks,
                                  sample_trajectories, trajectory_bytes)
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
 
@@ -229,11 +229,11 @@ def test_bad_sizes_are_user_errors(x):
         sample_trajectories(tiny_model(), x, N, memory_budget_mb=0)
 
 
-def test_backbone_dtype_resolves_auto_from_the_hardware_and_rejects_unknown_names(monkeypatch):
+def test_network_dtype_resolves_auto_from_the_hardware_and_rejects_unknown_names(monkeypatch):
     cpu = torch.device("cpu")
-    assert backbone_dtype("fp32", cpu) is None and backbone_dtype("bf16", cpu) is torch.bfloat16
+    assert network_dtype("fp32", cpu) is None and network_dtype("bf16", cpu) is torch.bfloat16
     for native, expected in ((True, torch.bfloat16), (False, None)):
         monkeypatch.setattr("gram_pyro.inference.native_bf16", lambda device, native=native: native)
-        assert backbone_dtype("auto", cpu) is expected
+        assert network_dtype("auto", cpu) is expected
     with pytest.raises(UserError, match="unknown precision 'fp16'; allowed: auto, fp32, bf16"):
-        backbone_dtype("fp16", cpu)
+        network_dtype("fp16", cpu)

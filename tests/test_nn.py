@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gram_pyro.nn import (GaussianHead, RecursiveCore, ReasoningNet, ScalarHead, TokenDecoder, TokenEncoder,
-                          backbone_precision)
+                          network_precision)
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
@@ -19,26 +19,31 @@ def test_reasoning_net_keeps_shape_and_ends_with_unit_rms(mixer, lead):
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
-def test_backbone_precision_runs_the_matmuls_in_bf16_and_returns_the_model_dtype(mixer):
+def test_network_precision_runs_the_matmuls_in_bf16_and_returns_the_model_dtype(mixer):
     torch.manual_seed(0)
     core = RecursiveCore(dim=16, ffn_hidden=32, seq_len=7, num_layers=2, mixer=mixer, num_heads=4, low_steps=2,
                          shared=False)
+    head = GaussianHead(16, 8, init_scale=0.5)
     h, l = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
     seen = []
-    core.f_high.blocks[0].mlp.down.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    core.propose_high(h, l)
-    with backbone_precision(core, torch.bfloat16):
+    for module in (core.f_high.blocks[0].mlp.down, head.loc.down, head.raw_scale.down):
+        module.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    core.propose_high(h, l), head(h)
+    assert seen == [torch.float32] * 3
+    with network_precision([core, head], torch.bfloat16):
         low = core.propose_high(h, l)
-    assert seen == [torch.float32, torch.bfloat16] and low.dtype == torch.float32
-    assert core.f_low.compute_dtype is core.f_high.compute_dtype is None  # restored on exit
+        loc, scale = head(low)
+    assert seen[3:] == [torch.bfloat16] * 3
+    assert low.dtype == loc.dtype == scale.dtype == torch.float32
+    assert core.f_low.compute_dtype is core.f_high.compute_dtype is head.compute_dtype is None  # restored
 
 
-def test_backbone_precision_is_close_to_full_precision_and_leaves_an_outer_autocast_alone():
+def test_network_precision_is_close_to_full_precision_and_leaves_an_outer_autocast_alone():
     torch.manual_seed(0)
     net = ReasoningNet(dim=16, ffn_hidden=32, seq_len=7, num_layers=2, mixer="mlp", num_heads=4)
     z, injection = torch.randn(4, 7, 16), torch.randn(4, 7, 16)
     full = net(z, injection)
-    with backbone_precision(net, torch.bfloat16):
+    with network_precision([net], torch.bfloat16):
         low = net(z, injection)
     assert 0 < (low - full).abs().max() < 0.05  # bf16 rounding of the branches; the residual stream is fp32
     seen = []

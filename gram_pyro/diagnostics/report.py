@@ -37,8 +37,8 @@ from gram_pyro.diagnostics.importance import (KHAT_LIMIT, PROJECTION_DIMS, guide
 from gram_pyro.diagnostics.mcmc import VARIABLE, mcmc_diagnostics
 from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_curves
 from gram_pyro.evaluation import json_ready
-from gram_pyro.inference import backbone_dtype
-from gram_pyro.nn import backbone_precision
+from gram_pyro.inference import network_dtype
+from gram_pyro.nn import network_precision
 from gram_pyro.posteriors.particles import log_mean_exp
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
 
@@ -90,7 +90,7 @@ def _check(task, options: Options) -> None:
     too_small = [f"{name}={value}" for name, value in sizes.items() if value < (2 if name == "num_particles" else 1)]
     if too_small:
         raise UserError(f"diagnostics need num_particles >= 2 and the other counts >= 1, got {', '.join(too_small)}")
-    backbone_dtype(options.precision, torch.device("cpu"))  # a bad name fails here, before any file
+    network_dtype(options.precision, torch.device("cpu"))  # a bad name fails here, before any file
     if options.mcmc_chains == 1 or options.mcmc_chains < 0:
         raise UserError(f"mcmc_chains must be 0 (no MCMC) or at least 2 (R-hat compares chains), "
                         f"got {options.mcmc_chains}")
@@ -109,9 +109,9 @@ def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None
              mcmc_samples: int = 100, mcmc_warmup: int = 100, elbo_particles: int = 8,
              memory_budget_mb: float | None = None, precision: str = "auto") -> dict:
     """Run every diagnostic (module docstring) and return the summary numbers (also in
-    ``summary.json``). ``precision`` (:data:`gram_pyro.inference.PRECISIONS`) is that of the backbone's
-    matmuls for the prior trajectories, guide particles and ELBO curves; MCMC always runs in the
-    model's dtype (its gradients)."""
+    ``summary.json``). ``precision`` (:data:`gram_pyro.inference.PRECISIONS`) is that of the networks'
+    matmuls (:func:`gram_pyro.nn.network_precision`) for the prior trajectories, guide particles and
+    ELBO curves; MCMC always runs in the model's dtype (its gradients)."""
     options = Options(run_dir, split, num_inputs, num_particles, num_trajectories, seed, mcmc_chains,
                       list(checkpoints), shortcut_threshold, unit_threshold, num_projections, pca_inputs, mcmc_inputs,
                       mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb, precision)
@@ -145,12 +145,12 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
     directions = None
     if model.stochastic:
         directions = random_directions(options.num_projections, model.h0.numel(), options.seed).to(model.h0.device)
-    dtype = backbone_dtype(options.precision, model.h0.device)
+    dtype = network_dtype(options.precision, model.h0.device)
     results["precision"] = "fp32" if dtype is None else "bf16"
-    with timer.part("prior trajectories"), backbone_precision(model, dtype):
+    with timer.part("prior trajectories"), network_precision([model, guide], dtype):
         results["prior"] = prior_trajectories(model, batch.x, options.num_trajectories, batch.puzzle,
                                               options.pca_inputs, options.memory_budget_mb)
-    with timer.part("guide particles"), backbone_precision(model, dtype):
+    with timer.part("guide particles"), network_precision([model, guide], dtype):
         results["particles"] = particles = guide_particles(model, guide, batch, options.num_particles, directions,
                                                            True, options.memory_budget_mb)
     with timer.part("scores"):
@@ -176,7 +176,7 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
             results["mcmc"] = mcmc_diagnostics(model, guide, few, directions, options.mcmc_chains, options.mcmc_samples,
                                                options.mcmc_warmup, input_labels=index[rows].tolist())
     if len(options.checkpoints) >= 2:
-        with timer.part("elbo curves"), backbone_precision(model, dtype):
+        with timer.part("elbo curves"), network_precision([model, guide], dtype):
             results["elbo_curves"] = checkpoint_elbos(model, guide, batch, options.checkpoints,
                                                       options.elbo_particles, options.memory_budget_mb)
     else:
@@ -349,7 +349,7 @@ def _write_report(out_dir: Path, summary: dict) -> None:
                   "", f"![ELBO]({files['elbo_curves']})", ""]
     if summary["notes"]:
         lines += ["## Notes", "", *(f"- {note}" for note in summary["notes"]), ""]
-    lines += ["## Timings", "", f"Backbone matmuls in {summary['precision']} (densities in the model's dtype, log "
+    lines += ["## Timings", "", f"Network matmuls in {summary['precision']} (densities in the model's dtype, log "
               "weights in float64; `precision=fp32` for full precision).", "", "| part | seconds |", "|---|---|",
               *(f"| {name} | {seconds:.2f} |" for name, seconds in summary["seconds"].items()),
               f"| total | {sum(summary['seconds'].values()):.2f} |", ""]
