@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -64,8 +64,10 @@ def check_trainer(trainer: DictConfig) -> None:
         if value < low or (high is not None and value > high):
             allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise UserError(f"trainer.{key}={value} is out of range; allowed: {allowed}")
-    if len(trainer.betas) != 2 or not all(0 <= b < 1 for b in trainer.betas):
-        raise UserError(f"trainer.betas={list(trainer.betas)} must be two numbers in [0, 1)")
+    betas = list(trainer.betas) if OmegaConf.is_list(trainer.betas) else trainer.betas
+    if not (isinstance(betas, list) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise UserError(f"trainer.betas={betas} must be two numbers in [0, 1)")
 
 
 class EMA:

@@ -61,6 +61,7 @@ def test_trace_elbo_objective_trains(tmp_path):
     ("trainer.ema_decay=1.5", "trainer.ema_decay=1.5 is out of range; allowed: in [0, 1]"),
     ("trainer.lr=fast", "trainer.lr='fast' is not a number"),
     ("trainer.betas=[0.9]", "trainer.betas=[0.9] must be two numbers in [0, 1)"),
+    ("trainer.betas=0.9", "trainer.betas=0.9 must be two numbers in [0, 1)"),
 ])
 def test_bad_config_is_one_line_and_exit_2(capsys, override, message):
     assert main(["train", override]) == 2
