@@ -110,7 +110,8 @@ def _diagnose(overrides: list[str]) -> None:
     summary = diagnose(loaded.task, loaded.model, loaded.guide, out, run_dir=cfg.run, split=cfg.split,
                        num_inputs=cfg.inputs, num_particles=cfg.particles, num_trajectories=cfg.trajectories,
                        seed=cfg.seed, mcmc_chains=cfg.mcmc_chains, checkpoints=checkpoints,
-                       shortcut_threshold=cfg.shortcut_threshold, precision=cfg.precision)
+                       shortcut_threshold=cfg.shortcut_threshold, mcmc_inputs=cfg.mcmc_inputs,
+                       mcmc_samples=cfg.mcmc_samples, mcmc_warmup=cfg.mcmc_warmup, precision=cfg.precision)
     print(f"{summary['shortcut']['verdict']}\nwrote {out / 'report.md'}, {out / 'diagnostics.nc'} and figures")
 
 

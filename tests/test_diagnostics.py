@@ -293,6 +293,10 @@ def test_diagnose_rejects_bad_options_in_one_line(nqueens5, tmp_path):
         diagnose(nqueens5, model, PriorGuide(model), tmp_path, split="valid")
     with pytest.raises(UserError, match="mcmc_chains must be 0"):
         diagnose(nqueens5, model, PriorGuide(model), tmp_path, mcmc_chains=1)
+    with pytest.raises(UserError, match="other counts >= 1, got mcmc_samples=0"):
+        diagnose(nqueens5, model, PriorGuide(model), tmp_path, mcmc_chains=2, mcmc_samples=0)
+    with pytest.raises(UserError, match="mcmc_warmup must be >= 0, got -1"):
+        diagnose(nqueens5, model, PriorGuide(model), tmp_path, mcmc_chains=2, mcmc_warmup=-1)
     with pytest.raises(UserError, match="unknown precision 'fp16'; allowed: auto, fp32, bf16"):
         diagnose(nqueens5, model, PriorGuide(model), tmp_path / "out", precision="fp16")
     assert not (tmp_path / "out").exists()  # checked before anything is written

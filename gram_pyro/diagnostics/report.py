@@ -86,10 +86,13 @@ def _check(task, options: Options) -> None:
     if options.split not in task.splits:
         raise UserError(f"task {task.name} has no split {options.split!r}; allowed: {', '.join(task.splits)}")
     sizes = {name: getattr(options, name) for name in ("num_inputs", "num_particles", "num_trajectories",
-                                                         "num_projections", "mcmc_inputs", "elbo_particles")}
+                                                         "num_projections", "mcmc_inputs", "mcmc_samples",
+                                                         "elbo_particles")}
     too_small = [f"{name}={value}" for name, value in sizes.items() if value < (2 if name == "num_particles" else 1)]
     if too_small:
         raise UserError(f"diagnostics need num_particles >= 2 and the other counts >= 1, got {', '.join(too_small)}")
+    if options.mcmc_warmup < 0:
+        raise UserError(f"mcmc_warmup must be >= 0, got {options.mcmc_warmup}")
     network_dtype(options.precision, torch.device("cpu"))  # a bad name fails here, before any file
     if options.mcmc_chains == 1 or options.mcmc_chains < 0:
         raise UserError(f"mcmc_chains must be 0 (no MCMC) or at least 2 (R-hat compares chains), "
