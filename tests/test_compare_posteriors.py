@@ -68,3 +68,46 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, overrides, messa
     assert main([*TINY, f"out={tmp_path}", *overrides]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def write_comparison(directory, rows):
+    directory.mkdir()
+    columns = ["guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "accuracy",
+               "coverage", "log_evidence", "ess", "kl", "train_seconds"]
+    with (directory / "comparison.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for guide, objective, batches, accuracy, kl in rows:
+            writer.writerow({"guide": guide, "objective": objective, "particles": 1, "batches": batches,
+                             "optimizer_steps": 4 * batches, "transitions": 8 * batches, "accuracy": accuracy,
+                             "coverage": 0.5, "log_evidence": -2.0, "ess": 10.0, "kl": kl, "train_seconds": 100})
+
+
+def test_seed_summary_gives_mean_and_sample_sd_per_pair(tmp_path, capsys):
+    from experiments.compare_seeds import main as seeds_main
+
+    write_comparison(tmp_path / "a", [("gaussian", "truncated", 240, 0.6, 0.05), ("gaussian", "iwae", 60, 0.1, "")])
+    write_comparison(tmp_path / "b", [("gaussian", "iwae", 60, 0.3, ""), ("gaussian", "truncated", 240, 0.8, 0.07)])
+    assert seeds_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    with (tmp_path / "a" / "comparison_seeds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["guide"], r["objective"], r["seeds"]) for r in rows] == [("gaussian", "truncated", "2"),
+                                                                       ("gaussian", "iwae", "2")]
+    assert math.isclose(float(rows[0]["accuracy_mean"]), 0.7)
+    assert math.isclose(float(rows[0]["accuracy_sd"]), math.sqrt(0.02))  # sample sd of 0.6 and 0.8
+    assert math.isnan(float(rows[1]["kl_mean"]))  # the particle schemes report no KL
+    table = capsys.readouterr().out
+    assert "| gaussian | truncated | 1 | 240 | 70.0 ± 14.1 | 50.0 ± 0.0 |" in table and "| 0.060 ± 0.014 |" in table
+
+
+def test_seed_summary_rejects_a_missing_file_and_a_different_comparison(tmp_path, capsys):
+    from experiments.compare_seeds import main as seeds_main
+
+    write_comparison(tmp_path / "a", [("gaussian", "truncated", 240, 0.6, 0.05)])
+    write_comparison(tmp_path / "b", [("gaussian", "truncated", 120, 0.8, 0.07)])
+    assert seeds_main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert "missing/comparison.csv: no such file" in capsys.readouterr().err
+    assert seeds_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gaussian-truncated has batches=120" in err
+    assert not (tmp_path / "a" / "comparison_seeds.csv").exists()
