@@ -79,7 +79,6 @@ class Options:
     mcmc_warmup: int
     elbo_particles: int
     memory_budget_mb: float | None
-    precision: str
 
 
 def _check(task, options: Options) -> None:
@@ -93,7 +92,6 @@ def _check(task, options: Options) -> None:
         raise UserError(f"diagnostics need num_particles >= 2 and the other counts >= 1, got {', '.join(too_small)}")
     if options.mcmc_warmup < 0:
         raise UserError(f"mcmc_warmup must be >= 0, got {options.mcmc_warmup}")
-    network_dtype(options.precision, torch.device("cpu"))  # a bad name fails here, before any file
     if options.mcmc_chains == 1 or options.mcmc_chains < 0:
         raise UserError(f"mcmc_chains must be 0 (no MCMC) or at least 2 (R-hat compares chains), "
                         f"got {options.mcmc_chains}")
@@ -117,11 +115,12 @@ def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None
     ELBO curves; MCMC always runs in the model's dtype (its gradients)."""
     options = Options(run_dir, split, num_inputs, num_particles, num_trajectories, seed, mcmc_chains,
                       list(checkpoints), shortcut_threshold, unit_threshold, num_projections, pca_inputs, mcmc_inputs,
-                      mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb, precision)
+                      mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb)
     _check(task, options)
+    device = model.h0.device
+    dtype = network_dtype(precision, device)  # a bad name fails here, before any file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = model.h0.device
     index = held_out_index(len(task.splits[split]), num_inputs, seed)
     batch = task.splits[split].batch(index, torch.Generator().manual_seed(seed)).to(device)
     timer, notes = Timer(), []
@@ -130,7 +129,7 @@ def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            results = _run(task, model, guide, options, index, batch, timer, notes)
+            results = _run(task, model, guide, options, index, batch, dtype, timer, notes)
     finally:
         model.train(modes[0]), guide.train(modes[1])
     with timer.part("figures and files"):
@@ -141,14 +140,14 @@ def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None
     return summary
 
 
-def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch, timer: Timer,
-         notes: list[str]) -> dict:
-    """The computations of :func:`diagnose`; results as a dict of tensors and dataclasses."""
+def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch, dtype: torch.dtype | None,
+         timer: Timer, notes: list[str]) -> dict:
+    """The computations of :func:`diagnose`, the networks' matmuls in ``dtype`` (``None``: the model's);
+    results as a dict of tensors and dataclasses."""
     results: dict = {}
     directions = None
     if model.stochastic:
         directions = random_directions(options.num_projections, model.h0.numel(), options.seed).to(model.h0.device)
-    dtype = network_dtype(options.precision, model.h0.device)
     results["precision"] = "fp32" if dtype is None else "bf16"
     with timer.part("prior trajectories"), network_precision([model, guide], dtype):
         results["prior"] = prior_trajectories(model, batch.x, options.num_trajectories, batch.puzzle,
