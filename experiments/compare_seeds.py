@@ -20,26 +20,24 @@ import statistics
 import sys
 from pathlib import Path
 
+from gram_pyro.config import UserError
+
 MEASURED = ["accuracy", "coverage", "log_evidence", "ess", "kl", "train_seconds"]
 """Columns of ``comparison.csv`` summarised over seeds."""
 SAME_IN_EVERY_SEED = ["particles", "batches", "optimizer_steps", "transitions"]
 """Columns that must agree between the seeds' files (the same comparison, another seed)."""
 
 
-class SeedError(Exception):
-    """Bad input: a missing or unreadable file, or files that are not the same comparison."""
-
-
 def read_comparison(directory: Path) -> dict[tuple[str, str], dict[str, str]]:
     """The rows of ``<directory>/comparison.csv`` keyed by ``(guide, objective)``."""
     path = directory / "comparison.csv"
     if not path.is_file():
-        raise SeedError(f"{path}: no such file (run experiments/compare_posteriors.py out={directory} first)")
+        raise UserError(f"{path}: no such file (run experiments/compare_posteriors.py out={directory} first)")
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     missing = [c for c in ["guide", "objective", *SAME_IN_EVERY_SEED, *MEASURED] if rows and c not in rows[0]]
     if not rows or missing:
-        raise SeedError(f"{path}: not a comparison table ({'no rows' if not rows else 'no column ' + missing[0]})")
+        raise UserError(f"{path}: not a comparison table ({'no rows' if not rows else 'no column ' + missing[0]})")
     return {(row["guide"], row["objective"]): row for row in rows}
 
 
@@ -49,7 +47,7 @@ def value(row: dict[str, str], column: str, where: str) -> float:
     try:
         return float(text) if text else math.nan
     except ValueError:
-        raise SeedError(f"{where}: {column}={text!r} is not a number") from None
+        raise UserError(f"{where}: {column}={text!r} is not a number") from None
 
 
 def summarise(directories: list[Path]) -> list[dict]:
@@ -59,11 +57,11 @@ def summarise(directories: list[Path]) -> list[dict]:
     for directory, table in zip(directories[1:], tables[1:]):
         if set(table) != set(first):
             odd = sorted(set(table) ^ set(first))[0]
-            raise SeedError(f"{directory}: pair {'-'.join(odd)} is in one comparison but not the other")
+            raise UserError(f"{directory}: pair {'-'.join(odd)} is in one comparison but not the other")
         for pair, row in table.items():
             for column in SAME_IN_EVERY_SEED:
                 if row[column] != first[pair][column]:
-                    raise SeedError(f"{directory}: {'-'.join(pair)} has {column}={row[column]}, "
+                    raise UserError(f"{directory}: {'-'.join(pair)} has {column}={row[column]}, "
                                     f"{directories[0]} has {first[pair][column]}")
     rows = []
     for pair, row in first.items():
@@ -106,9 +104,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         if len(args.directories) < 2:
-            raise SeedError("give at least two comparison directories (one per training seed)")
+            raise UserError("give at least two comparison directories (one per training seed)")
         rows = summarise(args.directories)
-    except SeedError as error:
+    except UserError as error:
         print(f"compare_seeds: error: {error}", file=sys.stderr)
         return 2
     out = args.out or args.directories[0]
