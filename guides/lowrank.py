@@ -40,5 +40,32 @@ class LowRankGaussian(ContextGuide):
         correction = self.corrections[kind](self.context(u, y))
         shift, log_ratio, factor = correction.split([dim, dim, dim * self.rank], dim=-1)
         scale = p.scale * log_ratio.exp()
-        return dist.LowRankMultivariateNormal(p.loc + shift, factor.unflatten(-1, (dim, self.rank)),
-                                              scale.square()).to_event(1)
+        return FullPrecisionLowRankNormal(p.loc + shift, factor.unflatten(-1, (dim, self.rank)),
+                                          scale.square()).to_event(1)
+
+
+class FullPrecisionLowRankNormal(dist.LowRankMultivariateNormal):
+    """``LowRankMultivariateNormal`` built, sampled and scored in float32 with autocast off, also inside
+    bf16 autocast (CUDA training): it factorises the ``rank x rank`` capacitance matrix, CUDA's Cholesky
+    has no bf16 kernel, and bf16 would be too coarse for the log-determinant anyway."""
+
+    def __init__(self, loc, cov_factor, cov_diag, validate_args=None):
+        with full_precision(loc):
+            super().__init__(loc.float(), cov_factor.float(), cov_diag.float(), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FullPrecisionLowRankNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def rsample(self, sample_shape=torch.Size()):
+        with full_precision(self.loc):
+            return super().rsample(sample_shape)
+
+    def log_prob(self, value):
+        with full_precision(self.loc):
+            return super().log_prob(value.float())
+
+
+def full_precision(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device for the block."""
+    return torch.autocast(tensor.device.type, enabled=False)

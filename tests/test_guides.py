@@ -113,6 +113,23 @@ def test_mean_only_scale_is_fixed_and_lowrank_correlates_hidden_units():
     assert covariance[..., 0, 1].abs().min() > 1e-4
 
 
+def test_lowrank_density_is_float32_under_bf16_autocast(data, monkeypatch):
+    """CUDA has no bf16 Cholesky (seen failing there under training's autocast): every factorisation
+    gets a float32 matrix, and samples and densities are float32."""
+    x, y = data
+    model = tiny_model()
+    guide = make_guide("lowrank", model, perturb=0.1)
+    cholesky, factorised = torch.linalg.cholesky, []
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda a: factorised.append(a.dtype) or cholesky(a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model_trace, guide_trace = guide.run(model.forward, x, y=y)
+        site = f"eps/0/{model.transitions - 1}"
+        q = guide_trace.nodes[site]["fn"]
+        log_q = q.log_prob(model_trace.nodes[site]["value"])
+    assert factorised and set(factorised) == {torch.float32}
+    assert model_trace.nodes[site]["value"].dtype == log_q.dtype == torch.float32
+
+
 @pytest.mark.parametrize("options, message", [
     ({"kind": "spline"}, "flow kind"), ({"depth": 0}, "depth"),
 ])
