@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gram_pyro.config import UserError
 from gram_pyro.tasks.base import Batch
 
 
@@ -57,6 +58,9 @@ def join(world: World, device: torch.device) -> torch.device:
     if not world.distributed:
         return device
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"{world.local_rank + 1} or more processes per node on CUDA, but this node has "
+                            f"{torch.cuda.device_count()} GPU(s): launch one process per GPU, or use trainer.device=cpu")
         torch.cuda.set_device(world.local_rank)
         device = torch.device("cuda", world.local_rank)
     if not dist.is_initialized():
