@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -61,14 +62,26 @@ def _read(npz: Path, meta_file: Path, name: str, params: dict, version: int) -> 
 
 
 def _write(npz: Path, meta_file: Path, arrays: Arrays, record: dict) -> None:
+    """Write both files under temporary names of this call's own, then rename them into place: processes
+    that build the same entry at once (parallel runs on a fresh machine) each rename a whole file."""
     npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp_npz = npz.with_name(npz.name + ".tmp.npz")
-    with open(tmp_npz, "wb") as handle:
-        np.savez(handle, **arrays)
-    tmp_meta = meta_file.with_name(meta_file.name + ".tmp")
-    tmp_meta.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-    os.replace(tmp_npz, npz)
-    os.replace(tmp_meta, meta_file)
+    tmp_npz, tmp_meta = (_temporary(path) for path in (npz, meta_file))
+    try:
+        with open(tmp_npz, "wb") as handle:
+            np.savez(handle, **arrays)
+        tmp_meta.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+        os.replace(tmp_npz, npz)
+        os.replace(tmp_meta, meta_file)
+    finally:
+        for leftover in (tmp_npz, tmp_meta):
+            leftover.unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> Path:
+    """A new, empty file beside ``path`` with a name no other writer has."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    return Path(name)
 
 
 def cached(name: str, params: dict, version: int, build: Callable[[], tuple[Arrays, dict]],
