@@ -57,12 +57,28 @@ def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path)
         compare_posteriors([*TINY, f"out={out}", "compare.pairs=[[gaussian,truncated]]"], quiet=True)
 
 
+def test_pairs_in_parallel_processes_give_the_rows_of_one_process(tmp_path):
+    pairs = "compare.pairs=[[gaussian,truncated],[prior,iwae]]"
+    common = [*TINY, "compare.budget_batches=2", "compare.num_particles=2", pairs]
+    serial = compare_posteriors([*common, f"out={tmp_path / 'serial'}"], quiet=True)
+    parallel = compare_posteriors([*common, f"out={tmp_path / 'parallel'}", "compare.jobs=2"], quiet=True)
+    assert scores(parallel) == scores(serial)
+    assert (tmp_path / "parallel" / "comparison.csv").exists()
+
+
+def scores(rows):
+    """What a run measures, per row (nan, as for a KL the objective does not report, as None)."""
+    keys = ["guide", "objective", "batches", "optimizer_steps", "accuracy", "coverage", "log_evidence", "ess", "kl"]
+    return [[None if isinstance(r[k], float) and math.isnan(r[k]) else r[k] for k in keys] for r in rows]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["compare.pairs=[[gaussian,mcmc_em]]"], "pair [gaussian, mcmc_em]: one batch costs"),
     (["compare.pairs=[[gaussian]]"], "each pair is [guide, objective]"),
     (["compare.pairs=[[oracle,truncated]]"], "unknown guide 'oracle'"),
     (["guide=flow"], "guide and objective are set per pair"),
     (["compare.budget_batches=0"], "compare.budget_batches must be at least 1"),
+    (["compare.jobs=0"], "compare.jobs must be a whole number of at least 1, got 0"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, overrides, message):
     assert main([*TINY, f"out={tmp_path}", *overrides]) == 2
