@@ -25,7 +25,7 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     ("sampling.py", ["--batch", "2", "--repeats", "1", "--widths", "1", "3", "--threads", "1", *TINY_MODEL],
      "one by one"),
     ("posterior_schemes.py", ["--batch", "4", "--repeats", "1", "--particles", "2", "--threads", "1",
-                              *TINY_MODEL, "--schemes", "truncated", "iwae"], "iwae: K=2"),
+                              *TINY_MODEL, "--schemes", "truncated", "iwae"], "K=1 at batch 8 "),
 ])
 def test_benchmark_prints_its_table(script, args, expected):
     result = run_benchmark(script, *args)
