@@ -28,5 +28,9 @@ def test_writers_of_one_entry_at_once_all_succeed_and_leave_a_whole_entry(tmp_pa
     assert capsys.readouterr().err == ""
     assert len(results) == WRITERS
     assert sorted(path.suffix for path in tmp_path.iterdir()) == [".json", ".npz"]  # no temporary left
-    reread, meta = cached("demo", {"n": 1}, 1, lambda: (_ for _ in ()).throw(AssertionError("rebuilt")), tmp_path)
+
+    def must_not_rebuild():
+        raise AssertionError("the entry was rebuilt")
+
+    reread, meta = cached("demo", {"n": 1}, 1, must_not_rebuild, tmp_path)
     assert np.array_equal(reread["x"], arrays["x"]) and meta == {"n": 1}
