@@ -18,6 +18,17 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and the positional Hydra overrides of the train config."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("overrides", nargs="*")
+
+
+def model_width(dim: int, ffn_ratio: float) -> list[str]:
+    """Overrides for a model of width ``dim`` with ``ffn_hidden = ffn_ratio x dim``."""
+    return [f"model.dim={dim}", f"model.ffn_hidden={round(ffn_ratio * dim)}"]
+
+
 def setup(args: argparse.Namespace) -> None:
     """Pyro validation off (as in training) and ``--threads`` torch threads where given."""
     pyro.enable_validation(False)

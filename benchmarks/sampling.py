@@ -52,8 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="values of N, from 1 up")
     harness.add_threads_argument(parser)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*")
+    harness.add_config_arguments(parser)
     args = parser.parse_args()
     widths = sorted(set(args.widths))
     if widths[0] != 1:

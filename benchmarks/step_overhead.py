@@ -36,14 +36,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--ffn-ratio", type=float, default=2.0)
     harness.add_threads_argument(parser)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*")
+    harness.add_config_arguments(parser)
     args = parser.parse_args()
     harness.setup(args)
     device = resolve_device(args.device)
-    run = Run(compose_config("train", [f"trainer.device={device.type}", *args.overrides, f"model.dim={args.dim}",
-                                       f"model.ffn_hidden={round(args.ffn_ratio * args.dim)}",
-                                       f"trainer.batch_size={args.batch}"]))
+    run = Run(compose_config("train", [f"trainer.device={device.type}", *args.overrides,
+                                       *harness.model_width(args.dim, args.ffn_ratio), f"trainer.batch_size={args.batch}"]))
     model, guide = run.model, run.guide
     batch = batch_at(run.task.splits["train"], 0, args.batch, 0, device)
     x, y = batch.x, batch.y

@@ -67,8 +67,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on CPU, 8192 on CUDA")
     harness.add_threads_argument(parser)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*")
+    harness.add_config_arguments(parser)
     args = parser.parse_args()
     harness.setup(args)
     device = resolve_device(args.device)
@@ -76,8 +75,7 @@ def main() -> None:
     rows = []
     for dim in args.dims:
         for batch in args.batches:
-            rows.append((dim, batch, measure([*common, f"model.dim={dim}",
-                                              f"model.ffn_hidden={round(args.ffn_ratio * dim)}",
+            rows.append((dim, batch, measure([*common, *harness.model_width(dim, args.ffn_ratio),
                                               f"trainer.batch_size={batch}"], args.repeats)))
     bf16 = rows[0][2]["bf16"]
     dtype = torch.bfloat16 if bf16 else torch.float32
