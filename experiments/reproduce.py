@@ -1,0 +1,337 @@
+"""One command per result: GRAM against the same-size deterministic TRM and the test-time-noise TRM.
+
+    python experiments/reproduce.py task=<name> budget=<cpu|gpu> [out=DIR] [publish=true]
+                                    [eval.inputs=64 ...] [key=value train overrides ...]
+
+The recipe ``experiments/configs/reproduce/<task>-<budget>.yaml`` holds the train-config overrides of
+both runs (``train``), those added for the GRAM run (``gram``) and for the TRM run (``trm``), and the
+evaluation settings (``eval``); ``train.*``, ``gram``, ``trm`` and ``eval.*`` arguments override the
+recipe, every other ``key=value`` is added to the train config of both runs.
+
+The script trains GRAM and TRM into ``<out>/gram`` and ``<out>/trm`` (default ``out``:
+``runs/reproduce/<task>-<budget>``). A run directory that holds a finished run of the same config is
+kept as it is; one that stopped early, or whose config differs only in ``trainer.max_batches``, is
+resumed from its checkpoint, so an interrupted reproduction continues where it stopped; one of another
+config is a one-line error (nothing is replaced). Then it scores,
+on every input of each ``eval.splits`` split (or ``eval.inputs`` of them), ``eval.samples`` answers
+per input decoded along prior trajectories (:func:`gram_pyro.evaluation.evaluate_run`, EMA weights):
+
+* ``GRAM`` and ``TRM`` (deterministic: its answers are one answer repeated);
+* ``PTRM``: the TRM run with ``N(0, eval.ptrm_sigma^2)`` noise on ``h`` after each step (no training);
+* ``data`` (``eval.data``): the training targets themselves as answers, the ceiling of a generation score.
+
+Metrics (mean and 95% interval over inputs; set-level scores have no interval):
+
+* answers to inputs: ``accuracy`` (share of all answers that the task's judge accepts), the task's other
+  per-answer metrics (``conflicts`` per answer, ``exact``), ``coverage@N`` where the task defines it,
+  ``pass@N`` (some answer correct), ``<rule>@N`` for each ``eval.select`` rule (accuracy of the answer
+  the rule picks) and the task's set-level scores (``conflicts_total``: the conflicts of all inputs
+  summed, averaged over the N answers); per-input metrics again ``by_solutions`` (inputs grouped by
+  their number of valid solutions);
+* generation: ``validity`` (share of valid answers), ``uniqueness``, ``grids`` (4x4 Sudoku: distinct
+  valid grids of the 288), ``inception_score``, ``fid`` and whatever else the task scores.
+
+Writes ``<out>/results.json`` (``task``, ``budget``, ``device``, ``wall_seconds``, ``test_inputs``,
+``samples``, ``recipe``, ``seconds``, ``models``; other splits under ``splits``), each evaluation's
+``metrics.json`` and ``samples.npz`` under ``<out>/eval/<model>-<split>/``, and with ``publish=true`` a
+copy of the results as ``docs/results/<task>-<budget>.json`` (``experiments/results_table.py`` renders
+``docs/results.md`` from those). Training time is kept in ``<out>/train_seconds.json`` across resumed
+invocations; ``wall_seconds`` is the training time of both runs plus this invocation's evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.results_table import markdown_table
+from gram_pyro.checkpoint import load_checkpoint
+from gram_pyro.config import UserError, compose_config, group_options, load_run_config
+from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, load_run, write_evaluation
+from gram_pyro.selection import SELECTORS, select
+from gram_pyro.training import train
+
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results"
+"""Where ``publish=true`` copies the results (what ``experiments/results_table.py`` renders)."""
+RECIPE_KEYS = ("train", "gram", "trm", "eval")
+"""Top-level keys of a recipe: arguments under them override the recipe, not the train config."""
+MODELS = {"GRAM": "gram", "TRM": "trm"}
+"""Trained models: results name -> recipe key and run directory name."""
+COMPARED = ("task", "model", "guide", "objective", "trainer")
+"""The sections of a train config that make the run (not where it is written or how it is started)."""
+IGNORED_IN_COMPARISON = ("trainer.max_batches",)
+"""Keys in which a run directory may differ from the recipe and still be continued."""
+
+
+def recipes() -> dict[str, list[str]]:
+    """``{task: [budget, ...]}`` of the recipe files ``experiments/configs/reproduce/<task>-<budget>.yaml``."""
+    found: dict[str, list[str]] = {}
+    for name in group_options("reproduce"):
+        task, _, budget = name.rpartition("-")
+        found.setdefault(task, []).append(budget)
+    return found
+
+
+def parse_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
+    """``(options, recipe overrides, train overrides)``: ``task``, ``budget``, ``out`` and ``publish``
+    from ``argv``; the arguments under a recipe key; the rest."""
+    options = {"task": None, "budget": None, "out": None, "publish": "false"}
+    recipe, extra = [], []
+    for argument in argv:
+        key, equals, value = argument.partition("=")
+        if not equals:
+            raise UserError(f"expected key=value, got {argument!r}")
+        if key in options:
+            options[key] = value
+        elif key.lstrip("+~").split(".")[0] in RECIPE_KEYS:
+            recipe.append(argument)
+        else:
+            extra.append(argument)
+    if options["publish"] not in ("true", "false"):
+        raise UserError(f"publish={options['publish']!r}; allowed: true, false")
+    return options, recipe, extra
+
+
+def recipe_name(task: str | None, budget: str | None) -> str:
+    """``<task>-<budget>``, checked against the recipe files (one-line error for a bad name)."""
+    available = recipes()
+    if task not in available:
+        raise UserError(f"{'unknown task ' + repr(task) if task else 'task=<name> is required'}; "
+                        f"allowed: {', '.join(available)}")
+    if budget not in available[task]:
+        raise UserError(f"{'unknown budget ' + repr(budget) if budget else 'budget=<name> is required'}; "
+                        f"allowed: {', '.join(available[task])}")
+    return f"{task}-{budget}"
+
+
+def check_eval(settings: DictConfig) -> None:
+    """One-line :class:`UserError` for evaluation settings that cannot be run, before anything trains."""
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not (OmegaConf.is_list(settings.splits) and len(settings.splits) >= 1):
+        raise UserError(f"eval.splits={settings.splits} must list at least one split")
+    if not (settings.inputs is None or positive_int(settings.inputs)):
+        raise UserError(f"eval.inputs={settings.inputs!r}; allowed: null (every input) or an integer >= 1")
+    if not positive_int(settings.samples):
+        raise UserError(f"eval.samples={settings.samples!r}; allowed: an integer >= 1")
+    unknown = [rule for rule in settings.select if rule not in SELECTORS]
+    if unknown:
+        raise UserError(f"unknown selector {unknown[0]!r} in eval.select; allowed: {', '.join(SELECTORS)}")
+    if not (isinstance(settings.ptrm_sigma, (int, float)) and settings.ptrm_sigma > 0):
+        raise UserError(f"eval.ptrm_sigma={settings.ptrm_sigma!r} must be a positive number")
+
+
+def run_config(recipe: DictConfig, model: str, run_dir: Path, extra: list[str]) -> DictConfig:
+    """The train config of ``model`` (``gram`` or ``trm``): the recipe's overrides, then ``extra``."""
+    return compose_config("train", [*recipe.train, *recipe[model], *extra, f"run_dir={run_dir}"])
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of the leaves of a nested dict (an empty dict is a leaf)."""
+    if not (isinstance(node, dict) and node):
+        return {prefix: node}
+    return {k: v for key, item in node.items() for k, v in flatten(item, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def differences(saved: DictConfig, wanted: DictConfig) -> list[str]:
+    """The dotted keys of the :data:`COMPARED` sections (other than :data:`IGNORED_IN_COMPARISON`) where
+    two train configs differ."""
+    a = flatten({key: OmegaConf.to_container(saved[key], resolve=True) for key in COMPARED})
+    b = flatten({key: OmegaConf.to_container(wanted[key], resolve=True) for key in COMPARED})
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in IGNORED_IN_COMPARISON)
+
+
+def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:
+    """Batches the run in ``run_dir`` has done, or ``None`` where it holds no checkpoint (nothing to keep).
+    A run of another config is a one-line error naming the keys that differ."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return None
+    changed = differences(load_run_config(run_dir / "config.yaml"), cfg)
+    if changed:
+        raise UserError(f"{run_dir} holds a run of another config (it differs in {', '.join(changed[:4])}); "
+                        f"remove it or give another out=")
+    done = load_checkpoint(run_dir / "checkpoint.pt")["batches_done"]
+    if done > cfg.trainer.max_batches:
+        raise UserError(f"{run_dir} holds a run of {done} batches, more than trainer.max_batches="
+                        f"{cfg.trainer.max_batches}; remove it or give another out=")
+    return done
+
+
+def train_model(name: str, cfg: DictConfig, run_dir: Path) -> tuple[float, bool]:
+    """Train ``cfg`` into ``run_dir``: keep a finished run, resume a stopped one, start afresh where the
+    directory holds no checkpoint (the trainer moves what an earlier start left aside). Returns the
+    seconds spent and whether the run started afresh."""
+    done = batches_done(run_dir, cfg)
+    if done == cfg.trainer.max_batches:
+        print(f"{name}: {run_dir} holds the finished run ({done} batches); kept")
+        return 0.0, False
+    print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}", flush=True)
+    start = time.time()
+    train(cfg, run_dir, resume=done is not None, overwrite=done is None)
+    return time.time() - start, done is None
+
+
+def recorded_train_seconds(out: Path) -> dict[str, float]:
+    """``{model: seconds}`` of training recorded in ``<out>/train_seconds.json`` (none yet: empty)."""
+    path = out / "train_seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_train_seconds(out: Path, name: str, seconds: float, fresh: bool) -> None:
+    """Add ``seconds`` to ``name``'s recorded training time (a ``fresh`` run replaces it)."""
+    totals = recorded_train_seconds(out)
+    totals[name] = seconds + (0.0 if fresh else totals.get(name, 0.0))
+    (out / "train_seconds.json").write_text(json.dumps(totals, indent=1))
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware a result was measured on: the CUDA device's name, or the CPU and its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def mean_and_interval(values: torch.Tensor) -> dict:
+    """``{"mean", "ci95": [low, high]}`` of per-input values (:func:`gram_pyro.evaluation.interval`)."""
+    return {key: item for key, item in interval(values).items() if key != "n"}
+
+
+def scalar(value: float) -> dict:
+    """A set-level score in the shape of an interval, without one."""
+    return {"mean": value, "ci95": None}
+
+
+def answer_metrics(task, split: str, index: torch.Tensor, answers: torch.Tensor, value: torch.Tensor,
+                   halt_logit: torch.Tensor, rules: list[str]) -> dict:
+    """The metrics (module docstring) of ``answers [N, M, S]`` to the inputs ``index`` of ``split``, with
+    the LPRM ``value`` and ``halt_logit`` ``[N, M]`` of each for the selection rules."""
+    samples = answers.shape[0]
+    per_input = task.per_input(split, index, answers)
+    scores = task.score(split, index, answers)
+    if task.unconditional:
+        by_input = {"validity": per_input["accuracy"]}
+        # accuracy, validity and the digits' well_formed are the per-input validity; coverage becomes grids
+        set_level = {k: v for k, v in scores.items() if k not in ("accuracy", "validity", "well_formed", "coverage")}
+        if getattr(task, "num_all_grids", None):
+            set_level["grids"] = round(scores["coverage"] * task.num_all_grids)
+    else:
+        by_input = {(f"coverage@{samples}" if k == "coverage" else k): v for k, v in per_input.items()}
+        by_input[f"pass@{samples}"] = (per_input["accuracy"] > 0).double()
+        for rule in rules:
+            chosen, _ = select(rule, answers, value, halt_logit)
+            by_input[f"{rule}@{samples}"] = task.per_input(split, index, chosen[None])["accuracy"]
+        set_level = {k: v for k, v in scores.items() if k not in per_input}
+    metrics = {**{k: mean_and_interval(v) for k, v in by_input.items()},
+               **{k: scalar(v) for k, v in set_level.items()}}
+    num_solutions = getattr(task.splits[split], "num_solutions", None)
+    grouped = num_solutions is not None and len(torch.unique(num_solutions[index])) > 1
+    metrics["by_solutions"] = breakdown(by_input, num_solutions[index]) if grouped else {}
+    return metrics
+
+
+def num_inputs(task, split: str, settings: DictConfig) -> int:
+    """How many inputs of ``split`` are scored: all of them, or ``settings.inputs`` where that is fewer."""
+    size = len(task.splits[split])
+    return size if settings.inputs is None else min(settings.inputs, size)
+
+
+def evaluate_model(loaded, split: str, settings: DictConfig, out_dir: Path, perturbation=None) -> dict:
+    """Sample ``settings.samples`` prior trajectories for the scored inputs of ``split``, write the
+    evaluation's files to ``out_dir`` and return the metrics."""
+    inputs = num_inputs(loaded.task, split, settings)
+    report, arrays = evaluate_run(loaded, split, inputs, settings.samples, perturbation=perturbation)
+    write_evaluation(report, arrays, out_dir)
+    tensors = {k: torch.from_numpy(arrays[k]) for k in ("index", "answers", "value", "halt_logit")}
+    return answer_metrics(loaded.task, split, tensors["index"], tensors["answers"], tensors["value"],
+                          tensors["halt_logit"], list(settings.select))
+
+
+def data_metrics(task, split: str) -> dict:
+    """The metrics of the training targets as answers to the first input of ``split`` (generation tasks:
+    what real data scores)."""
+    train_split = task.splits["train"]
+    targets = train_split.batch(torch.arange(len(train_split)), torch.Generator().manual_seed(0)).y
+    return answer_metrics(task, split, torch.zeros(1, dtype=torch.long), targets[:, None], None, None, [])
+
+
+def evaluate_split(runs: dict, split: str, settings: DictConfig, out: Path) -> dict:
+    """``{"inputs": scored inputs, "models": {model: metrics}}`` on ``split`` for GRAM, TRM, PTRM and
+    (``settings.data``) the data."""
+    trm = runs["TRM"]
+    evaluations = {**{name: (loaded, None) for name, loaded in runs.items()},
+                   "PTRM": (trm, {"kind": "ptrm", "sigma": settings.ptrm_sigma, "which": "h"})}
+    inputs = num_inputs(trm.task, split, settings)
+    models = {}
+    for name, (loaded, perturbation) in evaluations.items():
+        started = time.time()
+        print(f"evaluating {name} on {split}: {inputs} inputs x {settings.samples} prior trajectories", flush=True)
+        models[name] = evaluate_model(loaded, split, settings, out / "eval" / f"{name}-{split}", perturbation)
+        print(f"  {time.time() - started:.0f} s", flush=True)
+    if settings.data:
+        models["data"] = data_metrics(trm.task, split)
+    return {"inputs": inputs, "models": models}
+
+
+def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_overrides: list[str],
+              extra: list[str]) -> Path:
+    """Train, evaluate and write ``<out>/results.json``; returns that file."""
+    name = recipe_name(task, budget)
+    recipe = compose_config(f"reproduce/{name}", recipe_overrides)
+    check_eval(recipe.eval)
+    out = out or Path("runs") / "reproduce" / name
+    configs = {model: run_config(recipe, key, out / key, extra) for model, key in MODELS.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    for model, cfg in configs.items():
+        record_train_seconds(out, model, *train_model(model, cfg, out / MODELS[model]))
+    train_seconds = recorded_train_seconds(out)
+    started = time.time()
+    runs = {model: load_run(out / key) for model, key in MODELS.items()}
+    first, *others = recipe.eval.splits
+    scored = {split: evaluate_split(runs, split, recipe.eval, out) for split in recipe.eval.splits}
+    eval_seconds = time.time() - started
+    results = {"task": task, "budget": budget, "device": device_name(runs["GRAM"].device),
+               "wall_seconds": round(sum(train_seconds.values()) + eval_seconds, 1),
+               "test_inputs": scored[first]["inputs"], "samples": recipe.eval.samples,
+               "recipe": {**OmegaConf.to_container(recipe, resolve=True), "overrides": extra},
+               "seconds": {"train": {k: round(v, 1) for k, v in train_seconds.items()},
+                           "eval": round(eval_seconds, 1)},
+               "models": scored[first]["models"]}
+    if others:
+        results["splits"] = {split: scored[split] for split in others}
+    path = out / "results.json"
+    path.write_text(json.dumps(json_ready(results), indent=1) + "\n")
+    return path
+
+
+def publish(results_file: Path, task: str, budget: str) -> Path:
+    """Copy ``results_file`` to ``<PUBLISHED>/<task>-<budget>.json``; returns the copy."""
+    target = PUBLISHED / f"{task}-{budget}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(results_file, target)
+    return target
+
+
+def main(argv: list[str]) -> int:
+    try:
+        options, recipe_overrides, extra = parse_arguments(argv)
+        out = Path(options["out"]) if options["out"] else None
+        path = reproduce(options["task"], options["budget"], out, recipe_overrides, extra)
+        print(f"\n{markdown_table([json.loads(path.read_text())])}\nwrote {path}")
+        if options["publish"] == "true":
+            print(f"published {publish(path, options['task'], options['budget'])}")
+    except UserError as error:
+        print(f"reproduce: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

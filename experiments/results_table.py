@@ -1,0 +1,193 @@
+"""Render ``docs/results.md`` from the published reproductions ``docs/results/*.json``.
+
+    python experiments/results_table.py [--check] [--results DIR] [--out FILE]
+
+The file is ``experiments/results_header.md``, then one markdown table per task family (a row per task,
+budget, split and model, naming budget and device, each value as mean ± the half-width of its 95%
+interval, the paper's figures beside them where known, and a note per reproduction), then
+``experiments/results_footer.md``, both verbatim. The same files give the same bytes. ``--check``
+writes nothing and exits with 1 where ``--out`` differs from the rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gram_pyro.config import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+
+FAMILIES = {
+    "N-Queens": {"nqueens": "N-Queens 8x8", "nqueens10": "N-Queens 10x10"},
+    "Graph colouring": {"coloring": "colouring, 8 nodes", "coloring10": "colouring, 10 nodes"},
+    "Sudoku": {"sudoku": "Sudoku 9x9"},
+    "Unconditional Sudoku": {"uncond_sudoku4": "unconditional 4x4", "uncond_sudoku": "unconditional 9x9"},
+    "Binarized digits": {"digits": "digits 8x8"},
+}
+"""Task families, each a table, with the tasks in their order and the label of each."""
+
+PAPER = {
+    ("nqueens", "test", "GRAM"): "accuracy 99.7, coverage 90.3",
+    ("nqueens", "test", "TRM"): "accuracy 66.8, coverage 36.1",
+    ("nqueens10", "test", "GRAM"): "accuracy 89.7, coverage 57.5",
+    ("nqueens10", "test", "TRM"): "accuracy 17.5, coverage 2.0",
+    ("coloring", "test", "GRAM"): "conflicts_total 2.7, coverage 85.8",
+    ("coloring", "test", "TRM"): "conflicts_total 109.3, coverage 22.3",
+    ("coloring10", "test", "GRAM"): "conflicts_total 3.3, coverage 51.3",
+    ("coloring10", "test", "TRM"): "conflicts_total 170.7, coverage 6.8",
+    ("uncond_sudoku", "test", "GRAM"): "validity 99.05",
+    ("sudoku", "extreme", "GRAM"): "accuracy 97.0 (20 samples)",
+    ("sudoku", "extreme", "TRM"): "accuracy 87.4",
+}
+"""The paper's figures (full-scale models) per ``(task, split, model)``."""
+
+MODEL_ORDER = ["GRAM", "TRM", "PTRM", "data"]
+METRIC_ORDER = ["accuracy", "exact", "conflicts", "conflicts_total", "coverage", "pass", "vote", "lprm", "halt",
+                "first", "validity", "uniqueness", "grids", "well_formed", "distinct", "inception_score", "fid"]
+"""Column order; a metric ``<name>@<N>`` sorts as ``<name>``, unlisted metrics last, alphabetically."""
+PERCENT = {"accuracy", "exact", "coverage", "pass", "vote", "lprm", "halt", "first", "validity", "uniqueness",
+           "well_formed", "distinct"}
+"""Metrics shown in percent (``<name>@<N>`` by its name)."""
+DECIMALS = {"conflicts": 2, "conflicts_total": 1, "grids": 0, "inception_score": 2, "fid": 1}
+"""Decimals of the metrics not in percent (others: 3); percentages have 1."""
+REQUIRED = ("task", "budget", "device", "wall_seconds", "test_inputs", "samples", "models")
+
+
+def load_results(folder: Path) -> list[dict]:
+    """Every ``*.json`` in ``folder`` (sorted by name), checked for the keys a table needs."""
+    results = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: not JSON ({error})") from None
+        missing = [key for key in REQUIRED if key not in result]
+        if missing:
+            raise UserError(f"{path}: not a results file (no {missing[0]!r})")
+        if family_of(result["task"]) is None:
+            raise UserError(f"{path}: unknown task {result['task']!r}; allowed: "
+                            f"{', '.join(t for tasks in FAMILIES.values() for t in tasks)}")
+        results.append(result)
+    return results
+
+
+def family_of(task: str) -> str | None:
+    """The family a task's rows go to."""
+    return next((family for family, tasks in FAMILIES.items() if task in tasks), None)
+
+
+def sections(result: dict) -> list[tuple[str, int, dict]]:
+    """``(split, inputs, models)`` of a result: the test split, then any other split."""
+    others = [(name, s["inputs"], s["models"]) for name, s in result.get("splits", {}).items()]
+    return [("test", result["test_inputs"], result["models"]), *others]
+
+
+def metric_key(metric: str) -> tuple[int, str]:
+    """Sort key of a column: its place in :data:`METRIC_ORDER`, then its name."""
+    base = metric.split("@")[0]
+    return (METRIC_ORDER.index(base) if base in METRIC_ORDER else len(METRIC_ORDER), metric)
+
+
+def model_key(model: str) -> tuple[int, str]:
+    """Sort key of a row's model: its place in :data:`MODEL_ORDER`, then its name."""
+    return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), model)
+
+
+def number(metric: str, value: float) -> str:
+    """``value`` of ``metric`` as shown: percent with 1 decimal, or the metric's decimals."""
+    base = metric.split("@")[0]
+    if base in PERCENT:
+        return f"{100 * value:.1f}"
+    return f"{value:.{DECIMALS.get(base, 3)}f}"
+
+
+def cell(metric: str, entry: dict | None) -> str:
+    """``mean ± half-width`` of a ``{"mean", "ci95": [low, high]}`` entry (no interval: the mean alone)."""
+    if entry is None or entry.get("mean") is None:
+        return "–"
+    interval = entry.get("ci95")
+    if not interval or None in interval:
+        return number(metric, entry["mean"])
+    return f"{number(metric, entry['mean'])} ± {number(metric, (interval[1] - interval[0]) / 2)}"
+
+
+def ordered(results: list[dict]) -> list[dict]:
+    """Results in table order: family, task within the family, budget."""
+    tasks = [task for family in FAMILIES.values() for task in family]
+    return sorted(results, key=lambda r: (tasks.index(r["task"]), r["budget"]))
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One markdown table of every row of ``results`` (task, budget, device, model, metrics, paper)."""
+    rows = [(result, split, model, metrics) for result in ordered(results)
+            for split, _, models in sections(result) for model, metrics in sorted(models.items(),
+                                                                                 key=lambda m: model_key(m[0]))]
+    columns = sorted({m for *_, metrics in rows for m in metrics if m != "by_solutions"}, key=metric_key)
+    paper = any((r["task"], split, model) in PAPER for r, split, model, _ in rows)
+    header = ["task", "budget", "device", "model", *columns, *(["paper"] if paper else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result, split, model, metrics in rows:
+        label = FAMILIES[family_of(result["task"])][result["task"]] + ("" if split == "test" else f", {split}")
+        values = [cell(column, metrics.get(column)) for column in columns]
+        figures = [PAPER.get((result["task"], split, model), "")] if paper else []
+        lines.append("| " + " | ".join([label, result["budget"], result["device"], model, *values, *figures]) + " |")
+    return "\n".join(lines)
+
+
+def note(result: dict) -> str:
+    """What a reproduction measured on, how long it took and its recipe, as one list item."""
+    name = f"{result['task']}-{result['budget']}"
+    inputs = " and ".join(f"{n} {split} inputs" for split, n, _ in sections(result))
+    return (f"- `{name}`: {inputs}, {result['samples']} prior trajectories each; "
+            f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}; recipe "
+            f"`experiments/configs/reproduce/{name}.yaml`.")
+
+
+def render_tables(results: list[dict]) -> str:
+    """The generated part: per family with results, a heading, its table and a note per reproduction."""
+    if not results:
+        return "No reproduction is published yet."
+    parts = []
+    for family in FAMILIES:
+        members = [r for r in results if family_of(r["task"]) == family]
+        if members:
+            notes = "\n".join(note(r) for r in ordered(members))
+            parts.append(f"### {family}\n\n{markdown_table(members)}\n\n{notes}")
+    return "\n\n".join(parts)
+
+
+def render(results: list[dict]) -> str:
+    """The whole of ``docs/results.md``: header, tables, footer."""
+    header = (HERE / "results_header.md").read_text().rstrip("\n")
+    footer = (HERE / "results_footer.md").read_text().rstrip("\n")
+    return f"{header}\n\n{render_tables(results)}\n\n{footer}\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results", help="folder of results JSON")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md", help="the markdown file")
+    parser.add_argument("--check", action="store_true", help="exit 1 if --out is not the rendering")
+    args = parser.parse_args(argv)
+    try:
+        text = render(load_results(args.results))
+    except UserError as error:
+        print(f"results_table: error: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != text:
+            print(f"{args.out} is not the rendering of {args.results}/*.json: run python "
+                  f"experiments/results_table.py", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,131 @@
+"""The reproduction command (experiments/reproduce.py) and the results page it feeds
+(experiments/results_table.py): recipes compose, a tiny reproduction writes the promised results file,
+reruns keep or resume its runs, and the page renders the files deterministically."""
+
+import json
+
+import pytest
+
+from experiments import reproduce, results_table
+from gram_pyro.config import compose_config, group_options
+
+TINY = ["task.n=6", "task.removals=[2]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
+        "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=4", "trainer.eval_inputs=4",
+        "trainer.eval_samples=2", "trainer.threads=1", "trainer.checkpoint_every=1",
+        "eval.inputs=5", "eval.samples=3", "eval.select=[vote]"]
+
+FIXTURE = {
+    "task": "nqueens", "budget": "cpu", "device": "cpu (2 cores)", "wall_seconds": 1830.0, "test_inputs": 772,
+    "samples": 20, "recipe": {"train": ["task=nqueens"]},
+    "models": {
+        "TRM": {"accuracy": {"mean": 0.7401, "ci95": [0.7102, 0.7700]},
+                "coverage@20": {"mean": 0.695, "ci95": [0.68, 0.71]}, "by_solutions": {}},
+        "GRAM": {"accuracy": {"mean": 0.8823, "ci95": [0.8613, 0.9033]},
+                 "coverage@20": {"mean": 0.9451, "ci95": [0.9351, 0.9551]}, "by_solutions": {}},
+        "PTRM": {"accuracy": {"mean": 0.75, "ci95": None}, "coverage@20": {"mean": 0.7, "ci95": [None, None]}},
+    },
+}
+
+
+def test_every_recipe_composes_with_both_train_configs(tmp_path):
+    names = group_options("reproduce")
+    tasks = ["nqueens", "nqueens10", "coloring", "coloring10", "uncond_sudoku4", "uncond_sudoku", "sudoku", "digits"]
+    assert {f"{task}-{budget}" for task in tasks for budget in ["cpu", "gpu"]} <= set(names)
+    prior = compose_config("train", ["guide=prior"]).guide
+    for name in names:
+        recipe = compose_config(f"reproduce/{name}", [])
+        reproduce.check_eval(recipe.eval)
+        assert recipe.eval.samples == 20
+        gram = reproduce.run_config(recipe, "gram", tmp_path / "gram", [])
+        trm = reproduce.run_config(recipe, "trm", tmp_path / "trm", [])
+        assert gram.model.noise == "learned" and trm.model.noise == "none" and trm.guide == prior
+        same_size = [k for k in reproduce.differences(gram, trm) if k.split(".")[0] in ("task", "trainer")]
+        assert not same_size, f"{name}: GRAM and TRM differ in {same_size}"
+        assert gram.trainer.device == {"cpu": "cpu", "gpu": "cuda"}[name.rpartition("-")[2]]
+
+
+def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "nqueens-cpu"
+    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY]
+    assert reproduce.main([*argv, "trainer.max_batches=1"]) == 0
+    assert reproduce.main([*argv, "trainer.max_batches=2"]) == 0
+    assert "GRAM: resuming at batch 1" in capsys.readouterr().out
+    monkeypatch.setattr(reproduce, "PUBLISHED", tmp_path / "published")
+    assert reproduce.main([*argv, "trainer.max_batches=2", "publish=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "GRAM: " in printed and "holds the finished run (2 batches); kept" in printed
+    assert "| N-Queens 8x8 | cpu | cpu (" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert (tmp_path / "published" / "nqueens-cpu.json").read_text() == (out / "results.json").read_text()
+    assert {"task", "budget", "device", "wall_seconds", "test_inputs", "samples", "recipe", "models"} <= set(results)
+    assert (results["task"], results["budget"], results["test_inputs"], results["samples"]) == ("nqueens", "cpu", 5, 3)
+    assert results["recipe"]["gram"] == ["model=gram", "guide=gaussian"] and "model.dim=16" in results["recipe"]["overrides"]
+    assert set(results["models"]) == {"GRAM", "TRM", "PTRM"}
+    for metrics in results["models"].values():
+        for name in ["accuracy", "coverage@3", "pass@3", "vote@3"]:
+            low, high = metrics[name]["ci95"]
+            assert set(metrics[name]) == {"mean", "ci95"} and low <= metrics[name]["mean"] <= high
+        assert isinstance(metrics["by_solutions"], dict)
+    assert results["wall_seconds"] >= sum(results["seconds"]["train"].values()) > 0
+    assert (out / "eval" / "PTRM-test" / "metrics.json").is_file()
+
+
+def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "trainer.max_batches=1"]
+    assert reproduce.main(argv) == 0
+    capsys.readouterr()
+    assert reproduce.main([*argv, "model.dim=8"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds a run of another config (it differs in model.dim)" in error
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["task=chess", "budget=cpu"], "unknown task 'chess'; allowed: coloring,"),
+    (["task=nqueens", "budget=tpu"], "unknown budget 'tpu'; allowed: cpu, gpu"),
+    (["budget=cpu"], "task=<name> is required"),
+    (["task=nqueens"], "budget=<name> is required"),
+    (["task=nqueens", "budget=cpu", "eval.select=[best]"], "unknown selector 'best' in eval.select"),
+    (["task=nqueens", "budget=cpu", "eval.bogus=1"], "unknown config key 'eval.bogus'"),
+    (["task=nqueens", "budget=cpu", "publish=yes"], "publish='yes'; allowed: true, false"),
+])
+def test_bad_names_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert reproduce.main([*argv, f"out={tmp_path}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("reproduce: error: ") and error.count("\n") == 1 and message in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_results_table_renders_a_fixture_deterministically(tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "nqueens-cpu.json").write_text(json.dumps(FIXTURE))
+    page = tmp_path / "results.md"
+    args = ["--results", str(folder), "--out", str(page)]
+    assert results_table.main(args) == 0
+    text = page.read_text()
+    assert text.startswith((results_table.HERE / "results_header.md").read_text().rstrip("\n"))
+    assert text.endswith((results_table.HERE / "results_footer.md").read_text())
+    assert "| task | budget | device | model | accuracy | coverage@20 | paper |" in text
+    assert "| N-Queens 8x8 | cpu | cpu (2 cores) | GRAM | 88.2 ± 2.1 | 94.5 ± 1.0 | accuracy 99.7, coverage 90.3 |" in text
+    assert "| N-Queens 8x8 | cpu | cpu (2 cores) | TRM | 74.0 ± 3.0 | 69.5 ± 1.5 | accuracy 66.8, coverage 36.1 |" in text
+    assert "| PTRM | 75.0 | 70.0 |  |" in text
+    assert text.index("| GRAM |") < text.index("| TRM |") < text.index("| PTRM |")
+    assert "- `nqueens-cpu`: 772 test inputs, 20 prior trajectories each; 30.5 min in all on cpu (2 cores)" in text
+    assert results_table.main([*args, "--check"]) == 0
+    assert results_table.main(args) == 0 and page.read_text() == text
+    page.write_text(text + "edited by hand\n")
+    capsys.readouterr()
+    assert results_table.main([*args, "--check"]) == 1
+    assert "is not the rendering" in capsys.readouterr().err
+
+
+def test_results_table_rejects_a_foreign_file(tmp_path, capsys):
+    (tmp_path / "x.json").write_text(json.dumps({"task": "nqueens"}))
+    assert results_table.main(["--results", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
+    assert "not a results file (no 'budget')" in capsys.readouterr().err
+
+
+def test_the_committed_results_page_is_the_rendering():
+    assert results_table.main(["--check"]) == 0
