@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gram_pyro.config import UserError
+from gram_pyro.config import UserError, first_line
 
 FORMAT = "gram-pyro-checkpoint-1"
 REQUIRED = ("model", "guide", "optimizer", "scheduler", "ema", "rng", "batches_done", "bad_steps")
@@ -41,8 +41,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged files
-        reason = str(error).strip().splitlines()[0]
-        raise UserError(f"checkpoint {path} is unreadable (truncated or not a checkpoint: {reason})") from None
+        raise UserError(f"checkpoint {path} is unreadable (truncated or not a checkpoint: {first_line(error)})") \
+            from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a gram-pyro checkpoint")
     missing = [key for key in REQUIRED if key not in payload]

@@ -12,8 +12,9 @@ Commands:
   data stats  build a task's data (or read it from the cache) and print its counts as JSON:
               ``gram-pyro data stats task=coloring``.
 
-User mistakes (unknown names or keys, CUDA asked for where there is none, a damaged checkpoint) print
-one line ``gram-pyro: error: ...`` and exit with code 2.
+User mistakes (unknown names or keys, CUDA asked for where there is none, a damaged checkpoint, a run's
+config.yaml that names anything but the project's own classes) print one line ``gram-pyro: error: ...``
+and exit with code 2.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gram_pyro.config import UserError, build, compose_config, load_run_config
+from gram_pyro.config import UserError, build, compose_config, first_line, load_run_config, make_dir
 
 USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train model=trm trainer.max_batches=100
        gram-pyro eval run=<dir> [key=value ...]  e.g. gram-pyro eval run=runs/demo/learned samples=50
@@ -50,7 +51,7 @@ def _train(overrides: list[str]) -> None:
         try:
             cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(changes))
         except Exception as error:
-            raise UserError(f"bad override for resume: {str(error).strip().splitlines()[0]}") from None
+            raise UserError(f"bad override for resume: {first_line(error)}") from None
         out = train(cfg, run_dir, resume=True)
     else:
         out = train(cfg, Path(cfg.run_dir) if cfg.run_dir else None)
@@ -69,10 +70,10 @@ def _eval(overrides: list[str]) -> None:
 
     cfg = compose_config("eval", overrides)
     loaded = load_run(cfg.run, cfg.device)
+    tag = f"{cfg.split}-N{cfg.samples}-d{cfg.depth or loaded.model.n_sup}-{cfg.select}" + \
+        ("-halt" if cfg.halting else "") + (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
+    out = make_dir(Path(cfg.out or Path(cfg.run) / "eval" / tag), "out")  # before the work: a bad out fails fast
     report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **_sampling(cfg))
-    tag = f"{cfg.split}-N{cfg.samples}-d{report['depth']}-{cfg.select}" + ("-halt" if cfg.halting else "") + \
-        (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
-    out = Path(cfg.out or Path(cfg.run) / "eval" / tag)
     write_evaluation(report, arrays, out)
     print(format_table(report))
     print(f"wrote {out / 'metrics.json'} and {out / 'samples.npz'}")
@@ -84,7 +85,10 @@ def _solve(overrides: list[str]) -> None:
     cfg = compose_config("solve", overrides)
     source = Path(cfg.input)
     output = Path(cfg.output or source.with_name(f"{source.stem}.answers{source.suffix}"))
+    if output.is_dir():
+        raise UserError(f"output={output} is a directory; allowed: a file to write the answers to")
     loaded = load_run(cfg.run, cfg.device)
+    make_dir(output.parent, "output")
     solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **_sampling(cfg))
     print(f"wrote {solved} answers ({valid} valid) to {output}")
 
@@ -94,7 +98,7 @@ def _sample(overrides: list[str]) -> None:
 
     cfg = compose_config("sample", overrides)
     loaded = load_run(cfg.run, cfg.device)
-    out = Path(cfg.out or Path(cfg.run) / "samples")
+    out = make_dir(Path(cfg.out or Path(cfg.run) / "samples"), "out")
     for path in sample_unconditional(loaded, cfg.n, out, **_sampling(cfg)):
         print(f"wrote {path}")
 
@@ -105,7 +109,7 @@ def _diagnose(overrides: list[str]) -> None:
 
     cfg = compose_config("diagnose", overrides)
     loaded = load_run(cfg.run, cfg.device)
-    out = Path(cfg.out or Path(cfg.run) / "diagnostics")
+    out = make_dir(Path(cfg.out or Path(cfg.run) / "diagnostics"), "out")
     checkpoints = sorted((Path(cfg.run) / "checkpoints").glob("batch_*.pt"))
     summary = diagnose(loaded.task, loaded.model, loaded.guide, out, run_dir=cfg.run, split=cfg.split,
                        num_inputs=cfg.inputs, num_particles=cfg.particles, num_trajectories=cfg.trajectories,

@@ -3,24 +3,53 @@
 Configs live in ``experiments/configs`` (package data, found as ``pkg://experiments.configs``), so the
 command works from any directory and from a non-editable install. Composition uses Hydra's compose
 API; any failure becomes a :class:`UserError` naming the key or option and what is allowed.
+
+A run directory's ``config.yaml`` is input like any other file: before anything in it is built, every
+``_target_`` it names must be one that ``experiments/configs`` names at the same key (the project's own
+classes), it may hold no other Hydra instantiation key (``_args_``, ``_partial_``, ...) and no
+interpolation (a run's config is saved resolved). Anything else is a one-line :class:`UserError`.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from importlib import resources
+from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 CONFIG_MODULE = "experiments.configs"
+RUN_SECTIONS = ("task", "model", "guide", "objective", "trainer")
+"""The mappings every run's ``config.yaml`` holds."""
 
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def make_dir(path: Path, key: str) -> Path:
+    """Create the directory ``path`` (and its parents); one that cannot be created (a file is in the
+    way, no permission, a read-only file system) is a one-line :class:`UserError` naming ``key``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{key}: cannot create the directory {path} ({error.strerror or first_line(error)})") \
+            from None
+    return path
 
 
 def group_options(group: str) -> list[str]:
@@ -54,7 +83,7 @@ def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
             return f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}"
         if f"'{key}'" in message and ("not in struct" in message or "Could not override" in message):
             return f"unknown config key {key!r}{_allowed_keys(config_name, overrides, key)}"
-    return message.strip().splitlines()[0]
+    return first_line(error)
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
@@ -65,8 +94,94 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         raise UserError(_explain(error, config_name, overrides)) from None
 
 
+def _entries(node, path: str = ""):
+    """``(key path of the mapping, key, value)`` of every mapping entry of a plain yaml tree, depth first."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, str(key), value
+            yield from _entries(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _entries(value, f"{path}[{index}]")
+
+
+def _package(text: str, group: str) -> str:
+    """The key a config file's content sits at: its ``# @package`` header (``_global_`` the top,
+    ``_group_`` its group) or, without one, its group's folder path (``task``, ``model``, ...)."""
+    header = re.search(r"^#\s*@package\s+(\S+)", text, re.MULTILINE)
+    if not header:
+        return group
+    parts = [group if part == "_group_" else part for part in header.group(1).split(".")]
+    return ".".join(part for part in parts if part and part != "_global_")
+
+
+def _config_files(folder=None, group: str = ""):
+    """``(package, text)`` of every yaml file under ``experiments/configs`` (:func:`_package`)."""
+    folder = folder or resources.files(CONFIG_MODULE)
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            yield from _config_files(entry, f"{group}.{entry.name}" if group else entry.name)
+        elif entry.name.endswith(".yaml"):
+            text = entry.read_text()
+            yield _package(text, group), text
+
+
+@functools.cache
+def allowed_targets() -> dict[str, frozenset[str]]:
+    """The ``_target_`` values the configs of ``experiments/configs`` name, by the key they sit at
+    (``task``, ``model``, ``guide``, ``objective``): all that a run's config may build."""
+    found: dict[str, set[str]] = {}
+    for package, text in _config_files():
+        for path, key, value in _entries(yaml.safe_load(text), package):
+            if key == "_target_":
+                found.setdefault(path, set()).add(value)
+    return {path: frozenset(targets) for path, targets in found.items()}
+
+
+def _plain(cfg, where: str, resolve: bool):
+    """``cfg`` as plain dicts and lists (interpolations resolved when ``resolve``)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=resolve) if OmegaConf.is_config(cfg) else cfg
+    except OmegaConfBaseException as error:
+        raise UserError(f"{where}: cannot resolve {first_line(error)}") from None
+
+
+def check_targets(cfg, where: str, path: str = "") -> None:
+    """A one-line :class:`UserError` unless every ``_target_`` in ``cfg`` (the node at key ``path`` of a
+    run's config, interpolations resolved) is one that ``experiments/configs`` names at that key, and no
+    other Hydra instantiation key (``_args_``, ``_partial_``, ``_recursive_``, ...) appears: checked
+    before anything is built, so that a config can only build the project's own classes."""
+    allowed = allowed_targets()
+    entries = [(f"{at}.{key}" if at else key, at, key, value)
+               for at, key, value in _entries(_plain(cfg, where, resolve=True), path)]
+    for name, at, key, value in entries:  # a foreign target first: the most telling complaint
+        options = allowed.get(at, frozenset())
+        if key == "_target_" and not (isinstance(value, str) and value in options):
+            what = f"allowed: {', '.join(sorted(options))}" if options else "nothing may be built there"
+            raise UserError(f"{where}: {name}={value!r} is not one of the project's classes; {what}")
+    for name, at, key, value in entries:
+        if key != "_target_" and re.fullmatch(r"_\w*_", key):
+            raise UserError(f"{where}: {name} is not allowed; only _target_ may say what is built")
+
+
+def _check_run_config(cfg: DictConfig, where: str) -> None:
+    """A saved run config is safe to build from: no interpolation (runs are saved resolved), the
+    sections of :data:`RUN_SECTIONS` as mappings, and :func:`check_targets`."""
+    for at, key, value in _entries(_plain(cfg, where, resolve=False)):
+        if isinstance(value, str) and "${" in value:
+            raise UserError(f"{where}: {at + '.' if at else ''}{key} is an interpolation ({value}); "
+                            f"a run's config holds plain values")
+    missing = [key for key in RUN_SECTIONS if not isinstance(cfg.get(key), DictConfig)]
+    if missing:
+        raise UserError(f"{where} is not a run's config: it lacks the mapping{'s' * (len(missing) > 1)} "
+                        f"{', '.join(missing)}")
+    check_targets(cfg, where)
+
+
 def build(node: DictConfig, what: str, **kwargs):
-    """Instantiate a ``_target_`` config node; a bad value becomes a one-line :class:`UserError`."""
+    """Instantiate the ``_target_`` config node at key ``what`` of a config (``task``, ``model``, ...);
+    a target not on the allow-list (:func:`check_targets`) or a bad value is a one-line :class:`UserError`."""
+    check_targets(node, f"{what} config", what)
     try:
         return instantiate(node, **kwargs)
     except MissingMandatoryValue as error:
@@ -76,13 +191,27 @@ def build(node: DictConfig, what: str, **kwargs):
         cause = error.__cause__ or error
         if isinstance(cause, UserError):  # already says what is wrong (a bad data file line, ...)
             raise cause from None
-        raise UserError(f"bad {what} config: {str(cause).strip().splitlines()[0]}") from None
+        raise UserError(f"bad {what} config: {first_line(cause)}") from None
+
+
+def _read_yaml(path) -> DictConfig:
+    """The yaml mapping in ``path``; an unreadable or unparsable file, or one that holds no mapping,
+    is a one-line :class:`UserError`."""
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as error:
+        raise UserError(f"{path} is not a readable yaml mapping ({first_line(error)})") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"{path} is not a readable yaml mapping (it holds a list)")
+    return loaded
 
 
 def load_run_config(path) -> DictConfig:
-    """A run's saved ``config.yaml``, with trainer keys added to ``trainer/default.yaml`` since the run
-    was written filled in from their defaults (so older runs still load and resume)."""
-    saved = OmegaConf.load(path)
+    """A run's saved ``config.yaml``, checked before anything is built from it (the module docstring),
+    with trainer keys added to ``trainer/default.yaml`` since the run was written filled in from their
+    defaults (so older runs still load and resume)."""
+    saved = _read_yaml(path)
+    _check_run_config(saved, str(path))
     defaults = OmegaConf.load(str(resources.files(CONFIG_MODULE) / "trainer" / "default.yaml"))
     saved.trainer = OmegaConf.merge(defaults, saved.trainer)
     return saved

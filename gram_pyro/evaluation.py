@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from gram_pyro.checkpoint import load_checkpoint
-from gram_pyro.config import UserError, load_run_config
+from gram_pyro.config import UserError, first_line, load_run_config
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import select
 from gram_pyro.tasks.base import held_out_index
@@ -186,8 +186,11 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
     paths = _draw(loaded, x, samples, **sampling)
     selected, _ = select(rule, paths.answers.cpu(), paths.value.cpu(), paths.halt_logit.cpu())
     lines = [task.format_answer(puzzle, answer) for puzzle, answer in zip(x, selected)]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n".join(lines) + "\n")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("\n".join(lines) + "\n")
+    except OSError as error:
+        raise UserError(f"output={output}: cannot write it ({error.strerror or first_line(error)})") from None
     return len(lines), int(task.judge(x, selected).sum())
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gram_pyro.config import UserError, build, save_config
+from gram_pyro.config import UserError, build, check_targets, first_line, save_config
 from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
                                    mean_over_ranks, shard)
 from gram_pyro.tasks.base import Batch, held_out_index
@@ -141,10 +141,12 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
 
 
 class Run:
-    """Everything a training run holds; built from a composed config."""
+    """Everything a training run holds; built from a composed config (checked first: only the project's
+    classes, sane trainer values)."""
 
     def __init__(self, cfg: DictConfig, world: World = World()):
         trainer = cfg.trainer
+        check_targets(cfg, "config")
         check_trainer(trainer)
         self.cfg, self.world = cfg, world
         self.device = join(world, resolve_device(trainer.device))
@@ -188,8 +190,7 @@ class Run:
             self.guide.load_state_dict(payload["guide"])
             self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
-            raise UserError(f"checkpoint does not match the configured model/guide: "
-                            f"{str(error).strip().splitlines()[0]}") from None
+            raise UserError(f"checkpoint does not match the configured model/guide: {first_line(error)}") from None
         self.scheduler.load_state_dict(payload["scheduler"])
         self.ema.load_state_dict(payload["ema"])
         set_rng_state(payload["rng"])  # rank 0's stream; the others continue from their own seed

@@ -1,0 +1,173 @@
+"""Run directories are input like any other: loading one builds only the project's own classes and
+touches nothing outside it; bad run files and paths are one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gram_pyro.cli import main
+from gram_pyro.config import allowed_targets
+from gram_pyro.training import train
+from tests.test_training import TINY, tiny_config
+
+VICTIM_TEXT = "precious data\n"
+PAYLOAD_MODULE = "gram_pyro_safety_payload"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run (config.yaml and checkpoint.pt), copied by the tests that alter it."""
+    return train(tiny_config("trainer.max_batches=1"), tmp_path_factory.mktemp("trained") / "run", quiet=True)
+
+
+@pytest.fixture
+def place(tmp_path, monkeypatch):
+    """A working directory, a victim file and folder, and an importable module whose import would leave
+    a marker file: all outside the run directory, in ``tmp_path``."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    victim = tmp_path / "victim.txt"
+    victim.write_text(VICTIM_TEXT)
+    (tmp_path / "victim_dir").mkdir()
+    (tmp_path / "victim_dir" / "keep.txt").write_text(VICTIM_TEXT)
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / f"{PAYLOAD_MODULE}.py").write_text(
+        f"open({str(tmp_path / 'imported.txt')!r}, 'w').write('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    (tmp_path / "boards.txt").write_text("")
+    return tmp_path
+
+
+def attacks(place: Path, cfg: dict) -> dict[str, tuple[str, object]]:
+    """Config nodes that would run code or touch files if they were built: ``name -> (key, node)``."""
+    victim, folder = str(place / "victim.txt"), str(place / "victim_dir")
+    return {
+        "open": ("task", {"_target_": "builtins.open", "_args_": [victim, "w"]}),
+        "rmtree": ("model", {"_target_": "shutil.rmtree", "path": folder}),
+        "write_text": ("guide", {"_target_": "pathlib.Path.write_text",
+                                 "self": {"_target_": "pathlib.Path", "_args_": [victim]}, "data": "pwned"}),
+        "import_module": ("objective", {"_target_": "importlib.import_module", "name": PAYLOAD_MODULE}),
+        "remove": ("task", {"_target_": "os.remove", "_args_": [victim]}),
+        "nested": ("task", {**cfg["task"], "source": {"_target_": "builtins.open", "_args_": [victim, "w"]}}),
+        "args_of_allowed": ("model", {**cfg["model"], "_args_": [{"_target_": "os.remove", "_args_": [victim]}]}),
+        "partial": ("task", {**cfg["task"], "_partial_": True}),
+        "recursive_off": ("model", {**cfg["model"], "_recursive_": False}),
+        "wrong_key": ("task", {**cfg["model"]}),
+        "trainer_target": ("trainer", {**cfg["trainer"], "_target_": "os.remove", "path": victim}),
+        "interpolation": ("task", "${oc.decode:'{_target_: os.remove, _args_: [" + victim + "]}'}"),
+    }
+
+
+COMMANDS = {
+    "eval": lambda run, place: ["eval", f"run={run}", "samples=2", "inputs=2"],
+    "resume": lambda run, place: ["train", f"resume={run}", "trainer.max_batches=2"],
+    "solve": lambda run, place: ["solve", f"run={run}", f"input={place / 'boards.txt'}"],
+    "sample": lambda run, place: ["sample", f"run={run}", "n=2"],
+    "diagnose": lambda run, place: ["diagnose", f"run={run}", "inputs=2", "particles=2", "trajectories=2"],
+}
+
+
+def malicious_run(trained: Path, place: Path, attack: str) -> Path:
+    """A copy of the trained run whose config.yaml carries ``attack``."""
+    run = place / "shared_run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes())
+    cfg = yaml.safe_load((trained / "config.yaml").read_text())
+    key, node = attacks(place, cfg)[attack]
+    cfg[key] = node
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def snapshot(root: Path, skip: Path) -> dict:
+    """Every path under ``root`` but ``skip``, with file contents: what must not change."""
+    return {str(path): path.read_bytes() if path.is_file() else None
+            for path in sorted(root.rglob("*")) if skip not in (path, *path.parents)}
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gram-pyro: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("attack", ["open", "rmtree", "write_text", "import_module", "remove", "nested",
+                                    "args_of_allowed", "partial", "recursive_off", "wrong_key", "trainer_target",
+                                    "interpolation"])
+def test_a_malicious_run_config_builds_nothing_and_touches_nothing(trained, place, capsys, attack, command):
+    run = malicious_run(trained, place, attack)
+    before = snapshot(place, run)
+    assert main(COMMANDS[command](run, place)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(run / "config.yaml") in line
+    assert snapshot(place, run) == before
+    assert (place / "victim.txt").read_text() == VICTIM_TEXT and not (place / "imported.txt").exists()
+
+
+def test_a_malicious_run_config_is_one_line_from_the_console(trained, place):
+    run = malicious_run(trained, place, "open")
+    result = subprocess.run([sys.executable, "-m", "gram_pyro.cli", "eval", f"run={run}"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"gram-pyro: error: {run / 'config.yaml'}: task._target_='builtins.open' is not one of the project's "
+        f"classes; allowed: {', '.join(sorted(allowed_targets()['task']))}"]
+    assert (place / "victim.txt").read_text() == VICTIM_TEXT
+
+
+def test_the_allow_list_is_what_the_configs_name():
+    allowed = allowed_targets()
+    assert set(allowed) == {"task", "model", "guide", "objective"}
+    assert "gram_pyro.tasks.nqueens.NQueensTask" in allowed["task"]
+    assert allowed["model"] == {"models.RecursiveReasoningModel"}
+    assert "guides.PriorGuide" in allowed["guide"] and "gram_pyro.objectives.PyroELBO" in allowed["objective"]
+
+
+def test_a_command_line_target_is_refused_before_anything_is_built(place, capsys):
+    assert main(["train", *TINY, "task._target_=builtins.open", f"run_dir={place / 'new'}"]) == 2
+    assert "task._target_='builtins.open' is not one of the project's classes" in one_error_line(
+        capsys.readouterr().err)
+    assert not (place / "new").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is not a run's config: it lacks the mappings task, model, guide, objective, trainer"),
+    ("5\n", "is not a readable yaml mapping"),
+    ("- 1\n- 2\n", "is not a readable yaml mapping (it holds a list)"),
+    ("task: [1\n", "is not a readable yaml mapping"),
+    ("task: nqueens\n", "it lacks the mappings task, model, guide, objective, trainer"),
+])
+def test_a_damaged_config_yaml_is_one_line(trained, tmp_path, capsys, text, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes())
+    (run / "config.yaml").write_text(text)
+    for command in (["eval", f"run={run}"], ["train", f"resume={run}"]):
+        assert main(command) == 2
+        assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_a_zero_byte_checkpoint_is_one_line(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((trained / "config.yaml").read_text())
+    (run / "checkpoint.pt").write_bytes(b"")
+    for command in (["eval", f"run={run}"], ["train", f"resume={run}", "trainer.max_batches=2"]):
+        assert main(command) == 2
+        assert "is unreadable (truncated or not a checkpoint: EOFError)" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", [
+    lambda run, blocked: ["eval", f"run={run}", "samples=2", "inputs=2", f"out={blocked}"],
+    lambda run, blocked: ["sample", f"run={run}", "n=2", f"out={blocked}"],
+    lambda run, blocked: ["solve", f"run={run}", f"input={run / 'config.yaml'}", f"output={blocked / 'a.txt'}"],
+    lambda run, blocked: ["diagnose", f"run={run}", f"out={blocked}"],
+])
+def test_an_output_folder_that_cannot_be_created_is_one_line(trained, tmp_path, capsys, command):
+    (tmp_path / "file").write_text("")
+    assert main(command(trained, tmp_path / "file" / "sub")) == 2
+    assert "cannot create the directory" in one_error_line(capsys.readouterr().err)
