@@ -218,7 +218,7 @@ def train_and_measure(guide: str, objective: str, cfg: DictConfig, run_dir: Path
                       quiet: bool) -> dict:
     """Train one pair into ``run_dir`` and measure it: its row of ``comparison.csv``."""
     start = time.perf_counter()
-    train(cfg, run_dir, quiet=quiet)
+    train(cfg, run_dir, quiet=quiet, overwrite=True)  # a rerun moves the old run aside
     return {"guide": guide, "objective": objective, "particles": cfg.objective.get("num_particles", 1),
             "train_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
             **measure(run_dir, compare)}

@@ -59,7 +59,7 @@ def run_demo(out: Path, overrides: list[str]) -> dict:
         cfg = compose_config("demo", [*choice, *overrides])
         run_dir = out / cfg.model.noise
         t0 = time.time()
-        train(cfg, run_dir)
+        train(cfg, run_dir, overwrite=True)  # the demo owns its directory: a rerun moves the old runs aside
         results[name] = {**final_scores(run_dir), "train_seconds": round(time.time() - t0, 1),
                          "run_dir": str(run_dir)}
     # the runs differ only in model and guide: task and trainer are read from the last one's config

@@ -2,7 +2,8 @@
 
 Commands:
   train       train a model: ``gram-pyro train task=nqueens model=gram guide=gaussian objective=truncated``;
-              continue a run with ``gram-pyro train resume=<run dir> [overrides]``.
+              continue a run with ``gram-pyro train resume=<run dir> [overrides]``; a run_dir that holds
+              a run is refused unless ``overwrite=true`` (which moves the old run aside).
   eval        metrics of a trained run with 95% intervals, from N prior trajectories per input:
               ``gram-pyro eval run=<dir> samples=20 depth=16 select=vote``.
   solve       answer every puzzle of a user file: ``gram-pyro solve run=<dir> input=<file>``.
@@ -54,7 +55,9 @@ def _train(overrides: list[str]) -> None:
             raise UserError(f"bad override for resume: {first_line(error)}") from None
         out = train(cfg, run_dir, resume=True)
     else:
-        out = train(cfg, Path(cfg.run_dir) if cfg.run_dir else None)
+        if not isinstance(cfg.overwrite, bool):
+            raise UserError(f"overwrite={cfg.overwrite!r}; allowed: true, false")
+        out = train(cfg, Path(cfg.run_dir) if cfg.run_dir else None, overwrite=cfg.overwrite)
     print(f"run directory: {out}")
 
 

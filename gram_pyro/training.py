@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gram_pyro.config import UserError, build, check_targets, first_line, save_config
+from gram_pyro.config import UserError, build, check_targets, first_line, make_dir, save_config
 from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
                                    mean_over_ranks, shard)
 from gram_pyro.tasks.base import Batch, held_out_index
@@ -237,6 +237,45 @@ def default_run_dir(cfg: DictConfig) -> Path:
     return Path("runs") / f"{task}-{cfg.model.noise}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+RUN_FILES = ("checkpoint.pt", "config.yaml", "metrics.csv", "eval.csv")
+"""The files that make a directory hold a training run."""
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The names among :data:`RUN_FILES` that ``run_dir`` holds (none: a new or unrelated directory)."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A one-line :class:`UserError` where training afresh into ``run_dir`` cannot go on: a file is in
+    the way, or it holds a run and ``overwrite`` is off (nothing is replaced silently)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir} is a file; allowed: a new directory or one that holds no run")
+    found = run_files(run_dir)
+    if found and not overwrite:
+        raise UserError(f"run_dir={run_dir} holds a run ({', '.join(found)}); continue it with "
+                        f"resume={run_dir}, or start afresh with overwrite=true (the old run is moved aside)")
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create ``run_dir`` for a fresh run; a run it holds is first moved aside, never deleted, to
+    ``<run_dir>.old-<date>-<time>`` (printed)."""
+    if run_files(run_dir):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+        copy = 1
+        while aside.exists():
+            copy += 1
+            aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{copy}")
+        try:
+            run_dir.rename(aside)
+        except OSError as error:
+            raise UserError(f"run_dir={run_dir}: cannot move the old run aside to {aside} "
+                            f"({error.strerror or first_line(error)})") from None
+        print(f"moved the previous run in {run_dir} to {aside}", flush=True)
+    make_dir(run_dir, "run_dir")
+
+
 class RunLog:
     """The files of a run directory that training appends to (rank 0 only): ``metrics.csv``,
     ``eval.csv``, TensorBoard events and the progress bar."""
@@ -269,21 +308,25 @@ class RunLog:
             handle.close()
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> Path:
+def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
+          overwrite: bool = False) -> Path:
     """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``); returns the dir.
-    Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
+    A ``run_dir`` that already holds a run is an error unless ``overwrite``, which moves that run aside
+    (:func:`prepare_run_dir`). Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
     trainer = cfg.trainer
     world = launched()
     pyro.enable_validation(bool(trainer.validate_pyro))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(trainer.threads or max((os.cpu_count() or 1) // local_ranks, 1))
     run_dir = Path(run_dir or default_run_dir(cfg))
+    if not resume:
+        check_run_dir(run_dir, overwrite)
     run = Run(cfg, world)
     checkpoint = run_dir / "checkpoint.pt"
     if resume:
         run.load(load_checkpoint(checkpoint))
     elif world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(run_dir)
     log = None
     if world.is_main:
         save_config(cfg, run_dir / "config.yaml")

@@ -1,6 +1,8 @@
 """Run directories are input like any other: loading one builds only the project's own classes and
-touches nothing outside it; bad run files and paths are one-line errors."""
+touches nothing outside it; training never silently replaces a run; bad run files and paths are
+one-line errors."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +173,42 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(trained, tmp_path, 
     (tmp_path / "file").write_text("")
     assert main(command(trained, tmp_path / "file" / "sub")) == 2
     assert "cannot create the directory" in one_error_line(capsys.readouterr().err)
+
+
+def run_tree(run: Path) -> dict:
+    return {str(path.relative_to(run)): path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+
+
+def test_training_into_a_run_is_refused_and_overwrite_moves_it_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "trainer.max_batches=1", f"run_dir={run}"]) == 0
+    kept = run_tree(run)
+    capsys.readouterr()
+    assert main(["train", *TINY, "trainer.max_batches=1", f"run_dir={run}"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"resume={run}" in line and "overwrite=true" in line
+    assert run_tree(run) == kept
+    assert main(["train", *TINY, "trainer.max_batches=1", f"run_dir={run}", "overwrite=true"]) == 0
+    aside = [path for path in tmp_path.iterdir() if path.name.startswith("run.old-")]
+    assert len(aside) == 1 and run_tree(aside[0]) == kept
+    assert f"moved the previous run in {run} to {aside[0]}" in capsys.readouterr().out
+    with (run / "metrics.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 1  # a fresh run's file, one header
+
+
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["train", *TINY, "trainer.max_batches=1", f"run_dir={tmp_path / 'file'}"]) == 2
+    assert "is a file" in one_error_line(capsys.readouterr().err)
+    assert main(["train", *TINY, "trainer.max_batches=1", f"run_dir={tmp_path / 'file' / 'run'}"]) == 2
+    assert "run_dir: cannot create the directory" in one_error_line(capsys.readouterr().err)
+
+
+def test_the_demo_reruns_into_its_directory(tmp_path):
+    from experiments.demo import main as demo
+
+    tiny = [*TINY, "trainer.max_batches=1", "trainer.checkpoint_every=1", "trainer.threads=1"]
+    assert demo([f"out={tmp_path}", *tiny]) == 0
+    assert demo([f"out={tmp_path}", *tiny]) == 0
+    assert (tmp_path / "results.json").is_file()
+    assert sorted(path.name.partition(".old-")[0] for path in tmp_path.glob("*.old-*")) == ["learned", "none"]
