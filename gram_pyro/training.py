@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import time
 from pathlib import Path
@@ -45,24 +46,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 TRAINER_LIMITS = {
-    "batch_size": (1, None), "max_batches": (0, None), "lr": (0, None), "weight_decay": (0, None),
+    "batch_size": (1, None), "max_batches": (0, None), "lr": (0, 1), "weight_decay": (0, None),
     "warmup_steps": (0, None), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
     "eval_every": (0, None), "eval_inputs": (1, None), "eval_samples": (1, None),
     "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None),
 }
-"""Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; ``threads`` may be null)."""
+"""Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; ``threads`` may be null).
+A learning rate above 1 moves every weight by more than 1 per AdamW step: never a useful setting."""
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    """One-line :class:`UserError` for a trainer value out of :data:`TRAINER_LIMITS` or not a number."""
+    """One-line :class:`UserError` for a trainer value out of :data:`TRAINER_LIMITS`, not finite or not a number."""
     for key, (low, high) in TRAINER_LIMITS.items():
         value = trainer[key]
         if key == "threads" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"trainer.{key}={value!r} is not a number")
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        if not math.isfinite(value):
+            raise UserError(f"trainer.{key}={value} is not a finite number; allowed: {allowed}")
         if value < low or (high is not None and value > high):
-            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise UserError(f"trainer.{key}={value} is out of range; allowed: {allowed}")
     betas = list(trainer.betas) if OmegaConf.is_list(trainer.betas) else trainer.betas
     if not (isinstance(betas, list) and len(betas) == 2
@@ -142,13 +146,13 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
 
 class Run:
     """Everything a training run holds; built from a composed config (checked first: only the project's
-    classes, sane trainer values)."""
+    classes, sane trainer values). ``run_dir``: where its checkpoints go, named in error messages."""
 
-    def __init__(self, cfg: DictConfig, world: World = World()):
+    def __init__(self, cfg: DictConfig, world: World = World(), run_dir: Path | None = None):
         trainer = cfg.trainer
         check_targets(cfg, "config")
         check_trainer(trainer)
-        self.cfg, self.world = cfg, world
+        self.cfg, self.world, self.run_dir = cfg, world, run_dir
         self.device = join(world, resolve_device(trainer.device))
         torch.manual_seed(trainer.seed)
         self.task = build(cfg.task, "task")
@@ -174,6 +178,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
         self.batches_done = 0
+        self.saved_at: int | None = None  # batches_done of the last checkpoint written or loaded
         self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
         if world.rank:  # identical initial weights on every rank, then a random stream of its own
             torch.manual_seed(trainer.seed + world.rank)
@@ -192,19 +197,63 @@ class Run:
         except (RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"checkpoint does not match the configured model/guide: {first_line(error)}") from None
         self.scheduler.load_state_dict(payload["scheduler"])
+        self.apply_hyperparameters()
         self.ema.load_state_dict(payload["ema"])
         set_rng_state(payload["rng"])  # rank 0's stream; the others continue from their own seed
         if self.world.rank:
             torch.manual_seed(self.cfg.trainer.seed + self.world.rank * 1_000_003 + payload["batches_done"])
-        self.batches_done = payload["batches_done"]
+        self.batches_done = self.saved_at = payload["batches_done"]
         self.bad_steps.fill_(payload["bad_steps"])
+
+    def apply_hyperparameters(self) -> None:
+        """Give a loaded optimizer and scheduler the configured learning rate, weight decay and betas
+        (their state holds the ones they were saved with), so that ``resume=<dir> trainer.lr=<lower>``
+        takes effect; with the saved values it changes nothing."""
+        trainer = self.cfg.trainer
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(lr=trainer.lr * factor, initial_lr=trainer.lr, weight_decay=trainer.weight_decay,
+                         betas=tuple(trainer.betas))
+        self.scheduler.base_lrs = [trainer.lr] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def recovery(self) -> str:
+        """Where the last good checkpoint is and how to go on from it with a lower learning rate."""
+        lower = f"trainer.lr={self.cfg.trainer.lr / 10:g}"
+        if self.run_dir is None:
+            return f"lower the learning rate, e.g. {lower}"
+        if self.saved_at is None:
+            return (f"no checkpoint was written; train afresh with a lower learning rate: "
+                    f"gram-pyro train run_dir={self.run_dir} overwrite=true {lower}")
+        return (f"the last good checkpoint is {self.run_dir / 'checkpoint.pt'} (batch {self.saved_at}); resume "
+                f"from it with a lower learning rate: gram-pyro train resume={self.run_dir} {lower}")
 
     def check_bad_steps(self) -> None:
         """Stop the run once more than ``trainer.max_bad_steps`` updates had a non-finite loss. It reads
         the device counter (a host sync), so training calls it at logging and checkpoint intervals only."""
         if int(self.bad_steps) > self.cfg.trainer.max_bad_steps:
-            raise UserError(f"stopped: {int(self.bad_steps)} non-finite losses (trainer.max_bad_steps="
-                            f"{self.cfg.trainer.max_bad_steps}); the last good checkpoint is kept")
+            raise UserError(f"stopped at batch {self.batches_done}: {int(self.bad_steps)} non-finite losses "
+                            f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); {self.recovery()}")
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Stop the run if a weight, EMA weight or optimizer moment is NaN or infinite: one fused
+        reduction (the max-abs norm of every tensor), one host sync; called before every checkpoint."""
+        tensors = [*self.params, *self.ema.shadow, *(value for state in self.optimizer.state.values()
+                                                     for value in state.values()
+                                                     if torch.is_tensor(value) and value.is_floating_point())]
+        if not bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
+            raise UserError(f"stopped at batch {self.batches_done}: the weights are no longer finite (NaN or "
+                            f"inf) and were not saved; {self.recovery()}")
+
+    def save(self, *paths: Path) -> None:
+        """Write the run's state to each of ``paths`` (atomically) once :meth:`check_finite` passes: no
+        checkpoint ever holds a non-finite tensor, and a failed check keeps the previous one."""
+        self.check_finite()
+        state = self.state()
+        for path in paths:
+            save_checkpoint(path, state)
+        self.saved_at = self.batches_done
 
     def train_batch(self, batch: Batch) -> dict:
         """All optimizer steps of one global batch (this rank's rows of it); returns the last update's
@@ -321,7 +370,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     run_dir = Path(run_dir or default_run_dir(cfg))
     if not resume:
         check_run_dir(run_dir, overwrite)
-    run = Run(cfg, world)
+    run = Run(cfg, world, run_dir)
     checkpoint = run_dir / "checkpoint.pt"
     if resume:
         run.load(load_checkpoint(checkpoint))
@@ -358,13 +407,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
                     log_eval()
                 if run.batches_done % trainer.checkpoint_every == 0:
                     run.check_bad_steps()
-                    save_checkpoint(checkpoint, run.state())
-                    if trainer.keep_checkpoints:
-                        save_checkpoint(run_dir / "checkpoints" / f"batch_{run.batches_done:06d}.pt", run.state())
+                    kept = run_dir / "checkpoints" / f"batch_{run.batches_done:06d}.pt"
+                    run.save(checkpoint, *([kept] if trainer.keep_checkpoints else []))
         if log:
             if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
                 log_eval()
-            save_checkpoint(checkpoint, run.state())
+            run.save(checkpoint)
             log.close()
             log = None
         barrier(world)  # every rank leaves the process group together, after rank 0's files are closed

@@ -1,6 +1,6 @@
 """Run directories are input like any other: loading one builds only the project's own classes and
-touches nothing outside it; training never silently replaces a run; bad run files and paths are
-one-line errors."""
+touches nothing outside it; training never silently replaces a run; no checkpoint holds a non-finite
+tensor; bad run files and paths are one-line errors."""
 
 import csv
 import subprocess
@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.cli import main
-from gram_pyro.config import allowed_targets
-from gram_pyro.training import train
+from gram_pyro.config import UserError, allowed_targets
+from gram_pyro.training import Run, train
 from tests.test_training import TINY, tiny_config
 
 VICTIM_TEXT = "precious data\n"
@@ -212,3 +214,96 @@ def test_the_demo_reruns_into_its_directory(tmp_path):
     assert demo([f"out={tmp_path}", *tiny]) == 0
     assert (tmp_path / "results.json").is_file()
     assert sorted(path.name.partition(".old-")[0] for path in tmp_path.glob("*.old-*")) == ["learned", "none"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("overwrite=maybe", "overwrite='maybe'; allowed: true, false"),
+    ("trainer.lr=inf", "trainer.lr=inf is not a finite number; allowed: in [0, 1]"),
+    ("trainer.lr=nan", "trainer.lr=nan is not a finite number"),
+    ("trainer.lr=5", "trainer.lr=5 is out of range; allowed: in [0, 1]"),
+    ("trainer.weight_decay=nan", "trainer.weight_decay=nan is not a finite number; allowed: >= 0"),
+    ("trainer.grad_clip=-inf", "trainer.grad_clip=-inf is not a finite number"),
+])
+def test_bad_training_values_are_one_line_and_create_nothing(tmp_path, capsys, override, message):
+    assert main(["train", *TINY, override, f"run_dir={tmp_path / 'run'}"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def tensors(value):
+    """Every tensor in a (nested) checkpoint payload."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors(item)
+
+
+def assert_finite_checkpoint(path: Path) -> dict:
+    payload = load_checkpoint(path)
+    assert all(torch.isfinite(t).all() for t in tensors(payload) if t.is_floating_point())
+    return payload
+
+
+def test_an_infinite_learning_rate_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr("gram_pyro.training.check_trainer", lambda trainer: None)  # past the up-front check
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as error:
+        train(tiny_config("trainer.lr=inf", "trainer.max_batches=3", "trainer.checkpoint_every=1"), run, quiet=True)
+    assert "no longer finite" in str(error.value) and "no checkpoint was written" in str(error.value)
+    assert f"gram-pyro train run_dir={run} overwrite=true" in str(error.value)
+    assert not (run / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["parameter", "ema"])
+def test_a_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, where):
+    real = Run.train_batch
+
+    def poisoned(self, batch):
+        metrics = real(self, batch)
+        if self.batches_done == 1:  # the second batch: after the first checkpoint
+            with torch.no_grad():
+                (self.params[0] if where == "parameter" else self.ema.shadow[0]).view(-1)[0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(Run, "train_batch", poisoned)
+    run = tmp_path / "run"
+    cfg = tiny_config("trainer.max_batches=3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=true")
+    with pytest.raises(UserError) as error:
+        train(cfg, run, quiet=True)
+    message = str(error.value)
+    assert message.startswith("stopped at batch 2: the weights are no longer finite")
+    assert f"the last good checkpoint is {run / 'checkpoint.pt'} (batch 1)" in message
+    assert f"gram-pyro train resume={run} trainer.lr=0.0001" in message
+    assert assert_finite_checkpoint(run / "checkpoint.pt")["batches_done"] == 1
+    assert [path.name for path in (run / "checkpoints").iterdir()] == ["batch_000001.pt"]
+
+
+def test_too_many_bad_steps_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    from gram_pyro.objectives import TruncatedSurrogate
+
+    real = TruncatedSurrogate.loss
+
+    def poisoned(self, *args):
+        loss, metrics = real(self, *args)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(TruncatedSurrogate, "loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as error:
+        train(tiny_config("trainer.max_batches=2", "trainer.max_bad_steps=0"), run, quiet=True)
+    assert "non-finite losses" in str(error.value) and "no checkpoint was written" in str(error.value)
+    assert "last good checkpoint" not in str(error.value) and not (run / "checkpoint.pt").exists()
+
+
+def test_resume_with_a_lower_learning_rate_uses_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "trainer.max_batches=2", f"run_dir={run}"]) == 0
+    assert main(["train", f"resume={run}", "trainer.max_batches=3", "trainer.lr=1e-4"]) == 0
+    with (run / "metrics.csv").open() as f:
+        rates = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert rates == [1e-3, 1e-3, 1e-4]  # the warm-up (2 steps) ends within the first batch (2 steps)
+    assert [g["lr"] for g in assert_finite_checkpoint(run / "checkpoint.pt")["optimizer"]["param_groups"]] == [1e-4]
