@@ -67,6 +67,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from gram_pyro.config import UserError
+from gram_pyro.objectives import step_logits
 
 PERTURBATION_KINDS = ("ptrm", "decoder", "z0")
 LATENTS = ("h", "l")
@@ -376,3 +377,24 @@ def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, see
                     out[name] = tensor.new_empty(shape)
                 out[name][(*lead, slice(lanes.start, lanes.stop), rows)] = tensor
     return Trajectories(seed=seed, **out)
+
+
+@torch.no_grad()
+def guided_trajectory(model, guide, x: torch.Tensor, y: torch.Tensor, puzzle: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One trajectory per input drawn from the **guide** ``q(eps | u, y)`` (the whole untruncated program):
+    the final step's answers ``[B, S]`` and the single-sample KL estimate
+    ``sum over eps sites of log q(eps) - log p(eps)`` per input ``[B]`` (nats; zero where the guide
+    follows the prior). Compared with prior trajectories it is the training-time shortcut check."""
+    was_training = guide.training
+    guide.eval()
+    try:
+        model_trace, guide_trace = guide.run(model.forward, x, y=y, puzzle=puzzle)
+    finally:
+        guide.train(was_training)
+    kl = torch.zeros(x.shape[:-1], device=x.device)
+    for name, node in guide_trace.nodes.items():
+        if node["type"] == "sample" and name.startswith("eps"):
+            value = node["value"]
+            kl = kl + (node["fn"].log_prob(value) - model_trace.nodes[name]["fn"].log_prob(value)).float()
+    return step_logits(model_trace, model.n_sup - 1).argmax(-1), kl

@@ -17,7 +17,15 @@ is summed over all ``L x D`` latent units of the transition before that division
   with Dreamer-style KL balancing ``KL_bal = a KL(sg(q) || p) + (1 - a) KL(q || sg(p))``
   (value = KL(q || p); ``a`` = ``kl_balance``). The model runs with ``truncate=True``: gradient flows
   through the final transition only and the state is detached between steps. One optimizer step per
-  supervision step (``updates_per_batch = n_sup``).
+  supervision step (``updates_per_batch = n_sup``). Two options against the posterior shortcut
+  (``docs/shortcut.md``), both off by default:
+
+  * a KL cap (a rate target, as GECO's constraint): ``+ kl_cap_weight * max(0, KL / S - kl_cap)``, so
+    the posterior may carry at most about ``kl_cap`` nats per target token per step before the penalty
+    grows steeply;
+  * reconstruction from prior rollouts (the hybrid objective of Sohn et al., 2015): a second chain of
+    supervision steps run with eps drawn from the **prior**, whose decoder is scored against the same
+    target, mixed in as ``(1 - prior_weight) * L_n + prior_weight * NLL_prior_n / S``.
 - :class:`PyroELBO`: Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, unchanged, on the untruncated
   whole program (every supervision step observes ``y``); one optimizer step per batch.
 
@@ -91,14 +99,26 @@ def head_losses(model_trace: Trace, x: torch.Tensor, y: torch.Tensor, n: int, ju
     return halt, value, correct
 
 
+def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``-log p(y | logits)`` per example ``[..., B]``, summed over the supervised tokens of ``y [B, S]``
+    (``logits [..., B, S, V]``)."""
+    log_p = logits.float().log_softmax(-1).gather(-1, y.clamp(min=0).expand(logits.shape[:-1]).unsqueeze(-1))
+    return -(log_p.squeeze(-1) * (y != IGNORE)).sum(-1)
+
+
 class TruncatedSurrogate:
     """The paper's truncated, per-supervision-step GRAM objective (see the module docstring)."""
 
-    def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, halt_weight: float = 1.0,
+    def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
+                 kl_cap_weight: float = 10.0, prior_weight: float = 0.0, halt_weight: float = 1.0,
                  value_weight: float = 1.0, judge: Judge = exact_match):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
+        if (kl_cap is not None and kl_cap < 0) or kl_cap_weight < 0 or not 0 <= prior_weight <= 1:
+            raise ValueError(f"need kl_cap >= 0 (or null), kl_cap_weight >= 0 and 0 <= prior_weight <= 1, got "
+                             f"kl_cap={kl_cap}, kl_cap_weight={kl_cap_weight}, prior_weight={prior_weight}")
         self.beta, self.kl_balance = beta, kl_balance
+        self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
         self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
 
     def updates_per_batch(self, model) -> int:
@@ -110,13 +130,26 @@ class TruncatedSurrogate:
             raise ValueError(f"guide {type(guide).__name__} has no analytic KL: use objective=truncated_mc "
                              "or a particle scheme (iwae, rws, smc)")
 
+    def kl_penalty(self, kl: torch.Tensor) -> torch.Tensor:
+        """``beta * KL`` plus the cap's ``kl_cap_weight * max(0, KL - kl_cap)`` (``kl`` per target token)."""
+        penalty = self.beta * kl
+        if self.kl_cap is not None:
+            penalty = penalty + self.kl_cap_weight * (kl - self.kl_cap).clamp(min=0)
+        return penalty
+
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
         if update == 0:
             state.clear()
             model.init(state, batch.x)
+            if self.prior_weight:
+                state["prior"] = {}
+                model.init(state["prior"], batch.x)
+        n, last = update, model.transitions - 1
+        if self.prior_weight:  # the prior chain's step n, before the guided one (both are site-named n)
+            prior_logits = model.step(state["prior"], batch.x, truncate=True, puzzle=batch.puzzle)
+            model._step_index = n
         model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True,
                                              puzzle=batch.puzzle)
-        n, last = update, model.transitions - 1
         observed = model_trace.nodes[f"y/{n}"]
         log_lik = observed["fn"].log_prob(observed["value"])  # [B], summed over supervised tokens
         kl = torch.zeros_like(log_lik)
@@ -125,8 +158,14 @@ class TruncatedSurrogate:
             kl = kl + balanced_kl(guide_trace.nodes[site]["fn"], model_trace.nodes[site]["fn"], self.kl_balance)
         nll, kl = -per_token(log_lik, batch.y), per_token(kl, batch.y)
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
-        loss = nll + self.beta * kl + self.halt_weight * halt + self.value_weight * value
-        return loss, {"loss": loss, "nll": nll, "kl": kl, "halt": halt, "value": value, "acc": correct.mean()}
+        loss = nll + self.kl_penalty(kl)
+        metrics = {"nll": nll, "kl": kl}
+        if self.prior_weight:
+            prior_nll = per_token(token_nll(prior_logits, batch.y), batch.y)
+            loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
+            metrics["prior_nll"] = prior_nll
+        loss = loss + self.halt_weight * halt + self.value_weight * value
+        return loss, {"loss": loss, **metrics, "halt": halt, "value": value, "acc": correct.mean()}
 
 
 ELBOS = {"Trace_ELBO": pyro.infer.Trace_ELBO, "TraceMeanField_ELBO": pyro.infer.TraceMeanField_ELBO}

@@ -29,8 +29,8 @@ from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from gram_pyro.config import UserError, build, check_targets, first_line, make_dir, save_config
 from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
                                    mean_over_ranks, shard)
-from gram_pyro.tasks.base import Batch, held_out_index
-from gram_pyro.inference import sample_trajectories
+from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
+from gram_pyro.inference import guided_trajectory, sample_trajectories
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -50,9 +50,13 @@ TRAINER_LIMITS = {
     "warmup_steps": (0, None), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
     "eval_every": (0, None), "eval_inputs": (1, None), "eval_samples": (1, None),
     "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None),
+    "shortcut_gap": (0, 1), "shortcut_after": (0, None),
 }
 """Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; ``threads`` may be null).
 A learning rate above 1 moves every weight by more than 1 per AdamW step: never a useful setting."""
+
+SHORTCUT_ACTIONS = ("warn", "stop", "off")
+"""Allowed ``trainer.shortcut_action`` values: what a detected posterior shortcut does to a run."""
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -68,6 +72,9 @@ def check_trainer(trainer: DictConfig) -> None:
             raise UserError(f"trainer.{key}={value} is not a finite number; allowed: {allowed}")
         if value < low or (high is not None and value > high):
             raise UserError(f"trainer.{key}={value} is out of range; allowed: {allowed}")
+    if trainer.shortcut_action not in SHORTCUT_ACTIONS:
+        raise UserError(f"unknown trainer.shortcut_action {trainer.shortcut_action!r}; "
+                        f"allowed: {', '.join(SHORTCUT_ACTIONS)}")
     betas = list(trainer.betas) if OmegaConf.is_list(trainer.betas) else trainer.betas
     if not (isinstance(betas, list) and len(betas) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
@@ -142,6 +149,55 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
     finally:
         model.train(was_training)
     return task.score(split, index, answers)
+
+
+def solution_nats(task, split, index: torch.Tensor) -> float | None:
+    """The information a choice among an input's valid answers needs, ``log(number of solutions)`` nats,
+    averaged over the inputs ``index`` of ``split`` (``None`` where the task does not count them)."""
+    if getattr(task, "num_all_grids", None):  # unconditional 4x4 Sudoku: every grid answers every input
+        return math.log(task.num_all_grids)
+    counts = None if task.unconditional else split.num_solutions
+    return None if counts is None else counts[index].double().log().mean().item()
+
+
+def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: torch.device, seed: int = 0) -> dict:
+    """The training-time shortcut check on the inputs :func:`evaluate` scores: accuracy of answers decoded
+    along one **guide** trajectory per input (``posterior_accuracy``), the KL of the guide from the prior
+    over the whole trajectory per target token (``kl_per_token``, nats) and, where the task counts its
+    solutions, ``info_per_token``: what choosing a solution needs (log of the number of solutions per
+    target token). A posterior far more accurate than the prior, or a KL far above the information, is
+    the shortcut: the target reaches the answer through eps. Seeded by ``seed``; it leaves the global
+    random streams as they were."""
+    data = task.splits[split]
+    index = held_out_index(len(data), num_inputs, seed)
+    batch = data.batch(index, torch.Generator().manual_seed(seed)).to(device)
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:  # the guide's draws come from a stream of their own: training's random stream is left as it was
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
+            torch.manual_seed(seed)
+            answers, kl = guided_trajectory(model, guide, batch.x, batch.y, batch.puzzle)
+    finally:
+        model.train(was_training)
+    tokens = (batch.y != IGNORE).sum(-1).double().mean().item()
+    scores = {"posterior_accuracy": task.judge(batch.x, answers, batch.y).float().mean().item(),
+              "kl_per_token": kl.double().mean().item() / tokens}
+    nats = solution_nats(task, data, index)
+    if nats is not None:
+        scores["info_per_token"] = nats / tokens
+    return scores
+
+
+def shortcut_verdict(scores: dict, trainer: DictConfig) -> str | None:
+    """A one-line verdict when the posterior accuracy exceeds the prior's by more than
+    ``trainer.shortcut_gap`` (``None`` otherwise)."""
+    gap = scores["posterior_accuracy"] - scores["accuracy"]
+    if gap <= trainer.shortcut_gap:
+        return None
+    return (f"posterior shortcut: posterior accuracy {scores['posterior_accuracy']:.1%}, prior accuracy "
+            f"{scores['accuracy']:.1%} (gap {gap:.1%} > trainer.shortcut_gap={trainer.shortcut_gap}); KL "
+            f"{scores['kl_per_token']:.3f} nats per target token; see docs/shortcut.md")
 
 
 class Run:
@@ -256,16 +312,17 @@ class Run:
         self.saved_at = self.batches_done
 
     def train_batch(self, batch: Batch) -> dict:
-        """All optimizer steps of one global batch (this rank's rows of it); returns the last update's
-        metrics (tensors, this rank's)."""
+        """All optimizer steps of one global batch (this rank's rows of it); returns each metric's mean
+        over the batch's updates (tensors, this rank's)."""
         trainer = self.cfg.trainer
         batch, scale = shard(batch, self.world)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and trainer.bf16)
         state: dict = {}
         metrics: dict = {}
-        for update in range(self.objective.updates_per_batch(self.model)):
+        updates = self.objective.updates_per_batch(self.model)
+        for update in range(updates):
             with autocast:
-                loss, metrics = self.objective.loss(self.model, self.guide, batch, state, update)
+                loss, step_metrics = self.objective.loss(self.model, self.guide, batch, state, update)
             self.optimizer.zero_grad(set_to_none=True)
             finite = all_finite(loss, self.world)
             (loss * scale).backward()
@@ -278,6 +335,8 @@ class Run:
             self.scheduler.step()
             self.ema.update()
             self.bad_steps += ~finite
+            for key, value in step_metrics.items():
+                metrics[key] = metrics.get(key, 0) + value.detach() / updates
         return metrics
 
 
@@ -386,8 +445,17 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     def log_eval() -> None:
         with run.ema.applied():
             scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
+            if run.model.stochastic and trainer.shortcut_action != "off":
+                scores |= shortcut_scores(run.task, run.model, run.guide, "test", trainer.eval_inputs, run.device)
         log.row("eval", run.batches_done, scores)
-        log.progress.set_postfix(scores)
+        log.progress.set_postfix({k: f"{v:.3f}" for k, v in scores.items()})
+        verdict = ("posterior_accuracy" in scores and "accuracy" in scores
+                   and run.batches_done >= trainer.shortcut_after and shortcut_verdict(scores, trainer))
+        if verdict and trainer.shortcut_action == "stop":
+            run.save(checkpoint)
+            raise UserError(f"stopped at batch {run.batches_done} (trainer.shortcut_action=stop): {verdict}")
+        if verdict:
+            log.progress.write(f"warning at batch {run.batches_done}: {verdict}")
 
     try:
         while run.batches_done < trainer.max_batches:

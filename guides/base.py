@@ -13,6 +13,10 @@ the model has just recorded (``upstream_value``) and returns the posterior to sa
   ELBO of the step, and it keeps the target from flowing into the state through transitions that
   pay no KL (NOTES.md, "the posterior shortcut").
 
+``posterior_steps`` (``None``: all) limits the posterior to the first that many supervision steps;
+later steps follow the prior and are trained on the target they are handed, so they learn to finish
+from a state that a low-KL posterior has only steered (``docs/shortcut.md``).
+
 The target ``y`` is read from the arguments of the program the guide runs (its ``y`` parameter).
 """
 
@@ -43,13 +47,16 @@ class EpsGuide(GuideMessenger, nn.Module):
 
     analytic_kl = True
 
-    def __init__(self, model: nn.Module, posterior_transitions: str = "last"):
+    def __init__(self, model: nn.Module, posterior_transitions: str = "last", posterior_steps: int | None = None):
         nn.Module.__init__(self)
         GuideMessenger.__init__(self, model)
         if posterior_transitions not in POSTERIOR_TRANSITIONS:
             raise ValueError(f"unknown posterior_transitions {posterior_transitions!r}; "
                              f"allowed: {', '.join(POSTERIOR_TRANSITIONS)}")
-        self.posterior_transitions = posterior_transitions
+        if posterior_steps is not None and (isinstance(posterior_steps, bool) or not isinstance(posterior_steps, int)
+                                            or posterior_steps < 1):
+            raise ValueError(f"posterior_steps must be a whole number >= 1 or null, got {posterior_steps!r}")
+        self.posterior_transitions, self.posterior_steps = posterior_transitions, posterior_steps
         self._program_signature: inspect.Signature | None = None
 
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -85,6 +92,8 @@ class EpsGuide(GuideMessenger, nn.Module):
     def covers(self, name: str) -> bool:
         """Whether the posterior (rather than the prior) is used at site ``name``."""
         if not name.startswith("eps"):
+            return False
+        if self.posterior_steps is not None and int(name.split("/")[1]) >= self.posterior_steps:
             return False
         if self.posterior_transitions == "all":
             return True

@@ -56,8 +56,8 @@ class Correction(nn.Module):
 class ContextGuide(EpsGuide):
     """Base of the families below: checks the model is stochastic and owns the context encoder."""
 
-    def __init__(self, model: nn.Module, posterior_transitions: str = "last"):
-        super().__init__(model, posterior_transitions)
+    def __init__(self, model: nn.Module, posterior_transitions: str = "last", posterior_steps: int | None = None):
+        super().__init__(model, posterior_transitions, posterior_steps)
         if not model.stochastic:
             raise ValueError("a posterior guide needs a stochastic model (noise != 'none'); use guide=prior")
         self.context = TargetContext(model)

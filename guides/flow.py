@@ -29,8 +29,8 @@ class ConditionalFlow(ContextGuide):
     analytic_kl = False
 
     def __init__(self, model: nn.Module, kind: str = "coupling", depth: int = 2, hidden: int | None = None,
-                 posterior_transitions: str = "last"):
-        super().__init__(model, posterior_transitions)
+                 posterior_transitions: str = "last", posterior_steps: int | None = None):
+        super().__init__(model, posterior_transitions, posterior_steps)
         if kind not in FLOW_KINDS:
             raise ValueError(f"unknown flow kind {kind!r}; allowed: {', '.join(FLOW_KINDS)}")
         if depth < 1 or model.dim < 2:

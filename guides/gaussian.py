@@ -9,6 +9,9 @@ everything the recursion has computed. The paper does not say how ``y`` enters; 
 of public reimplementations (PAPER.md section 1). ``mu_phi`` and ``sigma_phi`` are one SwiGLU each, starting at mean 0 and scale
 ``init_scale`` (equal to the prior at initialisation when the prior's ``init_scale`` is the same, so
 the KL starts at zero).
+
+``target_dropout`` is a bottleneck on what the posterior sees of ``y``: in training, each target token
+is hidden (embedded as the pad token) with that probability, independently per call.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from guides.base import EpsGuide
 
 class TargetConditionedGaussian(EpsGuide):
     def __init__(self, model: nn.Module, hidden: int | None = None, init_scale: float = 1.0,
-                 posterior_transitions: str = "last"):
-        super().__init__(model, posterior_transitions)
+                 posterior_transitions: str = "last", posterior_steps: int | None = None,
+                 target_dropout: float = 0.0):
+        super().__init__(model, posterior_transitions, posterior_steps)
+        if not 0 <= target_dropout < 1:
+            raise ValueError(f"target_dropout must be in [0, 1), got {target_dropout}")
+        self.target_dropout = target_dropout
         if not model.stochastic:
             raise ValueError("a posterior guide needs a stochastic model (noise != 'none'); use guide=prior")
         # E(y): the target's tokens embedded like the input's, after a zero prefix: [..., B, P + S, D]
@@ -34,5 +41,8 @@ class TargetConditionedGaussian(EpsGuide):
         )
 
     def posterior(self, kind: str, u: torch.Tensor, y: torch.Tensor, prior) -> dist.Distribution:
-        loc, scale = self.heads[kind](u + self.target_encoder(y.clamp(min=0)))
+        y = y.clamp(min=0)
+        if self.training and self.target_dropout:
+            y = y.masked_fill(torch.rand(y.shape, device=y.device) < self.target_dropout, 0)
+        loc, scale = self.heads[kind](u + self.target_encoder(y))
         return dist.Normal(loc, scale).to_event(2)

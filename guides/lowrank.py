@@ -24,8 +24,8 @@ class LowRankGaussian(ContextGuide):
     analytic_kl = False
 
     def __init__(self, model: nn.Module, rank: int = 4, hidden: int | None = None, factor_init: float = 1e-2,
-                 posterior_transitions: str = "last"):
-        super().__init__(model, posterior_transitions)
+                 posterior_transitions: str = "last", posterior_steps: int | None = None):
+        super().__init__(model, posterior_transitions, posterior_steps)
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
         self.rank, dim = rank, model.dim

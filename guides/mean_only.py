@@ -19,8 +19,8 @@ from guides.context import ContextGuide, Correction
 
 class MeanOnlyGaussian(ContextGuide):
     def __init__(self, model: nn.Module, scale: float = 1e-3, hidden: int | None = None,
-                 posterior_transitions: str = "last"):
-        super().__init__(model, posterior_transitions)
+                 posterior_transitions: str = "last", posterior_steps: int | None = None):
+        super().__init__(model, posterior_transitions, posterior_steps)
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         self.scale = scale

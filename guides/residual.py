@@ -19,8 +19,8 @@ from guides.context import ContextGuide, Correction, prior_normal
 
 
 class ResidualGaussian(ContextGuide):
-    def __init__(self, model: nn.Module, hidden: int | None = None, posterior_transitions: str = "last"):
-        super().__init__(model, posterior_transitions)
+    def __init__(self, model: nn.Module, hidden: int | None = None, posterior_transitions: str = "last", posterior_steps: int | None = None):
+        super().__init__(model, posterior_transitions, posterior_steps)
         self.corrections = nn.ModuleDict(
             {kind: Correction(model.dim, self.hidden_width(hidden), 2 * model.dim) for kind in model.noise_sites}
         )

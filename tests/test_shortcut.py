@@ -1,0 +1,141 @@
+"""The levers against the posterior shortcut (KL cap, prior rollouts, posterior steps, target dropout)
+against hand computations, and the training-time shortcut check."""
+
+import pytest
+import torch
+
+from gram_pyro.config import UserError
+from gram_pyro.inference import guided_trajectory
+from gram_pyro.objectives import TruncatedSurrogate
+from gram_pyro.reference import supervision_step, surrogate_loss, token_log_likelihood
+from gram_pyro.tasks.base import Batch
+from gram_pyro.training import shortcut_verdict, train
+from guides import PriorGuide
+from tests.conftest import tiny_guide, tiny_model
+from tests.test_training import tiny_config
+
+
+def start(model, batch_size):
+    return model.h0.expand(batch_size, -1, -1), model.l0.expand(batch_size, -1, -1)
+
+
+def prior_step(model, x, h, l):
+    """One supervision step with every eps drawn from the prior, truncated; returns (logits, h, l)."""
+    e_x = model.encoder(x)
+    for t in range(model.transitions):
+        with torch.no_grad() if t < model.transitions - 1 else torch.enable_grad():
+            l = model.core.refine_low(l, h, e_x)
+            u = model.core.propose_high(h, l)
+            h = u + torch.distributions.Normal(*model.noise_heads["eps"](u)).rsample()
+    return model.decoder(h), h.detach(), l.detach()
+
+
+@pytest.mark.parametrize("cap_share", [0.5, 2.0])
+def test_kl_cap_adds_its_weight_times_the_excess_over_the_cap(data, cap_share):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    torch.manual_seed(7)
+    step = supervision_step(model, guide, x, y, *start(model, x.shape[0]), truncate=True, posterior_everywhere=False)
+    kl = step.kl_last.sum() / y.numel()
+    cap = cap_share * kl.item()
+    uncapped = surrogate_loss(model, step, x, y, beta=0.3)
+    expected = uncapped + 4.0 * (kl - cap).clamp(min=0)
+    torch.manual_seed(7)
+    loss, _ = TruncatedSurrogate(beta=0.3, kl_cap=cap, kl_cap_weight=4.0).loss(model, guide, Batch(x, y), {}, 0)
+    assert torch.allclose(loss, expected, atol=1e-5, rtol=0), (loss, expected)
+    assert (loss.item() > uncapped.item() + 1.0) == (cap_share < 1)
+
+
+def test_prior_rollouts_score_a_prior_chain_against_the_target(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    weight, beta, tokens = 0.25, 0.3, y.numel()
+    torch.manual_seed(5)
+    objective, state = TruncatedSurrogate(beta=beta, prior_weight=weight), {}
+    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
+    torch.manual_seed(5)  # by hand: at each step the prior chain draws first, then the guided chain
+    (h, l), (hp, lp) = start(model, x.shape[0]), start(model, x.shape[0])
+    for loss, metrics in ours:
+        prior_logits, hp, lp = prior_step(model, x, hp, lp)
+        step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
+        h, l = step.h.detach(), step.l.detach()
+        prior_nll = -token_log_likelihood(prior_logits, y).sum() / tokens
+        guided = (-token_log_likelihood(step.logits, y).sum() + beta * step.kl_last.sum()) / tokens
+        heads = surrogate_loss(model, step, x, y, beta) - guided
+        expected = (1 - weight) * guided + weight * prior_nll + heads
+        assert torch.allclose(metrics["prior_nll"], prior_nll, atol=1e-5, rtol=0)
+        assert torch.allclose(loss, expected, atol=1e-5, rtol=0), (loss, expected)
+
+
+def test_posterior_steps_leave_later_steps_to_the_prior(data):
+    x, y = data
+    model = tiny_model(n_sup=3)
+    guide = tiny_guide(model, posterior_steps=1)
+    assert guide.covers("eps/0/1") and not guide.covers("eps/0/0") and not guide.covers("eps/1/1")
+    objective, state = TruncatedSurrogate(), {}
+    kls = [objective.loss(model, guide, Batch(x, y), state, n)[1]["kl"].item() for n in range(model.n_sup)]
+    assert kls[0] > 0.01 and kls[1:] == [0.0, 0.0]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="posterior_steps"):
+            tiny_guide(model, posterior_steps=bad)
+
+
+def test_target_dropout_hides_target_tokens_in_training_only(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model, target_dropout=0.5)
+    u = torch.randn(x.shape[0], model.num_prefix + x.shape[1], model.dim)
+    prior = model.prior("eps", u)
+    torch.manual_seed(11)
+    hidden = torch.rand(y.shape) < 0.5
+    torch.manual_seed(11)
+    dropped = guide.posterior("eps", u, y, prior).base_dist.loc
+    expected, _ = guide.heads["eps"](u + guide.target_encoder(y.masked_fill(hidden, 0)))
+    assert 0 < hidden.sum() < hidden.numel() and torch.allclose(dropped, expected)
+    guide.eval()
+    full, _ = guide.heads["eps"](u + guide.target_encoder(y))
+    assert torch.allclose(guide.posterior("eps", u, y, prior).base_dist.loc, full)
+    with pytest.raises(ValueError, match="target_dropout"):
+        tiny_guide(model, target_dropout=1.0)
+
+
+def test_guided_trajectory_kl_is_log_q_minus_log_p_summed_over_the_trajectory(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    torch.manual_seed(2)
+    answers, kl = guided_trajectory(model, guide, x, y)
+    torch.manual_seed(2)
+    (h, l), expected = start(model, x.shape[0]), torch.zeros(x.shape[0])
+    for _ in range(model.n_sup):
+        step = supervision_step(model, guide, x, y, h, l, truncate=False, posterior_everywhere=False)
+        h, l, expected = step.h, step.l, expected + step.log_q - step.log_p
+    assert torch.equal(answers, step.logits.argmax(-1))
+    assert torch.allclose(kl, expected, atol=1e-4, rtol=0)
+    _, none = guided_trajectory(model, PriorGuide(model), x, y)
+    assert torch.equal(none, torch.zeros(x.shape[0]))
+
+
+def test_shortcut_verdict_needs_a_gap_above_the_threshold():
+    trainer = tiny_config().trainer
+    assert shortcut_verdict({"accuracy": 0.1, "posterior_accuracy": 0.25, "kl_per_token": 1.0}, trainer) is None
+    verdict = shortcut_verdict({"accuracy": 0.0, "posterior_accuracy": 0.9, "kl_per_token": 2.5}, trainer)
+    assert verdict.startswith("posterior shortcut: posterior accuracy 90.0%, prior accuracy 0.0%")
+
+
+FIVE_QUEENS = ["task.n=5", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=32", "trainer.batch_size=32",
+               "trainer.lr=3e-3", "trainer.max_batches=20", "trainer.eval_every=20", "trainer.eval_inputs=64",
+               "trainer.shortcut_action=stop"]
+
+
+def test_a_run_whose_posterior_carries_the_answer_is_stopped_and_one_without_is_not(tmp_path):
+    with pytest.raises(UserError, match="stopped at batch 20 .*posterior shortcut"):
+        train(tiny_config(*FIVE_QUEENS, "objective.beta=0", "guide.posterior_transitions=all"),
+              tmp_path / "shortcut", quiet=True)
+    assert (tmp_path / "shortcut" / "checkpoint.pt").is_file()
+    healthy = train(tiny_config(*FIVE_QUEENS, "guide=prior"), tmp_path / "healthy", quiet=True)
+    header, row = (healthy / "eval.csv").read_text().splitlines()
+    scores = dict(zip(header.split(","), map(float, row.split(","))))
+    assert scores["posterior_accuracy"] - scores["accuracy"] <= 0.2 and scores["kl_per_token"] == 0
