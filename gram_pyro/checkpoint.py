@@ -7,35 +7,30 @@ batches done. The data order is a function of (seed, batch index), so it needs n
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from gram_pyro.config import UserError, first_line
+from gram_pyro.files import write_whole
 
 FORMAT = "gram-pyro-checkpoint-1"
 REQUIRED = ("model", "guide", "optimizer", "scheduler", "ema", "rng", "batches_done", "bad_steps")
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically: a crash leaves the previous checkpoint intact."""
+    """Write ``payload`` to ``path`` atomically (:func:`gram_pyro.files.write_whole`): a crash leaves
+    the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT, **payload}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_whole(path, lambda temporary: torch.save({"format": FORMAT, **payload}, temporary))
 
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint; a missing, truncated or foreign file is a :class:`UserError`."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a checkpoint file")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:

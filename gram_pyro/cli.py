@@ -28,7 +28,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gram_pyro.config import UserError, build, compose_config, first_line, load_run_config, make_dir
+from gram_pyro.config import (SEED_RANGE, Flag, Number, UserError, Whole, build, check_values, compose_config,
+                              first_line, load_run_config, make_dir)
 
 USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train model=trm trainer.max_batches=100
        gram-pyro eval run=<dir> [key=value ...]  e.g. gram-pyro eval run=runs/demo/learned samples=50
@@ -61,8 +62,23 @@ def _train(overrides: list[str]) -> None:
     print(f"run directory: {out}")
 
 
+SAMPLING_RULES = {"samples": Whole(1), "depth": Whole(1, null=True), "halting": Flag(), "seed": Whole(*SEED_RANGE),
+                  "memory_budget_mb": Number(null=True)}
+"""What the keys of ``sampling.yaml`` (eval, solve, sample) may be."""
+DIAGNOSE_RULES = {"inputs": Whole(1), "particles": Whole(2), "trajectories": Whole(1), "mcmc_chains": Whole(0),
+                  "mcmc_inputs": Whole(1), "mcmc_samples": Whole(1), "mcmc_warmup": Whole(0),
+                  "shortcut_threshold": Number(0, 1, closed=True), "seed": Whole(*SEED_RANGE)}
+"""What the numeric keys of ``diagnose.yaml`` may be."""
+
+
 def _sampling(cfg: DictConfig) -> dict:
-    """The keyword arguments of ``sample_trajectories`` that a sampling config sets."""
+    """The keyword arguments of ``sample_trajectories`` that a sampling config sets (checked first:
+    :data:`SAMPLING_RULES`)."""
+    from gram_pyro.selection import SELECTORS
+
+    check_values(cfg, SAMPLING_RULES)
+    if cfg.select not in SELECTORS:
+        raise UserError(f"unknown selector select={cfg.select!r}; allowed: {', '.join(SELECTORS)}")
     perturbation = OmegaConf.to_container(cfg.perturbation) if cfg.perturbation.kind else None
     return {"depth": cfg.depth, "halting": cfg.halting, "seed": cfg.seed,
             "memory_budget_mb": cfg.memory_budget_mb, "perturbation": perturbation}
@@ -72,11 +88,13 @@ def _eval(overrides: list[str]) -> None:
     from gram_pyro.evaluation import evaluate_run, format_table, load_run, write_evaluation
 
     cfg = compose_config("eval", overrides)
+    sampling = _sampling(cfg)
+    check_values(cfg, {"inputs": Whole(1)})
     loaded = load_run(cfg.run, cfg.device)
     tag = f"{cfg.split}-N{cfg.samples}-d{cfg.depth or loaded.model.n_sup}-{cfg.select}" + \
         ("-halt" if cfg.halting else "") + (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
     out = make_dir(Path(cfg.out or Path(cfg.run) / "eval" / tag), "out")  # before the work: a bad out fails fast
-    report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **_sampling(cfg))
+    report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **sampling)
     write_evaluation(report, arrays, out)
     print(format_table(report))
     print(f"wrote {out / 'metrics.json'} and {out / 'samples.npz'}")
@@ -86,13 +104,14 @@ def _solve(overrides: list[str]) -> None:
     from gram_pyro.evaluation import load_run, solve_file
 
     cfg = compose_config("solve", overrides)
+    sampling = _sampling(cfg)
     source = Path(cfg.input)
     output = Path(cfg.output or source.with_name(f"{source.stem}.answers{source.suffix}"))
     if output.is_dir():
         raise UserError(f"output={output} is a directory; allowed: a file to write the answers to")
     loaded = load_run(cfg.run, cfg.device)
     make_dir(output.parent, "output")
-    solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **_sampling(cfg))
+    solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **sampling)
     print(f"wrote {solved} answers ({valid} valid) to {output}")
 
 
@@ -100,17 +119,20 @@ def _sample(overrides: list[str]) -> None:
     from gram_pyro.evaluation import load_run, sample_unconditional
 
     cfg = compose_config("sample", overrides)
+    sampling = _sampling(cfg)
+    check_values(cfg, {"n": Whole(1)})
     loaded = load_run(cfg.run, cfg.device)
     out = make_dir(Path(cfg.out or Path(cfg.run) / "samples"), "out")
-    for path in sample_unconditional(loaded, cfg.n, out, **_sampling(cfg)):
+    for path in sample_unconditional(loaded, cfg.n, out, **sampling):
         print(f"wrote {path}")
 
 
 def _diagnose(overrides: list[str]) -> None:
-    from gram_pyro.diagnostics import diagnose  # imports ArviZ: slow, so only here
+    cfg = compose_config("diagnose", overrides)
+    check_values(cfg, DIAGNOSE_RULES)
+    from gram_pyro.diagnostics import diagnose  # imports ArviZ: slow, so only here, once the values are checked
     from gram_pyro.evaluation import load_run
 
-    cfg = compose_config("diagnose", overrides)
     loaded = load_run(cfg.run, cfg.device)
     out = make_dir(Path(cfg.out or Path(cfg.run) / "diagnostics"), "out")
     checkpoints = sorted((Path(cfg.run) / "checkpoints").glob("batch_*.pt"))

@@ -13,7 +13,9 @@ interpolation (a run's config is saved resolved). Anything else is a one-line :c
 from __future__ import annotations
 
 import functools
+import math
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -38,6 +40,70 @@ def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message, or its type's name when the message is empty."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+SEED_RANGE = (0, 2**32 - 1)
+"""The seeds a config may give (``trainer.seed``, ``seed`` of the commands): what every generator reads whole."""
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A config value that must be an integer in ``[low, high]`` (``high=None``: unbounded), or ``null``
+    where ``null`` is true."""
+
+    low: int
+    high: int | None = None
+    null: bool = False
+
+    def problem(self, value) -> str | None:
+        """What is wrong with ``value`` (``None``: nothing), as ``allowed: ...``."""
+        if (value is None and self.null) or (isinstance(value, int) and not isinstance(value, bool)
+                                             and self.low <= value and (self.high is None or value <= self.high)):
+            return None
+        span = f">= {self.low}" if self.high is None else f"in [{self.low}, {self.high}]"
+        return f"allowed: an integer {span}" + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Number:
+    """A config value that must be a finite number above ``low`` (from ``low`` on where ``closed``) and
+    at most ``high``, or ``null`` where ``null`` is true."""
+
+    low: float = 0
+    high: float = math.inf
+    closed: bool = False
+    null: bool = False
+
+    def problem(self, value) -> str | None:
+        if value is None and self.null:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and (isinstance(value, int) or math.isfinite(value)) \
+                and (self.low <= value if self.closed else self.low < value) and value <= self.high:
+            return None
+        span = f"in [{self.low:g}, {self.high:g}]" if self.closed and self.high < math.inf \
+            else f"{'>=' if self.closed else 'above'} {self.low:g}" + \
+            (f" and at most {self.high:g}" if self.high < math.inf else "")
+        return f"allowed: a finite number {span}" + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A config value that must be ``true`` or ``false``."""
+
+    def problem(self, value) -> str | None:
+        return None if isinstance(value, bool) else "allowed: true, false"
+
+
+def check_values(cfg: DictConfig, rules: dict, prefix: str = "") -> None:
+    """A one-line :class:`UserError` for the first key of ``rules`` (``key -> Whole | Number | Flag``)
+    whose value in ``cfg`` breaks its rule, before any work: ``samples=abc`` or ``inputs=0`` is named
+    with what is allowed, instead of failing deep inside."""
+    for key, rule in rules.items():
+        value = cfg[key]
+        problem = rule.problem(value)
+        if problem:
+            raise UserError(f"{prefix}{key}={value!r}; {problem}")
 
 
 def make_dir(path: Path, key: str) -> Path:

@@ -32,9 +32,10 @@ from omegaconf import DictConfig
 
 from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.config import UserError, first_line, load_run_config
-from gram_pyro.inference import sample_trajectories
+from gram_pyro.inference import default_memory_budget_mb, result_bytes, sample_trajectories
 from gram_pyro.selection import select
 from gram_pyro.tasks.base import held_out_index
+from gram_pyro.tasks.cache import progress
 
 
 @dataclass
@@ -60,7 +61,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     if device is not None:
         cfg.trainer.device = device
     run = Run(cfg)
-    run.load(load_checkpoint(run_dir / "checkpoint.pt"))
+    run.load(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
     with torch.no_grad():
         for param, shadow in zip(run.ema.params, run.ema.shadow):
             param.copy_(shadow)
@@ -104,7 +105,8 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     seconds = time.perf_counter() - start
     answers = paths.answers.cpu()
     value, halt_logit = paths.value.cpu(), paths.halt_logit.cpu()
-    selected, chosen = select(rule, answers, value, halt_logit)
+    budget_mb = memory_budget_mb or default_memory_budget_mb(torch.device("cpu"))
+    selected, chosen = select(rule, answers, value, halt_logit, memory_budget_mb=budget_mb)
 
     all_answers = task.per_input(split, index, answers)
     chosen_answer = task.per_input(split, index, selected[None])
@@ -172,26 +174,57 @@ def _draw(loaded: LoadedRun, x: torch.Tensor, samples: int, **sampling) -> torch
     return sample_trajectories(loaded.model, x.to(loaded.device), samples, **sampling)
 
 
-def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule: str, **sampling
-               ) -> tuple[int, int]:
+SOLVE_FIRST_BLOCK = 16
+"""Inputs of ``solve``'s first block: its answers reach the file within seconds."""
+SOLVE_LARGEST_BLOCK = 4096
+"""Inputs of ``solve``'s largest block (blocks double up to it, or to what the memory budget holds)."""
+
+
+def solve_blocks(total: int, largest: int) -> list[range]:
+    """Consecutive blocks of ``total`` inputs: :data:`SOLVE_FIRST_BLOCK` inputs, then twice as many each
+    time up to ``largest``, so that the first answers come fast and later blocks amortise the work
+    per block (selection, formatting, writing)."""
+    blocks, start, size = [], 0, min(SOLVE_FIRST_BLOCK, largest)
+    while start < total:
+        blocks.append(range(start, min(total, start + size)))
+        start, size = start + size, min(2 * size, largest)
+    return blocks
+
+
+def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule: str,
+               memory_budget_mb: float | None = None, **sampling) -> tuple[int, int]:
     """Answer every puzzle of the user file ``source`` (the task's format) with the answer ``rule``
     selects among ``samples`` trajectories; write one line per puzzle, in the same format with a
-    validity flag, to ``output``. Returns ``(answers written, valid answers)``."""
+    validity flag, to ``output``. The whole file is read (and checked) first; then the puzzles are
+    answered in blocks (:func:`solve_blocks`, each at most what ``memory_budget_mb`` holds of results)
+    whose lines are appended to ``output`` as each block finishes, with a progress bar. Each block
+    samples with its ``first_row``, so the answers are those of the whole file at once. Returns
+    ``(answers written, valid answers)``."""
     task = loaded.task
     if task.unconditional:
         raise UserError(f"task {task.name} is unconditional: draw samples with gram-pyro sample run=<dir>")
     if output.resolve() == source.resolve():
         raise UserError(f"output={output} would overwrite the input file")
     x = task.read_inputs(source)
-    paths = _draw(loaded, x, samples, **sampling)
-    selected, _ = select(rule, paths.answers.cpu(), paths.value.cpu(), paths.halt_logit.cpu())
-    lines = [task.format_answer(puzzle, answer) for puzzle, answer in zip(x, selected)]
+    budget_mb = memory_budget_mb or default_memory_budget_mb(torch.device("cpu"))
+    largest = max(1, min(SOLVE_LARGEST_BLOCK, int(budget_mb * 2**20 // result_bytes(samples, 1, x.shape[1], 0))))
+    valid = 0
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("\n".join(lines) + "\n")
+        with output.open("w") as handle, progress(total=len(x), desc=f"solve {source.name}") as bar:
+            for rows in solve_blocks(len(x), largest):
+                block = x[rows.start:rows.stop]
+                paths = _draw(loaded, block, samples, memory_budget_mb=memory_budget_mb, first_row=rows.start,
+                              **sampling)
+                selected, _ = select(rule, paths.answers.cpu(), paths.value.cpu(), paths.halt_logit.cpu(),
+                                     memory_budget_mb=budget_mb)
+                handle.write("".join(task.format_answer(puzzle, answer) + "\n"
+                                     for puzzle, answer in zip(block, selected)))
+                handle.flush()
+                valid += int(task.judge(block, selected).sum())
+                bar.update(len(rows))
     except OSError as error:
         raise UserError(f"output={output}: cannot write it ({error.strerror or first_line(error)})") from None
-    return len(lines), int(task.judge(x, selected).sum())
+    return len(x), valid
 
 
 def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -> list[Path]:

@@ -16,30 +16,37 @@ chunk runs on; a chunk stops early once all of its trajectories have halted (unl
 recorded). Without halting every trajectory runs ``depth`` steps (any depth: more steps than training
 used is fine).
 
-Keyed randomness: every random draw of trajectory ``i`` (global index ``0 <= i < N``) comes from its own
-``torch.Generator`` on the device of ``x``, seeded with ``(seed * 2654435761 + i) mod 2^32`` (Knuth's
-multiplicative hash: distinct trajectories of one run never share a stream; CPU generators only read
-32 bits of a seed). Per draw, the stream of trajectory ``i`` fills a tensor for the *whole* batch
-``[B, ...]`` and the chunk keeps its rows. The draws of a trajectory, in order: ``h0``, ``l0``
-(perturbation ``z0``), then per step the model's noise sites in program order (each eps site becomes
-``loc + scale * z``, a :class:`KeyedNoise` messenger), the decoder's Gumbel noise (perturbation
-``decoder``) and the latent noise (perturbation ``ptrm``). So the result is a function of
-``(seed, model, x)`` alone: chunked and unchunked sampling agree (up to the float rounding of matmul
-kernels picked for other chunk sizes), and trajectory ``i`` is the same whatever ``N``. The network always runs batched over the chunk; only the cheap draws loop over its
-trajectories. CPU and CUDA streams differ.
+Keyed randomness: every random number of trajectory ``i`` (global index ``0 <= i < N``) for input row
+``r`` (its index in ``x`` plus ``first_row``) comes from a counter-based stream of its own, computed by
+integer tensor arithmetic on the device of ``x`` (there is no generator state): the SplitMix64 stream
+with the key ``k(i, r) = mix(mix(mix(seed) + i) + r)``, whose ``j``-th 64-bit value is
+``mix(k + (j + 1) * 0x9E3779B97F4A7C15)``, ``mix`` being SplitMix64's finalizer and all arithmetic
+modulo ``2^64`` (:func:`mix64`). The ``d``-th draw of a trajectory (in program order) of ``E`` values
+per input takes the values ``j = d * 2^32 + k``: two 23-bit fields of value ``k`` give
+``u1, u2 = (field + 1/2) / 2^23`` and Box-Muller's pair of standard normals ``e = 2k`` and ``2k + 1``
+(``sqrt(-2 ln u1)`` times ``cos`` and ``sin`` of ``2 pi u2``); an Exp(1) draw ``e`` is ``-ln u1`` of
+value ``k = e``. The draws of a trajectory, in order: ``h0``, ``l0`` (perturbation ``z0``), then
+per step the model's noise sites in program order (each eps site becomes ``loc + scale * z``, a
+:class:`KeyedNoise` messenger), the decoder's Gumbel noise (perturbation ``decoder``) and the latent
+noise (perturbation ``ptrm``). So every random number is a function of ``(seed, i, r, d, e)`` alone and
+the result of ``(seed, model, x)``: chunked and unchunked sampling agree (up to the float rounding of
+matmul kernels picked for other chunk sizes), trajectory ``i`` is the same whatever ``N``, an input's
+trajectories do not depend on the other inputs (a batch fed in blocks, each with its ``first_row``,
+gives the answers of the whole batch at once), and a chunk computes only its own rows' numbers. The
+network always runs batched over the chunk. CPU and CUDA compute the same streams (their float
+functions may round the last bit differently).
 
 Chunking: one trajectory over ``b`` inputs needs about
 ``b * L * D * element size * ACTIVATION_FACTOR`` bytes of working memory (:func:`trajectory_bytes`;
 the factor covers the state, the transient activations of the widest layer, the noise and the
 logits, measured with ``benchmarks/sampling.py``). :func:`plan_chunks` splits ``N`` (and, when one
 trajectory over the whole batch does not fit, ``B``) so that a chunk fits ``memory_budget_mb``. The
-result tensors themselves are not counted. The default budget (:func:`default_memory_budget_mb`) is
+result tensors themselves are not counted, but a request whose results alone would not fit the
+device's memory is refused (:func:`check_result_size`). The default budget (:func:`default_memory_budget_mb`) is
 half the free memory of a CUDA device, and the size of the last-level cache on CPU: there a chunk
 whose working set outgrows the cache is slower per trajectory (measured with
 ``benchmarks/sampling.py``: at one thread, 50 trajectories of 16 inputs cost 1.25 times one
-trajectory each in chunks of 20 trajectories, 1.0 in chunks of 2). Splitting ``B`` costs noise draws: each chunk of
-inputs draws the whole batch's noise of its trajectories (cheap next to the network unless ``B`` is
-split into hundreds of chunks).
+trajectory each in chunks of 20 trajectories, 1.0 in chunks of 2).
 
 Deterministic models (``model.stochastic`` False) without a perturbation run once and their outputs
 are expanded to ``N`` (views). Perturbations (:class:`Perturbation`), the baselines of PAPER.md
@@ -56,11 +63,13 @@ A deterministic model under ``decoder`` alone runs the network on one lane and s
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import pyro
 import torch
@@ -71,13 +80,21 @@ from gram_pyro.objectives import step_logits
 
 PERTURBATION_KINDS = ("ptrm", "decoder", "z0")
 LATENTS = ("h", "l")
-TRAJECTORY_KEY_MULTIPLIER = 2654435761
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+DRAW_STRIDE = 2**32
+"""Counter values each draw of a keyed stream owns: at most this many numbers per trajectory and input."""
 ACTIVATION_FACTOR = 40
 """Peak working memory of one trajectory in units of its state ``h`` (``L x D`` elements): measured as
 peak RSS growth per trajectory on CPU, 14-33 over dims 64-128, ffn_hidden 2-4 x dim, MLP-mixer and
 attention (33 at the demo config); 40 leaves a margin."""
 CPU_CACHE_FALLBACK_MB = 32.0
 """The CPU budget where the last-level cache size cannot be read (not Linux)."""
+
+
+def _is_number(value) -> bool:
+    """Whether ``value`` is an int or a float (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -95,10 +112,10 @@ class Perturbation:
             raise UserError(f"unknown perturbation kind {self.kind!r}; allowed: {', '.join(PERTURBATION_KINDS)}")
         if self.which not in LATENTS:
             raise UserError(f"unknown perturbation latent which={self.which!r}; allowed: {', '.join(LATENTS)}")
-        if not self.sigma > 0:
-            raise UserError(f"perturbation sigma must be positive, got {self.sigma}")
-        if not self.temperature > 0:
-            raise UserError(f"perturbation temperature must be positive, got {self.temperature}")
+        for name in ("sigma", "temperature"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise UserError(f"perturbation {name} must be a positive finite number, got {value!r}")
 
     @property
     def perturbs_latent(self) -> bool:
@@ -156,38 +173,70 @@ def _expand_dim(tensor: torch.Tensor | None, dim: int, size: int) -> torch.Tenso
     return tensor.expand(shape)
 
 
-def trajectory_seed(seed: int, index: int) -> int:
-    """The seed of the random stream of trajectory ``index`` in a run with ``seed``."""
-    return (seed * TRAJECTORY_KEY_MULTIPLIER + index) % 2**32
+def int64(value: int) -> int:
+    """The int64 with the low 64 bits of ``value``: torch's integers are signed and its integer
+    arithmetic wraps modulo ``2^64``, which the keyed streams rely on."""
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """The logical (unsigned) right shift of int64 words."""
+    return (z >> bits).bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def _mix64_(z: torch.Tensor) -> torch.Tensor:
+    """:func:`mix64` in place (``z`` is overwritten and returned)."""
+    z.bitwise_xor_(_shift_right(z, 30)).mul_(int64(MIX_MULTIPLIERS[0]))
+    z.bitwise_xor_(_shift_right(z, 27)).mul_(int64(MIX_MULTIPLIERS[1]))
+    return z.bitwise_xor_(_shift_right(z, 31))
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 words (a bijection of 64-bit words; arithmetic modulo ``2^64``)."""
+    return _mix64_(z.clone())
+
+
+def _uniform(words: torch.Tensor, shift: int) -> torch.Tensor:
+    """Uniform draws in (0, 1) (float32, never 0 or 1) from the 23 bits of ``words`` above bit ``shift``."""
+    return _shift_right(words, shift).bitwise_and_(2**23 - 1).float().add_(0.5).mul_(2**-23)
 
 
 class KeyedRandom:
-    """The random streams of the trajectories ``lanes`` (global indices) for the inputs ``rows`` of a
-    batch of ``batch`` inputs. Each draw fills ``[batch, *tail]`` per trajectory and keeps ``rows``,
-    returning ``[len(lanes), len(rows), *tail]``."""
+    """The keyed streams (module docstring) of the trajectories ``lanes`` for the input rows ``rows``
+    (global indices of both). Each draw computes ``[len(lanes), len(rows), *tail]`` numbers, those
+    rows' and no others."""
 
-    def __init__(self, seed: int, lanes: range, rows: slice, batch: int, device: torch.device,
-                 dtype: torch.dtype):
-        self.generators = [torch.Generator(device).manual_seed(trajectory_seed(seed, i)) for i in lanes]
-        self.rows, self.batch, self.device, self.dtype = rows, batch, device, dtype
+    def __init__(self, seed: int, lanes: range, rows: range, device: torch.device, dtype: torch.dtype):
+        lane = mix64(mix64(torch.tensor(int64(seed), device=device)) + torch.arange(lanes.start, lanes.stop,
+                                                                                   device=device))
+        self.keys = mix64(lane[:, None] + torch.arange(rows.start, rows.stop, device=device))  # [n, b]
+        self.dtype, self.draws = dtype, 0
 
     def __len__(self) -> int:
-        return len(self.generators)
+        return self.keys.shape[0]
 
-    def _draw(self, tail: torch.Size, fill: Callable) -> torch.Tensor:
-        out = torch.empty(len(self), self.rows.stop - self.rows.start, *tail, device=self.device, dtype=self.dtype)
-        for lane, generator in enumerate(self.generators):
-            whole_batch = torch.empty(self.batch, *tail, device=self.device, dtype=self.dtype)
-            out[lane] = fill(whole_batch, generator=generator)[self.rows]
-        return out
+    def _words(self, count: int) -> torch.Tensor:
+        """The next draw's ``count`` 64-bit values per stream, ``[n, b, count]`` (int64 words)."""
+        if count > DRAW_STRIDE:
+            raise ValueError(f"a draw of {count} values per trajectory and input exceeds {DRAW_STRIDE}")
+        counter = torch.arange(count, device=self.keys.device) + (self.draws * DRAW_STRIDE + 1)
+        self.draws += 1
+        return _mix64_(self.keys[..., None] + counter * int64(SPLITMIX_GAMMA))
 
     def normal(self, tail: torch.Size) -> torch.Tensor:
-        """Standard normal draws ``[n, b, *tail]``."""
-        return self._draw(tail, torch.Tensor.normal_)
+        """Standard normal draws ``[n, b, *tail]``: Box-Muller's pair (cosine, sine) from each value."""
+        count = math.prod(tail)
+        words = self._words((count + 1) // 2)
+        radius = _uniform(words, 41).log_().mul_(-2).sqrt_()
+        angle = _uniform(words, 18).mul_(2 * math.pi)
+        pairs = torch.stack((radius * angle.cos(), radius.mul_(angle.sin_())), -1).flatten(-2)
+        return pairs[..., :count].reshape(*self.keys.shape, *tail).to(self.dtype)
 
     def exponential(self, tail: torch.Size) -> torch.Tensor:
         """Exp(1) draws ``[n, b, *tail]``."""
-        return self._draw(tail, torch.Tensor.exponential_)
+        words = self._words(math.prod(tail))
+        return _uniform(words, 41).log_().neg_().reshape(*self.keys.shape, *tail).to(self.dtype)
 
 
 class KeyedNoise(Messenger):
@@ -334,11 +383,12 @@ def sample_trajectories(model, x: torch.Tensor, num_samples: int, depth: int | N
                         halting: bool = False, puzzle: torch.Tensor | None = None,
                         memory_budget_mb: float | None = None, seed: int | None = None,
                         perturbation: Perturbation | Mapping | str | None = None,
-                        record_steps: bool = False) -> Trajectories:
+                        record_steps: bool = False, first_row: int = 0) -> Trajectories:
     """``num_samples`` prior trajectories of ``depth`` (default ``model.n_sup``) supervision steps for
     each input of ``x [B, S]`` (``puzzle [B]`` where the model embeds puzzle identifiers); see the
     module docstring. ``seed=None`` draws the seed from torch's global generator;
-    ``memory_budget_mb=None`` is :func:`default_memory_budget_mb` of ``x``'s device."""
+    ``memory_budget_mb=None`` is :func:`default_memory_budget_mb` of ``x``'s device; ``first_row`` is
+    the row index of ``x[0]`` in the keyed streams (a block of a larger batch passes its offset)."""
     perturbation = as_perturbation(perturbation)
     depth = model.n_sup if depth is None else depth
     if num_samples < 1 or depth < 1:
@@ -349,15 +399,44 @@ def sample_trajectories(model, x: torch.Tensor, num_samples: int, depth: int | N
         raise UserError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
     if seed is None:
         seed = int(torch.randint(2**32, ()))
-    if not model.stochastic and perturbation is None:
-        return _sample(model, x, 1, depth, halting, puzzle, memory_budget_mb, seed, None,
-                       record_steps).expand(num_samples)
-    return _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, seed, perturbation,
-                   record_steps)
+    lanes = num_samples if model.stochastic or perturbation is not None else 1
+    check_result_size(lanes, x.shape[0], x.shape[-1], depth if record_steps else 0, x.device)
+    sampled = _sample(model, x, lanes, depth, halting, puzzle, memory_budget_mb, seed, perturbation, record_steps,
+                      first_row)
+    return sampled.expand(num_samples) if lanes < num_samples else sampled
+
+
+def result_bytes(num_samples: int, batch: int, seq_len: int, recorded_steps: int) -> int:
+    """Bytes of the :class:`Trajectories` tensors of ``num_samples`` trajectories of ``batch`` inputs:
+    answers (int64), halt logit and value (float32), steps (int64), and per recorded step an answer,
+    halt logit and value."""
+    return num_samples * batch * ((seq_len * 8 + 16) + recorded_steps * (seq_len * 8 + 8))
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device``: a CUDA device's total memory, or the machine's physical memory
+    (``None`` where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_result_size(num_samples: int, batch: int, seq_len: int, recorded_steps: int, device: torch.device
+                      ) -> None:
+    """A one-line :class:`UserError` where the results alone (:func:`result_bytes`) would not fit the
+    memory of ``device``: asking for that many trajectories is a mistake, not a job to start."""
+    needed, available = result_bytes(num_samples, batch, seq_len, recorded_steps), memory_bytes(device)
+    if available is not None and needed > available:
+        raise UserError(f"{num_samples} trajectories of {batch} inputs need {needed / 2**30:.1f} GiB for their "
+                        f"answers alone, more than the {available / 2**30:.1f} GiB of memory of {device.type}; "
+                        f"allowed: fewer samples or inputs")
 
 
 def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, seed, perturbation,
-            record_steps) -> Trajectories:
+            record_steps, first_row) -> Trajectories:
     """:func:`sample_trajectories` once its arguments are checked: chunk, sample, assemble."""
     batch = x.shape[0]
     per_chunk, inputs_per_chunk = plan_chunks(num_samples, batch, trajectory_bytes(model, 1),
@@ -367,7 +446,8 @@ def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, see
         lanes = range(first, min(num_samples, first + per_chunk))
         for row in range(0, batch, inputs_per_chunk):
             rows = slice(row, min(batch, row + inputs_per_chunk))
-            keyed = KeyedRandom(seed, lanes, rows, batch, x.device, model.h0.dtype)
+            keyed = KeyedRandom(seed, lanes, range(first_row + rows.start, first_row + rows.stop), x.device,
+                                model.h0.dtype)
             chunk = _sample_chunk(model, x[rows], None if puzzle is None else puzzle[rows], depth, halting,
                                   perturbation, keyed, record_steps)
             for name, tensor in chunk.items():

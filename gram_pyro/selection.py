@@ -6,7 +6,8 @@ selector has the signature ``(answers, value=None, halt_logit=None) -> (selected
 where ``index`` is the chosen trajectory of each input; ties are broken deterministically:
 
 * :func:`majority_vote`: the answer given by the most trajectories; among answers with equal counts the
-  one that occurs first (lowest trajectory index); ``index`` is that first occurrence.
+  one that occurs first (lowest trajectory index); ``index`` is that first occurrence. Its working
+  memory is linear in the candidates and bounded by a memory budget (inputs are counted in blocks).
 * :func:`lprm_best`: the highest LPRM value (best-of-N), lowest index among equal maxima.
 * :func:`halt_best`: the highest halt logit (PTRM's rule), lowest index among equal maxima.
 * :func:`first`: trajectory 0 (what a single sample would give).
@@ -34,6 +35,23 @@ def _answer_ids(answers: torch.Tensor) -> torch.Tensor:
     return torch.unique(answers.flatten(0, 1), dim=0, return_inverse=True)[1].view(answers.shape[:2])
 
 
+VOTE_BYTES = (16, 256)
+"""Peak working memory of the vote per answer token and per candidate, in bytes: the ``int64`` answers
+of a block, :func:`torch.unique`'s sorted copy and index buffers (measured on CPU: 13 per token plus
+220 per candidate), with a margin."""
+
+
+def vote_inputs_per_block(answers: torch.Tensor, memory_budget_mb: float | None) -> int:
+    """How many inputs (columns of ``answers [N, B, S]``) :func:`majority_vote` counts at once so that
+    its working memory (:data:`VOTE_BYTES`) fits ``memory_budget_mb``: at least one, all where the
+    budget is ``None``."""
+    if memory_budget_mb is None:
+        return max(answers.shape[1], 1)
+    per_token, per_candidate = VOTE_BYTES
+    per_input = answers.shape[0] * (answers.shape[2] * per_token + per_candidate)
+    return max(1, int(memory_budget_mb * 2**20 // per_input))
+
+
 def _best(answers: torch.Tensor, score: torch.Tensor | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate with the highest ``score [N, B]`` (first maximum)."""
     if score is None:
@@ -43,13 +61,20 @@ def _best(answers: torch.Tensor, score: torch.Tensor | None, what: str) -> tuple
 
 
 def majority_vote(answers: torch.Tensor, value: torch.Tensor | None = None,
-                  halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The most frequent answer of each input. ``count[i, b]`` is how many candidates equal candidate
-    ``i`` (pairwise id equality ``[N, N, B]``); the first maximal count is the first occurrence of a most
-    frequent answer, and of the earliest such answer on ties."""
-    ids = _answer_ids(answers)
-    counts = (ids[:, None] == ids[None, :]).sum(1)
-    index = counts.argmax(0)
+                  halt_logit: torch.Tensor | None = None, memory_budget_mb: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most frequent answer of each input. ``count[i, b]``, how many candidates of input ``b`` equal
+    candidate ``i``, comes from counting each distinct (answer, input) pair once (memory linear in the
+    candidates, never ``N x N``), a block of inputs at a time that fits ``memory_budget_mb``
+    (:func:`vote_inputs_per_block`); the first maximal count is the first occurrence of a most frequent
+    answer, and of the earliest such answer on ties."""
+    index = answers.new_empty(answers.shape[1], dtype=torch.long)
+    step = vote_inputs_per_block(answers, memory_budget_mb)
+    for start in range(0, answers.shape[1], step):
+        block = answers[:, start:start + step]
+        pairs = _answer_ids(block) * block.shape[1] + torch.arange(block.shape[1], device=block.device)
+        _, inverse, counts = torch.unique(pairs, return_inverse=True, return_counts=True)
+        index[start:start + step] = counts[inverse].argmax(0)
     return _gather(answers, index), index
 
 
@@ -75,10 +100,14 @@ SELECTORS = {"vote": majority_vote, "lprm": lprm_best, "halt": halt_best, "first
 
 
 def select(name: str, answers: torch.Tensor, value: torch.Tensor | None = None,
-           halt_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the selector called ``name`` (a key of :data:`SELECTORS`)."""
+           halt_logit: torch.Tensor | None = None, memory_budget_mb: float | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the selector called ``name`` (a key of :data:`SELECTORS`); ``memory_budget_mb`` bounds the
+    vote's working memory (``None``: all inputs at once)."""
     if name not in SELECTORS:
         raise UserError(f"unknown selector {name!r}; allowed: {', '.join(SELECTORS)}")
+    if name == "vote":
+        return majority_vote(answers, memory_budget_mb=memory_budget_mb)
     return SELECTORS[name](answers, value, halt_logit)
 
 

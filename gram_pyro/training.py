@@ -8,7 +8,8 @@ function of ``(trainer.seed, b)``, so a resumed run sees exactly the data an uni
 A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest; with
 ``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv`` (one row per
 logged batch), ``eval.csv`` (prior-sampled accuracy/coverage on held-out inputs, EMA weights) and
-TensorBoard events under ``tb/``.
+TensorBoard events under ``tb/``. A resumed run first drops the CSV rows logged after the checkpoint it
+goes on from (it logs them again), so a run stopped anywhere ends as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gram_pyro.config import UserError, build, check_targets, first_line, make_dir, save_config
+from gram_pyro.config import SEED_RANGE, UserError, build, check_targets, first_line, make_dir, save_config
 from gram_pyro.distributed import (World, all_finite, average_gradients, barrier, join, launched, leave,
                                    mean_over_ranks, shard)
-from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
+from gram_pyro.files import write_whole
+from gram_pyro.tasks.base import IGNORE, Batch, held_out_index, is_int
 from gram_pyro.inference import guided_trajectory, sample_trajectories
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,17 +52,24 @@ TRAINER_LIMITS = {
     "warmup_steps": (0, None), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
     "eval_every": (0, None), "eval_inputs": (1, None), "eval_samples": (1, None),
     "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None),
-    "shortcut_gap": (0, 1), "shortcut_after": (0, None),
+    "shortcut_gap": (0, 1), "shortcut_after": (0, None), "seed": SEED_RANGE,
 }
 """Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; ``threads`` may be null).
 A learning rate above 1 moves every weight by more than 1 per AdamW step: never a useful setting."""
+
+TRAINER_INTEGERS = ("seed", "batch_size", "max_batches", "warmup_steps", "log_every", "eval_every", "eval_inputs",
+                    "eval_samples", "checkpoint_every", "max_bad_steps", "threads", "shortcut_after")
+"""The trainer keys that count or size something: ``batch_size=2.5`` is refused, not rounded."""
+TRAINER_FLAGS = ("bf16", "compile", "keep_checkpoints", "validate_pyro")
+"""The trainer keys that are ``true`` or ``false``."""
 
 SHORTCUT_ACTIONS = ("warn", "stop", "off")
 """Allowed ``trainer.shortcut_action`` values: what a detected posterior shortcut does to a run."""
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    """One-line :class:`UserError` for a trainer value out of :data:`TRAINER_LIMITS`, not finite or not a number."""
+    """One-line :class:`UserError` for a trainer value out of :data:`TRAINER_LIMITS`, not finite or not a
+    number, a fraction where :data:`TRAINER_INTEGERS` want a whole number, or a flag that is not a bool."""
     for key, (low, high) in TRAINER_LIMITS.items():
         value = trainer[key]
         if key == "threads" and value is None:
@@ -68,10 +77,16 @@ def check_trainer(trainer: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"trainer.{key}={value!r} is not a number")
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"trainer.{key}={value} is not a finite number; allowed: {allowed}")
         if value < low or (high is not None and value > high):
             raise UserError(f"trainer.{key}={value} is out of range; allowed: {allowed}")
+    for key in TRAINER_INTEGERS:
+        if not (is_int(trainer[key]) or (key == "threads" and trainer[key] is None)):
+            raise UserError(f"trainer.{key}={trainer[key]!r} is not an integer")
+    for key in TRAINER_FLAGS:
+        if not isinstance(trainer[key], bool):
+            raise UserError(f"trainer.{key}={trainer[key]!r}; allowed: true, false")
     if trainer.shortcut_action not in SHORTCUT_ACTIONS:
         raise UserError(f"unknown trainer.shortcut_action {trainer.shortcut_action!r}; "
                         f"allowed: {', '.join(SHORTCUT_ACTIONS)}")
@@ -245,15 +260,27 @@ class Run:
                 "ema": self.ema.state_dict(), "rng": rng_state(),
                 "batches_done": self.batches_done, "bad_steps": int(self.bad_steps)}
 
-    def load(self, payload: dict) -> None:
+    def load(self, payload: dict, source: Path | str = "the checkpoint") -> None:
+        """Continue from a checkpoint's ``payload`` (read from ``source``, named in errors). One that does
+        not fit the configured model and guide, is damaged inside or holds a NaN or infinite tensor is a
+        one-line :class:`UserError`."""
         try:
-            self.model.load_state_dict(payload["model"])
-            self.guide.load_state_dict(payload["guide"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise UserError(f"checkpoint does not match the configured model/guide: {first_line(error)}") from None
+            self._load(payload)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            raise UserError(f"{source} does not match the configured model/guide or is damaged inside: "
+                            f"{first_line(error)}") from None
+        if not self.finite():
+            raise UserError(f"{source} holds NaN or infinite weights, which training never saves; use an "
+                            f"earlier checkpoint or train afresh")
+
+    def _load(self, payload: dict) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.guide.load_state_dict(payload["guide"])
+        self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.apply_hyperparameters()
+        if len(payload["ema"]["shadow"]) != len(self.ema.shadow):
+            raise ValueError(f"{len(payload['ema']['shadow'])} EMA tensors for {len(self.ema.shadow)} parameters")
         self.ema.load_state_dict(payload["ema"])
         set_rng_state(payload["rng"])  # rank 0's stream; the others continue from their own seed
         if self.world.rank:
@@ -292,13 +319,19 @@ class Run:
                             f"(trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); {self.recovery()}")
 
     @torch.no_grad()
+    def finite(self) -> bool:
+        """Whether every weight, buffer (z0), EMA weight and optimizer moment is finite: one fused
+        reduction (the max-abs norm of every tensor), one host sync."""
+        moments = [value for state in self.optimizer.state.values() for value in state.values()
+                   if torch.is_tensor(value) and value.is_floating_point()]
+        buffers = [b for m in (self.model, self.guide) for b in m.buffers() if b.is_floating_point()]
+        tensors = [t for t in (*self.params, *buffers, *self.ema.shadow, *moments) if t.numel()]
+        return bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all())
+
     def check_finite(self) -> None:
-        """Stop the run if a weight, EMA weight or optimizer moment is NaN or infinite: one fused
-        reduction (the max-abs norm of every tensor), one host sync; called before every checkpoint."""
-        tensors = [*self.params, *self.ema.shadow, *(value for state in self.optimizer.state.values()
-                                                     for value in state.values()
-                                                     if torch.is_tensor(value) and value.is_floating_point())]
-        if not bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
+        """Stop the run if a weight, EMA weight or optimizer moment is NaN or infinite (:meth:`finite`);
+        called before every checkpoint."""
+        if not self.finite():
             raise UserError(f"stopped at batch {self.batches_done}: the weights are no longer finite (NaN or "
                             f"inf) and were not saved; {self.recovery()}")
 
@@ -384,18 +417,52 @@ def prepare_run_dir(run_dir: Path) -> None:
     make_dir(run_dir, "run_dir")
 
 
+def drop_rows_after(path: Path, done: int) -> None:
+    """Drop the rows of the run's CSV file ``path`` logged after batch ``done``, and a last line cut
+    short: a run stopped between logging them and its next checkpoint logs them again when resumed
+    from that checkpoint, so the file ends up as an uninterrupted run's."""
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read it as text ({getattr(error, 'strerror', None) or first_line(error)})"
+                        ) from None
+    kept = [line for line in lines if line.endswith("\n") and not _batch_after(line, done)]
+    if kept != lines:
+        write_whole(path, lambda temporary: temporary.write_text("".join(kept)))
+
+
+def _batch_after(line: str, done: int) -> bool:
+    """Whether the CSV row ``line`` is a row of a batch after ``done`` (not the header)."""
+    first = line.partition(",")[0]
+    return first.isdigit() and int(first) > done
+
+
 class RunLog:
     """The files of a run directory that training appends to (rank 0 only): ``metrics.csv``,
-    ``eval.csv``, TensorBoard events and the progress bar."""
+    ``eval.csv``, TensorBoard events and the progress bar. A CSV file gets its header when it is
+    missing or empty, whether the run is new or resumed; rows after batch ``done`` (the checkpoint the
+    run goes on from) are dropped first (:func:`drop_rows_after`)."""
 
-    def __init__(self, run_dir: Path, total: int, done: int, resume: bool, quiet: bool):
+    def __init__(self, run_dir: Path, total: int, done: int, quiet: bool):
         from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
 
+        paths = {name: run_dir / f"{name}.csv" for name in ("metrics", "eval")}
+        for path in paths.values():
+            drop_rows_after(path, done)
+        self.headers = {name: path.is_file() and path.stat().st_size > 0 for name, path in paths.items()}
+        self.files = {}
+        for name, path in paths.items():
+            try:
+                self.files[name] = path.open("a", newline="")
+            except OSError as error:
+                for handle in self.files.values():
+                    handle.close()
+                raise UserError(f"{path}: cannot append to it ({error.strerror or first_line(error)})") from None
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=done)
-        self.files = {name: (run_dir / f"{name}.csv").open("a", newline="") for name in ("metrics", "eval")}
-        self.headers = {name: resume for name in self.files}
-        self.progress = tqdm(total=total, initial=done, desc=f"train {run_dir.name}", disable=quiet,
-                             dynamic_ncols=True)
+        self.progress = tqdm(total=total, initial=done, desc=f"train {run_dir.name}", dynamic_ncols=True,
+                             disable=quiet or os.environ.get("GRAM_PYRO_QUIET") == "1")
 
     def row(self, name: str, batch: int, values: dict) -> None:
         """Append ``values`` at ``batch`` to ``<name>.csv`` (header on first use) and to TensorBoard."""
@@ -418,10 +485,12 @@ class RunLog:
 
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
           overwrite: bool = False) -> Path:
-    """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``); returns the dir.
+    """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``, or starting again from
+    batch 0 where the run stopped before its first checkpoint); returns the dir.
     A ``run_dir`` that already holds a run is an error unless ``overwrite``, which moves that run aside
     (:func:`prepare_run_dir`). Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
     trainer = cfg.trainer
+    check_trainer(trainer)  # before its values are used (threads, validate_pyro)
     world = launched()
     pyro.enable_validation(bool(trainer.validate_pyro))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -431,14 +500,18 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
         check_run_dir(run_dir, overwrite)
     run = Run(cfg, world, run_dir)
     checkpoint = run_dir / "checkpoint.pt"
-    if resume:
-        run.load(load_checkpoint(checkpoint))
+    if resume and checkpoint.exists():
+        run.load(load_checkpoint(checkpoint), checkpoint)
+    elif resume:
+        if world.is_main:
+            print(f"{run_dir} holds no checkpoint (the run stopped before its first): starting it from batch 0",
+                  flush=True)
     elif world.is_main:
         prepare_run_dir(run_dir)
     log = None
     if world.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        log = RunLog(run_dir, trainer.max_batches, run.batches_done, resume, quiet)
+        log = RunLog(run_dir, trainer.max_batches, run.batches_done, quiet)
     split = run.task.splits["train"]
     start = time.time()
 

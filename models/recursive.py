@@ -36,6 +36,7 @@ enter an importance weight, and their losses (in the objective) never reach the 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -47,6 +48,17 @@ from gram_pyro.tasks.base import IGNORE
 
 NOISE_KINDS = ("learned", "zero_mean", "fixed", "none")
 MAX_PLATE_NESTING = 1
+
+
+def check_sizes(**sizes) -> None:
+    """``ValueError`` naming the first size that is not a whole number of at least 1 (``num_prefix``: 0;
+    ``noise_hidden``: also ``None``, meaning ``ffn_hidden``)."""
+    for name, value in sizes.items():
+        if name == "noise_hidden" and value is None:
+            continue
+        lowest = 0 if name == "num_prefix" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
 
 
 class RecursiveReasoningModel(nn.Module):
@@ -67,9 +79,15 @@ class RecursiveReasoningModel(nn.Module):
             raise ValueError(f"unknown noise {noise!r}; allowed: {', '.join(NOISE_KINDS)}")
         if noise == "none" and noise_on_low:
             raise ValueError("noise_on_low needs a noise kind other than 'none'")
-        for name, value in (("low_steps", low_steps), ("transitions", transitions), ("n_sup", n_sup)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        check_sizes(dim=dim, ffn_hidden=ffn_hidden, num_layers=num_layers, num_heads=num_heads,
+                    low_steps=low_steps, transitions=transitions, n_sup=n_sup, num_prefix=num_prefix,
+                    noise_hidden=noise_hidden)
+        for name, value in (("init_scale", init_scale), ("fixed_scale", fixed_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if mixer == "attention" and (dim % num_heads or dim // num_heads % 2):
+            raise ValueError(f"attention needs dim / num_heads to be an even integer (rotary positions turn "
+                             f"pairs of features), got dim={dim}, num_heads={num_heads}")
         self.seq_len, self.vocab_size, self.dim, self.num_prefix = seq_len, vocab_size, dim, num_prefix
         self.transitions, self.n_sup, self.noise, self.fixed_scale = transitions, n_sup, noise, fixed_scale
         length = num_prefix + seq_len

@@ -26,6 +26,7 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
      "one by one"),
     ("posterior_schemes.py", ["--batch", "4", "--repeats", "1", "--particles", "2", "--threads", "1",
                               *TINY_MODEL, "--schemes", "truncated", "iwae"], "K=1 at batch 8 "),
+    ("solve_size.py", ["--boards", "20", "--threads", "1", *TINY_MODEL], "first answer on disk:"),
 ])
 def test_benchmark_prints_its_table(script, args, expected):
     result = run_benchmark(script, *args)

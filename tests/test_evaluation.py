@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gram_pyro import evaluation
 from gram_pyro.cli import main
 from gram_pyro.evaluation import interval, load_run
 from gram_pyro.training import train
@@ -58,6 +59,39 @@ def test_solve_round_trips_a_user_file(nqueens_run, tmp_path, capsys):
     assert "would overwrite the input" in errors[0] and "boards.jsonl:2: queen (9, 9) is off" in errors[1]
 
 
+def boards_file(path, count: int):
+    """``count`` 6x6 N-Queens boards (of one or no queen) as a JSON Lines file."""
+    lines = [json.dumps({"n": 6, "queens": [[i % 6, (i // 6) % 6]] if i % 7 else []}) for i in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_solve_streams_blocks_whose_answers_are_those_of_the_whole_file(nqueens_run, tmp_path, monkeypatch,
+                                                                      one_thread):
+    source = boards_file(tmp_path / "boards.jsonl", 40)
+    common = [f"run={nqueens_run}", f"input={source}", "samples=3", "select=vote", "seed=5"]
+    assert main(["solve", *common, f"output={tmp_path / 'whole.jsonl'}"]) == 0  # blocks of 16 and 24
+    on_disk = []
+    real = evaluation._draw
+
+    def drawn(loaded, x, samples, **sampling):  # what the output file holds when each block starts
+        on_disk.append(len((tmp_path / "blocks.jsonl").read_text().splitlines()))
+        return real(loaded, x, samples, **sampling)
+
+    monkeypatch.setattr(evaluation, "_draw", drawn)
+    monkeypatch.setattr(evaluation, "SOLVE_FIRST_BLOCK", 3)
+    monkeypatch.setattr(evaluation, "SOLVE_LARGEST_BLOCK", 8)
+    assert main(["solve", *common, f"output={tmp_path / 'blocks.jsonl'}", "memory_budget_mb=0.01"]) == 0
+    assert on_disk == [0, 3, 9, 17, 25, 33]  # blocks of 3, 6, 8, 8, 8, 7: each written as it finished
+    assert (tmp_path / "blocks.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def test_solve_blocks_double_up_to_the_largest():
+    assert [len(block) for block in evaluation.solve_blocks(100, 40)] == [16, 32, 40, 12]
+    assert [len(block) for block in evaluation.solve_blocks(5, 2)] == [2, 2, 1]
+    assert evaluation.solve_blocks(0, 8) == []
+
+
 def test_sample_writes_grids_and_scores_for_an_unconditional_task(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
@@ -70,7 +104,7 @@ def test_sample_writes_grids_and_scores_for_an_unconditional_task(tmp_path, caps
     assert len((run / "samples" / "samples.txt").read_text().splitlines()) == 5
     assert set(json.loads((run / "samples" / "scores.json").read_text())) >= {"validity", "uniqueness"}
     assert main(["sample", f"run={tmp_path / 'uncond'}", "n=0"]) == 2
-    assert "at least one trajectory" in capsys.readouterr().err
+    assert "n=0; allowed: an integer >= 1" in capsys.readouterr().err
 
 
 def test_sample_on_a_conditional_task_points_to_solve(nqueens_run, capsys):

@@ -6,8 +6,8 @@ import torch
 from pyro import poutine
 
 from gram_pyro.config import UserError
-from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, network_dtype, plan_chunks,
-                                 sample_trajectories, trajectory_bytes)
+from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, int64, mix64, network_dtype,
+                                 plan_chunks, sample_trajectories, trajectory_bytes)
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
 
 N = 4
@@ -181,17 +181,81 @@ def test_decoder_sampling_follows_the_tempered_softmax(x):
 
 def test_keyed_noise_draws_prior_loc_plus_scale_times_keyed_normal(x):
     model = tiny_model()
-    draws = KeyedRandom(7, range(3), slice(0, BATCH), BATCH, x.device, torch.float32)
+    draws = KeyedRandom(7, range(3), range(BATCH), x.device, torch.float32)
     with poutine.trace() as tracer, pyro.plate("trajectories", 3, dim=-2), KeyedNoise(model.noise_sites, draws):
         state = {}
         model.init(state, x)
         model.step(state, x)
     site = tracer.trace.nodes["eps/0/0"]
     normal = site["fn"].base_dist
-    z = KeyedRandom(7, range(3), slice(0, BATCH), BATCH, x.device, torch.float32).normal(model.h0.shape)
+    z = KeyedRandom(7, range(3), range(BATCH), x.device, torch.float32).normal(model.h0.shape)
     torch.testing.assert_close(site["value"], normal.loc + normal.scale * z)
-    rows = KeyedRandom(7, range(3), slice(1, 3), BATCH, x.device, torch.float32).normal(model.h0.shape)
-    assert torch.equal(rows, z[:, 1:3])
+    rows = KeyedRandom(7, range(1, 3), range(1, 3), x.device, torch.float32).normal(model.h0.shape)
+    assert rows.shape == (2, 2, *model.h0.shape)
+    assert torch.equal(rows, z[1:3, 1:3])
+
+
+def splitmix64_reference(z: int) -> int:
+    """SplitMix64's finalizer on Python integers (unsigned 64-bit words)."""
+    mask = 2**64 - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_mix64_is_splitmix64_with_wrapping_int64_arithmetic():
+    words = [0, 1, 2**31, 2**32 + 5, 2**62 + 3, 2**63 - 1, 2**63, 2**64 - 1,
+             *torch.randint(-2**63, 2**63 - 1, (200,), generator=torch.Generator().manual_seed(0)).tolist()]
+    mixed = mix64(torch.tensor([int64(w) for w in words]))
+    assert mixed.tolist() == [int64(splitmix64_reference(w % 2**64)) for w in words]
+    assert int64(2**64 + 5) == 5 and int64(2**63) == -2**63
+
+
+def test_keyed_draws_are_standard_and_independent():
+    draws = KeyedRandom(3, range(4), range(5), torch.device("cpu"), torch.float32)
+    z = draws.normal(torch.Size([20000]))
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs((z ** 4).mean() - 3) < 0.1  # the normal's kurtosis, not a uniform's or a bimodal's
+    flat = z.flatten(0, 1)
+    correlation = torch.corrcoef(flat) - torch.eye(len(flat))
+    assert correlation.abs().max() < 0.04  # no two (trajectory, input) streams move together
+    assert not torch.equal(z, draws.normal(torch.Size([20000])))  # each draw continues the streams
+    e = draws.exponential(torch.Size([20000]))
+    assert (e > 0).all() and abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03
+
+
+def test_a_block_of_inputs_with_its_first_row_gives_the_whole_batch_answers(x):
+    model = tiny_model()
+    whole = sample_trajectories(model, x, N, seed=9, halting=True)
+    for start, stop in ((0, 2), (2, 3), (3, BATCH)):
+        block = sample_trajectories(model, x[start:stop], N, seed=9, halting=True, first_row=start)
+        assert torch.equal(block.answers, whole.answers[:, start:stop])
+        torch.testing.assert_close(block.value, whole.value[:, start:stop])
+    shifted = sample_trajectories(model, x[2:4], N, seed=9, halting=True)  # rows 0 and 1 of the streams
+    assert not torch.equal(shifted.halt_logit, whole.halt_logit[:, 2:4])
+
+
+@pytest.mark.parametrize("perturbation", [None, {"kind": "decoder"}, {"kind": "z0"}])
+def test_chunks_of_inputs_draw_only_their_rows(x, monkeypatch, perturbation):
+    """Splitting the batch into one-input chunks computes as many random numbers as one chunk of all
+    inputs (a chunk used to draw the whole batch's noise and keep its rows), and the same answers."""
+    model = tiny_model(noise="learned" if perturbation is None else "none")
+    drawn = []
+    real = KeyedRandom._words
+
+    def counted(self, tail):
+        words = real(self, tail)
+        drawn.append(words.numel())
+        return words
+
+    monkeypatch.setattr(KeyedRandom, "_words", counted)
+    whole = sample_trajectories(model, x, N, seed=4, perturbation=perturbation)
+    numbers, drawn[:] = sum(drawn), []
+    budget_mb = trajectory_bytes(model, 1) / 2**20  # one trajectory of one input per chunk
+    assert plan_chunks(N, BATCH, trajectory_bytes(model, 1), budget_mb * 2**20) == (1, 1)
+    chunked = sample_trajectories(model, x, N, seed=4, perturbation=perturbation, memory_budget_mb=budget_mb)
+    assert sum(drawn) == numbers > 0
+    assert_same(whole, chunked)
 
 
 def test_plan_chunks_fits_the_budget():
@@ -212,7 +276,9 @@ def test_a_perturbation_may_be_given_as_a_kind_or_a_mapping(x):
 
 @pytest.mark.parametrize("spec, message", [
     ({"kind": "dropout"}, "unknown perturbation kind 'dropout'; allowed: ptrm, decoder, z0"),
-    ({"kind": "ptrm", "sigma": 0.0}, "perturbation sigma must be positive"),
+    ({"kind": "ptrm", "sigma": 0.0}, "perturbation sigma must be a positive finite number, got 0.0"),
+    ({"kind": "ptrm", "sigma": "abc"}, "perturbation sigma must be a positive finite number, got 'abc'"),
+    ({"kind": "decoder", "temperature": float("inf")}, "perturbation temperature must be a positive finite number"),
     ({"kind": "ptrm", "which": "z"}, "unknown perturbation latent which='z'; allowed: h, l"),
     ({"kind": "decoder", "temp": 2}, "unknown perturbation option 'temp'; allowed: kind, sigma, which, temperature"),
     ({"sigma": 1.0}, "perturbation needs a kind"),

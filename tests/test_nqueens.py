@@ -283,15 +283,24 @@ def test_user_boards_are_read_and_bad_lines_named(tmp_path):
     task = NQueensTask(n=6, source=str(good), test_fraction=0.5)
     assert len(task.splits["train"]) + len(task.splits["test"]) == 2
     cases = {
-        '{"n": 6, "queens": [[0, 1]]}\n{"n": 6, queens: []}': ":2: expected",
+        '{"n": 6, "queens": [[0, 1]]}\n{"n": 6, queens: []}': ":2: invalid JSON (Expecting property name",
         '{"n": 8, "queens": []}': ":1: board size n=8",
         '{"n": 6, "queens": [[6, 0]]}': ":1: queen (6, 0) is off",
         '{"n": 6, "queens": [[0, 0], [1, 1]]}': ":1: two queens attack",
+        '{"n": 6, "queens": [[0.7, 0]]}': ":1: queen [0.7, 0]: row and column must be integers in 0..5",
+        '{"n": 6, "queens": [[1e400, 0]]}': ":1: queen [Infinity, 0]: row and column must be integers",
+        '{"n": 6, "queens": [[true, 0]]}': ":1: queen [true, 0]: row and column must be integers",
+        '{"n": 6.0, "queens": []}': ":1: n=6.0 is not an integer",
+        '{"n": 6, "queens": [[0, 1, 2]]}': ':1: expected {"n": <int>, "queens": [[row, col], ...]}',
+        '[1, 2]': ':1: expected {"n": <int>',
     }
     for text, message in cases.items():
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(f"bad.jsonl{message}")):
             read_boards(bad, 6)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.read_bytes())  # a byte-order mark, as some editors write
+    assert torch.equal(read_boards(bom, 6), boards)
     line = format_answer(boards[0], task.splits["train"].solutions[0], 6)
     assert '"valid"' in line

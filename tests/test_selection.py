@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gram_pyro.config import UserError
-from gram_pyro.selection import (SELECTORS, coverage_at_n, first, halt_best, lprm_best, majority_vote,
-                                 oracle_pass_at_n, select)
+from gram_pyro.selection import (SELECTORS, VOTE_BYTES, coverage_at_n, first, halt_best, lprm_best,
+                                 majority_vote, oracle_pass_at_n, select, vote_inputs_per_block)
 
 A, B, C = [1, 2, 2], [2, 1, 2], [2, 2, 1]
 
@@ -82,11 +82,29 @@ def test_vote_matches_a_counting_reference(data):
                                        min_size=b, max_size=b), min_size=n, max_size=n))
     answers = torch.tensor(rows)
     selected, index = majority_vote(answers)
+    one_by_one = majority_vote(answers, memory_budget_mb=1e-9)  # one input per block
+    assert torch.equal(one_by_one[0], selected) and torch.equal(one_by_one[1], index)
     for column in range(b):
         proposals = [tuple(answers[i, column].tolist()) for i in range(n)]
         best = max(proposals, key=lambda p: (proposals.count(p), -proposals.index(p)))
         assert tuple(selected[column].tolist()) == best
         assert index[column] == proposals.index(best)
+
+
+def test_a_vote_over_many_candidates_needs_no_pairwise_array():
+    """200,000 candidates of 2 inputs: the pairwise count would be 80 GB; counting pairs is linear."""
+    answers = torch.ones(200_000, 2, 3, dtype=torch.long)
+    answers[:99_999, 1, 0] = 2  # input 1: 99,999 votes for [2, 1, 1], 100,001 for [1, 1, 1]
+    selected, index = majority_vote(answers, memory_budget_mb=1)
+    assert selected.tolist() == [[1, 1, 1], [1, 1, 1]] and index.tolist() == [0, 99_999]
+
+
+def test_the_vote_counts_as_many_inputs_at_once_as_its_budget_holds():
+    answers = torch.zeros(10, 6, 4, dtype=torch.long)
+    per_input = 10 * (4 * VOTE_BYTES[0] + VOTE_BYTES[1])
+    assert vote_inputs_per_block(answers, 3 * per_input / 2**20) == 3
+    assert vote_inputs_per_block(answers, 1e-9) == 1 and vote_inputs_per_block(answers, None) == 6
+    assert torch.equal(select("vote", answers, memory_budget_mb=1e-9)[1], majority_vote(answers)[1])
 
 
 @settings(max_examples=50, deadline=None)

@@ -113,12 +113,19 @@ def data_error(path: str | Path, line: int, message: str) -> UserError:
     return UserError(f"{path}:{line}: {message}")
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` (parsed from a data file or a config) is an integer: not a bool, not a float
+    such as ``8.0`` or ``0.7`` (truncating one would silently change the puzzle)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def data_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of every line of a user data file that is not blank or a ``#`` comment,
-    stripped of surrounding whitespace. A missing or unreadable file is a one-line :class:`UserError`."""
+    stripped of surrounding whitespace. The file is UTF-8; a byte-order mark at its start (as some
+    editors write) is skipped. A missing or unreadable file is a one-line :class:`UserError`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read data file {path}: {getattr(error, 'strerror', None) or error}") from None
     found = False

@@ -12,7 +12,8 @@ cache entry is two files named by a hash of ``(name, version, params)``:
 A changed config or generator version is a different hash and so a new build. A file that cannot be
 read, or whose metadata names another task, version or parameters (a foreign file), is reported on one
 line on stderr and rebuilt; it is never silently reused and never crashes the run. Both files are
-written to temporary names and renamed, so an interrupted build leaves no half-written entry.
+written to temporary names and renamed, so an interrupted build leaves no half-written entry; they are
+readable by all who may read the cache directory (:mod:`gram_pyro.files`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from gram_pyro.files import temporary_beside
 
 DEFAULT_CACHE_DIR = "~/.cache/gram-pyro"
 """Used when a task's ``cache_dir`` is empty; ``GRAM_PYRO_CACHE`` overrides it."""
@@ -65,7 +67,7 @@ def _write(npz: Path, meta_file: Path, arrays: Arrays, record: dict) -> None:
     """Write both files under temporary names of this call's own, then rename them into place: processes
     that build the same entry at once (parallel runs on a fresh machine) each rename a whole file."""
     npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp_npz, tmp_meta = (_temporary(path) for path in (npz, meta_file))
+    tmp_npz, tmp_meta = (temporary_beside(path) for path in (npz, meta_file))
     try:
         with open(tmp_npz, "wb") as handle:
             np.savez(handle, **arrays)
@@ -75,13 +77,6 @@ def _write(npz: Path, meta_file: Path, arrays: Arrays, record: dict) -> None:
     finally:
         for leftover in (tmp_npz, tmp_meta):
             leftover.unlink(missing_ok=True)
-
-
-def _temporary(path: Path) -> Path:
-    """A new, empty file beside ``path`` with a name no other writer has."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    return Path(name)
 
 
 def cached(name: str, params: dict, version: int, build: Callable[[], tuple[Arrays, dict]],
@@ -106,6 +101,7 @@ def cached(name: str, params: dict, version: int, build: Callable[[], tuple[Arra
 
 
 def progress(iterable=None, desc: str = "", total: int | None = None):
-    """A progress bar for a build loop (tqdm on stderr, removed when done)."""
+    """A progress bar for a long loop (tqdm on stderr, removed when done; off where
+    ``GRAM_PYRO_QUIET=1``)."""
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
                 disable=os.environ.get("GRAM_PYRO_QUIET") == "1")

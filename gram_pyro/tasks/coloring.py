@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import IGNORE, Batch, Task, data_error, data_lines, solutions_histogram
+from gram_pyro.tasks.base import IGNORE, Batch, Task, data_error, data_lines, is_int, solutions_histogram
 from gram_pyro.tasks.cache import cached, progress
 
 NO_EDGE, EDGE, FIRST_COLOUR = 1, 2, 3
@@ -214,10 +214,6 @@ def split_arrays(edges: torch.Tensor, num_test: int, colourings: torch.Tensor,
     return arrays
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _parse_edges(text: str, n: int) -> list[tuple[int, int]]:
     """The edge list of one JSON line; ``ValueError`` with the reason when the line is malformed."""
     try:
@@ -226,10 +222,10 @@ def _parse_edges(text: str, n: int) -> list[tuple[int, int]]:
         raise ValueError(f"invalid JSON ({error.msg})") from None
     if not isinstance(graph, dict) or "n" not in graph or "edges" not in graph:
         raise ValueError('expected an object with keys "n" and "edges"')
-    if not _is_int(graph["n"]) or graph["n"] != n:
+    if not is_int(graph["n"]) or graph["n"] != n:
         raise ValueError(f"graph has n={json.dumps(graph['n'])}, the task has n={n}")
     pairs = graph["edges"]
-    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(_is_int, p))
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(map(is_int, p))
                                               for p in pairs):
         raise ValueError("edges must be a list of [i, j] node pairs")
     for i, j in pairs:
@@ -325,10 +321,10 @@ class ColoringTask(Task):
                  permute_colours: bool = True, source: str | None = None, test_fraction: float = 0.15,
                  cache_dir: str | None = None, seed: int = 0):
         is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        checks = {"n": (n, _is_int(n) and 4 <= n <= 12, "an integer in 4..12"),
+        checks = {"n": (n, is_int(n) and 4 <= n <= 12, "an integer in 4..12"),
                   "edge_prob": (edge_prob, is_number(edge_prob) and 0 < edge_prob <= 1, "in (0, 1]"),
-                  "num_train": (num_train, _is_int(num_train) and num_train >= 1, "an integer >= 1"),
-                  "num_test": (num_test, _is_int(num_test) and num_test >= 1, "an integer >= 1"),
+                  "num_train": (num_train, is_int(num_train) and num_train >= 1, "an integer >= 1"),
+                  "num_test": (num_test, is_int(num_test) and num_test >= 1, "an integer >= 1"),
                   "test_fraction": (test_fraction, is_number(test_fraction) and 0 < test_fraction < 1, "in (0, 1)")}
         for key, (value, ok, allowed) in checks.items():
             if not ok:

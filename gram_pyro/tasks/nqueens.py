@@ -23,7 +23,7 @@ from itertools import combinations
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, solutions_histogram
+from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, is_int, solutions_histogram
 from gram_pyro.tasks.cache import cached, progress
 
 EMPTY, QUEEN = 1, 2
@@ -144,14 +144,15 @@ def _completion_table(inputs: torch.Tensor, solutions: torch.Tensor, chunk: int 
 def _check_args(n: int, removals, test_fraction: float) -> tuple[int, ...] | None:
     """The removal set as a tuple (``None`` stays ``None``: no removals to check, the boards come from a
     file); a bad argument raises ``ValueError`` naming it."""
-    if not 4 <= n <= 12:
-        raise ValueError(f"n must be in 4..12, got {n}")
+    if not (is_int(n) and 4 <= n <= 12):
+        raise ValueError(f"n must be an integer in 4..12, got {n!r}")
     if removals is not None:
         removals = tuple(removals)
-        if not removals or any(not 1 <= k <= n for k in removals):
-            raise ValueError(f"removals must be a non-empty set of k in 1..{n}, got {removals}")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if not removals or any(not (is_int(k) and 1 <= k <= n) for k in removals):
+            raise ValueError(f"removals must be a non-empty set of integers k in 1..{n}, got {removals}")
+    if not (isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool)
+            and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     return removals
 
 
@@ -239,37 +240,53 @@ def coverage(
     return found.sum(-1) / num_completions
 
 
+BOARD_FORMAT = 'expected {"n": <int>, "queens": [[row, col], ...]}'
+
+
+def parse_board(text: str, n: int) -> list[tuple[int, int]]:
+    """The queens ``(row, col)`` of one line ``{"n": n, "queens": [[row, col], ...]}``; ``ValueError``
+    saying what is wrong with a line that is not such an object, has a wrong or non-integer ``n``, a
+    coordinate that is not an integer (``0.7`` or ``1e400`` are refused, not truncated), a queen off the
+    board or two queens attacking each other."""
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"invalid JSON ({getattr(error, 'msg', error)}); {BOARD_FORMAT}") from None
+    if not isinstance(record, dict) or "n" not in record or "queens" not in record:
+        raise ValueError(BOARD_FORMAT)
+    size, queens = record["n"], record["queens"]
+    if not is_int(size):
+        raise ValueError(f"n={json.dumps(size)} is not an integer; {BOARD_FORMAT}")
+    if size != n:
+        raise ValueError(f"board size n={size}, but the task has n={n}")
+    if not isinstance(queens, list) or not all(isinstance(q, list) and len(q) == 2 for q in queens):
+        raise ValueError(BOARD_FORMAT)
+    for row, col in queens:
+        if not (is_int(row) and is_int(col)):
+            raise ValueError(f"queen {json.dumps([row, col])}: row and column must be integers in 0..{n - 1}")
+        if not (0 <= row < n and 0 <= col < n):
+            raise ValueError(f"queen ({row}, {col}) is off the {n}x{n} board")
+    lines = ({r for r, _ in queens}, {c for _, c in queens}, {r - c for r, c in queens}, {r + c for r, c in queens})
+    if any(len(line) < len(queens) for line in lines):
+        raise ValueError("two queens attack each other")
+    return [(row, col) for row, col in queens]
+
+
 def read_boards(path, n: int) -> torch.Tensor:
-    """Partial boards ``[M, n*n]`` from a JSON Lines file, one board per line:
-    ``{"n": 8, "queens": [[row, col], ...]}``. A line that is not such an object, a wrong ``n``, a queen
-    off the board or two queens attacking each other is a one-line error naming the file and line."""
-    boards = []
+    """Partial boards ``[M, n*n]`` from a JSON Lines file, one board per line (:func:`parse_board`); a
+    bad line is a one-line error naming the file and line. Parsed in plain Python, the boards built
+    with one scatter: 100,000 lines take about a second."""
+    boards, cells = 0, []
     for line, text in data_lines(path):
         try:
-            record = json.loads(text)
-            queens = record["queens"]
-            size = record["n"]
-            cells = [(int(r), int(c)) for r, c in queens]
-        except (ValueError, KeyError, TypeError):
-            raise data_error(path, line, 'expected {"n": <int>, "queens": [[row, col], ...]}') from None
-        if size != n:
-            raise data_error(path, line, f"board size n={size}, but the task has n={n}")
-        board = torch.full((n * n,), EMPTY)
-        for r, c in cells:
-            if not (0 <= r < n and 0 <= c < n):
-                raise data_error(path, line, f"queen ({r}, {c}) is off the {n}x{n} board")
-            board[r * n + c] = QUEEN
-        if not _queens_compatible(board, n):
-            raise data_error(path, line, "two queens attack each other")
-        boards.append(board)
-    return torch.stack(boards)
-
-
-def _queens_compatible(board: torch.Tensor, n: int) -> bool:
-    """Whether the queens of ``board [n*n]`` attack no one (at most one per row, column and diagonal)."""
-    rows, cols = (board.view(n, n) == QUEEN).nonzero(as_tuple=True)
-    lines = (rows, cols, rows - cols, rows + cols)
-    return all(len(torch.unique(v)) == len(v) for v in lines)
+            queens = parse_board(text, n)
+        except ValueError as problem:
+            raise data_error(path, line, str(problem)) from None
+        cells.extend(boards * n * n + row * n + col for row, col in queens)
+        boards += 1
+    tokens = torch.full((boards * n * n,), EMPTY)
+    tokens[torch.tensor(cells, dtype=torch.long)] = QUEEN
+    return tokens.view(boards, n * n)
 
 
 def format_answer(x: torch.Tensor, answer: torch.Tensor, n: int) -> str:
