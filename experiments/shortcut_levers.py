@@ -12,7 +12,8 @@ token, see :func:`gram_pyro.training.shortcut_scores`).
 
 Writes ``<out>/levers.csv`` (each lever's last evaluation, with its training seconds) and
 ``<out>/levers.png`` (each lever's held-out curves: prior accuracy, posterior accuracy, coverage where
-the task has it, KL per token against the information a solution choice needs).
+the task has it, KL per token against the information a solution choice needs). ``summarize=true``
+writes them from the run directories already under ``out`` without training.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ CURVES = ("accuracy", "posterior_accuracy", "coverage", "kl_per_token")
 """Columns of ``eval.csv`` plotted per lever (where the task reports them)."""
 
 
-SWEEP_KEYS = ("out", "jobs", "only", "train")
+SWEEP_KEYS = ("out", "jobs", "only", "train", "summarize")
 """Keys of the sweep's own config (and ``levers.<name>``); ``task=<name>`` picks the task group of every
 run; every other argument is a train override."""
 
@@ -87,24 +88,27 @@ def read_eval(run_dir: Path) -> list[dict[str, float]]:
 
 
 def plot(curves: dict[str, list[dict]], title: str, path: Path) -> None:
-    """One panel per :data:`CURVES` column present, one line per lever."""
+    """One panel per :data:`CURVES` column present, one line per lever (legend on the right)."""
     columns = [c for c in CURVES if any(c in row for rows in curves.values() for row in rows)]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns) + 2.2, 3.4), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for ax, column in zip(axes[0], columns):
-        for name, rows in curves.items():
+        for i, (name, rows) in enumerate(curves.items()):
             points = [(row["batch"], row[column]) for row in rows if column in row]
             if points:
-                ax.plot(*zip(*points), marker=".", label=name)
+                ax.plot(*zip(*points), marker=".", color=colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+                        linestyle=("-", "--", ":")[i % 3], label=name)
         info = [row["info_per_token"] for rows in curves.values() for row in rows if "info_per_token" in row]
         if column == "kl_per_token" and info:
-            ax.axhline(info[0], color="black", linestyle="--", linewidth=1, label="log(solutions) / token")
-            ax.set_yscale("symlog", linthresh=0.1)
+            ax.axhline(info[0], color="black", linewidth=2, alpha=0.4, label="log(solutions) / token")
+            ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(column.replace("_", " "))
         ax.set_xlabel("batch")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -113,10 +117,11 @@ def shortcut_levers(argv: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     threads = max((os.cpu_count() or 1) // cfg.jobs, 1)
     shared = [f"task={cfg.task}", *cfg.train]
-    seconds, codes = {}, {}
-    with ThreadPoolExecutor(cfg.jobs) as pool, tqdm(total=len(levers), desc="levers") as progress:
-        futures = [pool.submit(train_lever, name, [*shared, *overrides], out, threads)
-                   for name, overrides in levers.items()]
+    seconds, codes = dict.fromkeys(levers, 0.0), dict.fromkeys(levers, 0)
+    with ThreadPoolExecutor(cfg.jobs) as pool, tqdm(total=len(levers), desc="levers",
+                                                    disable=cfg.summarize) as progress:
+        futures = [] if cfg.summarize else [pool.submit(train_lever, name, [*shared, *overrides], out, threads)
+                                            for name, overrides in levers.items()]
         for future in as_completed(futures):
             name, seconds[name], codes[name] = future.result()
             progress.set_postfix_str(f"{name}: exit {codes[name]}")

@@ -10,7 +10,7 @@ target tokens in the batch (``B * S`` unless targets hold ``IGNORE`` positions).
 GRAM surrogate is therefore exactly the negative ELBO of one supervision step per target token; the KL
 is summed over all ``L x D`` latent units of the transition before that division, not averaged.
 
-- :class:`TruncatedSurrogate` (the paper's, PAPER.md section 2): for supervision step ``n``
+- :class:`TruncatedSurrogate` (the paper's, docs/paper.md "Training objective"): for supervision step ``n``
 
       L_n = -[ log p(y | z_T^(n)) - beta * KL_bal(q(eps_T^(n) | u, y) || p(eps_T^(n) | u)) ] / S
 
@@ -24,8 +24,13 @@ is summed over all ``L x D`` latent units of the transition before that division
     the posterior may carry at most about ``kl_cap`` nats per target token per step before the penalty
     grows steeply;
   * reconstruction from prior rollouts (the hybrid objective of Sohn et al., 2015): a second chain of
-    supervision steps run with eps drawn from the **prior**, whose decoder is scored against the same
-    target, mixed in as ``(1 - prior_weight) * L_n + prior_weight * NLL_prior_n / S``.
+    supervision steps run with eps drawn from the **prior**, whose decoder is scored against a target,
+    mixed in as ``(1 - prior_weight) * L_n + prior_weight * NLL_prior_n / S``. The target is the batch's
+    (``prior_target=target``; on a task with several solutions per input it asks the prior chain for
+    the average of them) or, with ``prior_target=nearest``, the valid answer of the input that the prior
+    chain's own logits make most likely (``task.nearest_solution``): the prior chain learns to commit to
+    *some* solution, the posterior chain keeps every solution reachable. The prior chain joins after
+    ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
 - :class:`PyroELBO`: Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, unchanged, on the untruncated
   whole program (every supervision step observes ``y``); one optimizer step per batch.
 
@@ -50,6 +55,9 @@ from models.recursive import MAX_PLATE_NESTING
 
 Judge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``judge(x, answer, y) -> bool [...]``: whether ``answer`` is a correct answer to ``x``."""
+Nearest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``nearest(x [B, S], logits [B, S, V]) -> [B, S]``: the valid answer of ``x`` most likely under ``logits``."""
+PRIOR_TARGETS = ("target", "nearest")
 
 
 def exact_match(x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -106,20 +114,46 @@ def token_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(log_p.squeeze(-1) * (y != IGNORE)).sum(-1)
 
 
-class TruncatedSurrogate:
+class Objective:
+    """What every objective shares: state kept across batches (``state_dict`` / ``load_state_dict``, saved
+    in checkpoints so that a resumed run continues exactly); none by default."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TruncatedSurrogate(Objective):
     """The paper's truncated, per-supervision-step GRAM objective (see the module docstring)."""
 
     def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
-                 kl_cap_weight: float = 10.0, prior_weight: float = 0.0, halt_weight: float = 1.0,
-                 value_weight: float = 1.0, judge: Judge = exact_match):
+                 kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
+                 prior_start: int = 0, halt_weight: float = 1.0, value_weight: float = 1.0,
+                 judge: Judge = exact_match, nearest: Nearest | None = None):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
         if (kl_cap is not None and kl_cap < 0) or kl_cap_weight < 0 or not 0 <= prior_weight <= 1:
             raise ValueError(f"need kl_cap >= 0 (or null), kl_cap_weight >= 0 and 0 <= prior_weight <= 1, got "
                              f"kl_cap={kl_cap}, kl_cap_weight={kl_cap_weight}, prior_weight={prior_weight}")
+        if prior_target not in PRIOR_TARGETS:
+            raise ValueError(f"unknown prior_target {prior_target!r}; allowed: {', '.join(PRIOR_TARGETS)}")
+        if prior_target == "nearest" and nearest is None:
+            raise ValueError("prior_target=nearest needs the task's nearest_solution")
+        if isinstance(prior_start, bool) or not isinstance(prior_start, int) or prior_start < 0:
+            raise ValueError(f"prior_start must be a whole number >= 0, got {prior_start!r}")
         self.beta, self.kl_balance = beta, kl_balance
         self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
+        self.prior_target, self.nearest, self.prior_start = prior_target, nearest, prior_start
         self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
+        self.batches = 0  # batches seen, for prior_start (checkpointed)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state.get("batches", 0)
 
     def updates_per_batch(self, model) -> int:
         return model.n_sup
@@ -141,11 +175,13 @@ class TruncatedSurrogate:
         if update == 0:
             state.clear()
             model.init(state, batch.x)
-            if self.prior_weight:
+            self.batches += 1
+            if self.prior_weight and self.batches > self.prior_start:
                 state["prior"] = {}
                 model.init(state["prior"], batch.x)
         n, last = update, model.transitions - 1
-        if self.prior_weight:  # the prior chain's step n, before the guided one (both are site-named n)
+        prior_chain = "prior" in state
+        if prior_chain:  # the prior chain's step n, before the guided one (both are site-named n)
             prior_logits = model.step(state["prior"], batch.x, truncate=True, puzzle=batch.puzzle)
             model._step_index = n
         model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True,
@@ -160,10 +196,13 @@ class TruncatedSurrogate:
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
         loss = nll + self.kl_penalty(kl)
         metrics = {"nll": nll, "kl": kl}
-        if self.prior_weight:
-            prior_nll = per_token(token_nll(prior_logits, batch.y), batch.y)
+        if prior_chain:
+            target = batch.y if self.prior_target == "target" else self.nearest(batch.x, prior_logits.detach())
+            prior_nll = per_token(token_nll(prior_logits, target), batch.y)
             loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
             metrics["prior_nll"] = prior_nll
+        elif self.prior_weight:  # the same columns in every row of metrics.csv; NaN before prior_start
+            metrics["prior_nll"] = torch.full((), float("nan"), device=loss.device)
         loss = loss + self.halt_weight * halt + self.value_weight * value
         return loss, {"loss": loss, **metrics, "halt": halt, "value": value, "acc": correct.mean()}
 
@@ -171,7 +210,7 @@ class TruncatedSurrogate:
 ELBOS = {"Trace_ELBO": pyro.infer.Trace_ELBO, "TraceMeanField_ELBO": pyro.infer.TraceMeanField_ELBO}
 
 
-class PyroELBO:
+class PyroELBO(Objective):
     """Pyro's own ELBO estimators, unchanged, on the whole untruncated program."""
 
     def __init__(self, elbo: str = "Trace_ELBO", num_particles: int = 1, halt_weight: float = 1.0,

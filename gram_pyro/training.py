@@ -150,7 +150,7 @@ def evaluate(task, model, split: str, num_inputs: int, num_samples: int, device:
              seed: int = 0) -> dict:
     """The task's scores (accuracy, coverage, ...) of answers decoded along ``num_samples`` **prior** trajectories for
     ``num_inputs`` inputs of ``split`` drawn at random (seeded; splits are stored sorted, so a prefix
-    would be a biased sample). The only evidence that counts (NOTES.md). Draws from its own keyed
+    would be a biased sample). The only evidence that counts (docs/shortcut.md). Draws from its own keyed
     streams (:mod:`gram_pyro.inference`), so evaluating neither changes a training run's random stream
     nor varies by when it happens."""
     data = task.splits[split]
@@ -230,7 +230,8 @@ class Run:
         self.model = build(cfg.model, "model", vocab_size=self.task.vocab_size, seq_len=self.task.seq_len,
                            num_puzzles=self.task.num_puzzles)
         self.guide = build(cfg.guide, "guide", model=self.model)
-        self.objective = build(cfg.objective, "objective", judge=self.task.judge)
+        solutions = {"nearest": self.task.nearest_solution} if "prior_target" in cfg.objective else {}
+        self.objective = build(cfg.objective, "objective", judge=self.task.judge, **solutions)
         if hasattr(self.objective, "check"):
             try:
                 self.objective.check(self.model, self.guide)
@@ -257,7 +258,7 @@ class Run:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema.state_dict(), "rng": rng_state(),
+                "ema": self.ema.state_dict(), "rng": rng_state(), "objective": self.objective.state_dict(),
                 "batches_done": self.batches_done, "bad_steps": int(self.bad_steps)}
 
     def load(self, payload: dict, source: Path | str = "the checkpoint") -> None:
@@ -282,6 +283,7 @@ class Run:
         if len(payload["ema"]["shadow"]) != len(self.ema.shadow):
             raise ValueError(f"{len(payload['ema']['shadow'])} EMA tensors for {len(self.ema.shadow)} parameters")
         self.ema.load_state_dict(payload["ema"])
+        self.objective.load_state_dict(payload.get("objective", {}))  # checkpoints before objectives had state
         set_rng_state(payload["rng"])  # rank 0's stream; the others continue from their own seed
         if self.world.rank:
             torch.manual_seed(self.cfg.trainer.seed + self.world.rank * 1_000_003 + payload["batches_done"])

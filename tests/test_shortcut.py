@@ -8,7 +8,9 @@ from gram_pyro.config import UserError
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import supervision_step, surrogate_loss, token_log_likelihood
-from gram_pyro.tasks.base import Batch
+from gram_pyro.tasks.base import Batch, most_likely
+from gram_pyro.tasks.nqueens import NQueensTask
+from gram_pyro.tasks.sudoku import UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
 from guides import PriorGuide
 from tests.conftest import tiny_guide, tiny_model
@@ -139,3 +141,61 @@ def test_a_run_whose_posterior_carries_the_answer_is_stopped_and_one_without_is_
     header, row = (healthy / "eval.csv").read_text().splitlines()
     scores = dict(zip(header.split(","), map(float, row.split(","))))
     assert scores["posterior_accuracy"] - scores["accuracy"] <= 0.2 and scores["kl_per_token"] == 0
+
+
+def test_most_likely_picks_the_allowed_candidate_of_highest_likelihood():
+    logits = torch.log(torch.tensor([[[0.7, 0.3], [0.4, 0.6]], [[0.7, 0.3], [0.4, 0.6]]]))  # [B=2, S=2, V=2]
+    candidates = torch.tensor([[0, 1], [0, 0], [1, 1]])  # likelihoods 0.42, 0.28, 0.18
+    allowed = torch.tensor([[True, True, True], [False, True, True]])
+    assert most_likely(logits, candidates, allowed).tolist() == [[0, 1], [0, 0]]
+
+
+@pytest.mark.parametrize("which", ["nqueens", "uncond_sudoku4"])
+def test_nearest_solution_is_the_most_likely_valid_answer(which, tmp_path):
+    task = (NQueensTask(n=6, removals=(2, 3), cache_dir=str(tmp_path)) if which == "nqueens"
+            else UnconditionalSudokuTask(size=4, cache_dir=str(tmp_path)))
+    x = task.splits["test"].inputs[:6]
+    logits = torch.randn(*x.shape, task.vocab_size, generator=torch.Generator().manual_seed(0))
+    nearest = task.nearest_solution(x, logits)
+    assert task.judge(x, nearest).all()
+    candidates = task.splits["train"].solutions if which == "nqueens" else task.grids
+    log_p = logits.log_softmax(-1)
+    for row in range(len(x)):
+        valid = candidates[task.judge(x[row].expand(len(candidates), -1), candidates)]
+        scores = log_p[row].expand(len(valid), -1, -1).gather(-1, valid.unsqueeze(-1)).squeeze(-1).sum(-1)
+        assert torch.equal(nearest[row], valid[scores.argmax()])
+
+
+def test_prior_rollouts_against_the_nearest_solution(tmp_path):
+    task = NQueensTask(n=6, removals=(2, 3), cache_dir=str(tmp_path))
+    batch = task.splits["train"].batch(torch.arange(5), torch.Generator().manual_seed(0))
+    model = tiny_model(vocab_size=task.vocab_size, seq_len=task.seq_len)
+    guide = tiny_guide(model)
+    objective = TruncatedSurrogate(prior_weight=0.5, prior_target="nearest", nearest=task.nearest_solution)
+    torch.manual_seed(4)
+    _, metrics = objective.loss(model, guide, batch, {}, 0)
+    torch.manual_seed(4)
+    prior_logits, _, _ = prior_step(model, batch.x, *start(model, len(batch.x)))
+    target = task.nearest_solution(batch.x, prior_logits)
+    expected = -token_log_likelihood(prior_logits, target).sum() / batch.y.numel()
+    assert torch.allclose(metrics["prior_nll"], expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="nearest_solution"):
+        TruncatedSurrogate(prior_weight=0.5, prior_target="nearest")
+    with pytest.raises(UserError, match="does not enumerate its solutions"):
+        UnconditionalSudokuTask(size=6, num_grids=4, num_test=2, cache_dir=str(tmp_path)).nearest_solution(
+            batch.x, prior_logits)
+
+
+def test_prior_rollouts_join_after_prior_start_batches_and_the_count_is_checkpointed(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    objective = TruncatedSurrogate(prior_weight=0.5, prior_start=1)
+    first = objective.loss(model, guide, Batch(x, y), {}, 0)[1]["prior_nll"]
+    second = objective.loss(model, guide, Batch(x, y), {}, 0)[1]["prior_nll"]
+    assert first.isnan() and second.isfinite()
+    resumed = TruncatedSurrogate(prior_weight=0.5, prior_start=1)
+    resumed.load_state_dict(objective.state_dict())
+    assert resumed.loss(model, guide, Batch(x, y), {}, 0)[1]["prior_nll"].isfinite()
+    with pytest.raises(ValueError, match="prior_start"):
+        TruncatedSurrogate(prior_start=-1)

@@ -31,7 +31,7 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.trace_struct import Trace
 
-from gram_pyro.objectives import Judge, exact_match, gaussian_of, head_losses
+from gram_pyro.objectives import Judge, Objective, exact_match, gaussian_of, head_losses
 from gram_pyro.tasks.base import Batch
 from guides.base import proposal_site
 from models.recursive import MAX_PLATE_NESTING
@@ -144,7 +144,7 @@ def run_program(model, guide, batch: Batch, num_particles: int) -> tuple[Trace, 
         return guide.run(model.forward, batch.x, y=batch.y, puzzle=batch.puzzle)
 
 
-class ParticleObjective:
+class ParticleObjective(Objective):
     """Base of the schemes: the objective interface of :mod:`gram_pyro.objectives` (``judge`` and
     head-loss weights as there), the stochastic-model check, the particle run of an update, head
     losses and cost metrics. ``truncate``: one optimizer step per supervision step (the update's step

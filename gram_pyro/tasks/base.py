@@ -14,6 +14,10 @@ A task is a plain object with
 * ``score(split, index, answers) -> {metric: float}``: the means of :meth:`Task.per_input` unless a
   task defines set-level metrics (uniqueness, Inception score);
 * ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len);
+* ``nearest_solution(x [B, S], logits [B, S, V]) -> LongTensor [B, S]``: the valid answer of each input
+  that the decoder's ``logits`` make most likely (tasks whose solution sets can be enumerated; the
+  others say so in a one-line error). The target of prior rollouts in
+  :class:`gram_pyro.objectives.TruncatedSurrogate` with ``prior_target=nearest``;
 * ``read_inputs(path) -> LongTensor [M, S]`` and ``format_answer(x [S], answer [S]) -> str``: a user's
   puzzles in the task's file format, and one answer as a line of that format with its validity (tasks
   without a user format say so in a one-line error).
@@ -89,6 +93,9 @@ class Task:
     def stats(self) -> dict:
         raise NotImplementedError
 
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise UserError(f"task {self.name} does not enumerate its solutions: use objective.prior_target=target")
+
     def read_inputs(self, path) -> torch.Tensor:
         raise UserError(f"task {self.name} has no user input format")
 
@@ -100,6 +107,18 @@ def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
     """``num_inputs`` distinct rows of a split of ``size`` drawn with ``seed``, sorted (splits are stored
     sorted, so a prefix would be a biased sample)."""
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_inputs].sort().values
+
+
+def most_likely(logits: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row, the candidate answer with the highest ``log p(candidate | logits)`` under the
+    factorized decoder: ``logits [B, S, V]``, ``candidates [C, S]`` tokens, ``allowed [B, C]`` (``None``:
+    all); returns ``[B, S]``. Every row needs at least one allowed candidate."""
+    log_p = logits.float().log_softmax(-1)
+    one_hot = torch.nn.functional.one_hot(candidates.to(logits.device), logits.shape[-1]).to(log_p.dtype)
+    scores = torch.einsum("bsv,csv->bc", log_p, one_hot)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return candidates.to(logits.device)[scores.argmax(-1)]
 
 
 def solutions_histogram(num_solutions: torch.Tensor) -> dict[str, int]:

@@ -23,7 +23,7 @@ from itertools import combinations
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, is_int, solutions_histogram
+from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, is_int, most_likely, solutions_histogram
 from gram_pyro.tasks.cache import cached, progress
 
 EMPTY, QUEEN = 1, 2
@@ -355,6 +355,14 @@ class NQueensTask(Task):
         valid = self.judge(data.inputs[index], answers)
         covered = coverage(data.completions[index], data.num_completions[index], data.solutions, answers)
         return {"accuracy": valid.float().mean(0), "coverage": covered}
+
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Among all n-queens solutions holding every queen of ``x [B, S]``, the most likely under
+        ``logits [B, S, V]`` (:func:`most_likely`)."""
+        solutions = self.splits["train"].solutions.to(x.device)
+        queens = (x == QUEEN).float()
+        allowed = queens @ (solutions == QUEEN).float().T == queens.sum(-1, keepdim=True)
+        return most_likely(logits, solutions, allowed)
 
     def read_inputs(self, path) -> torch.Tensor:
         return read_boards(path, self.n)

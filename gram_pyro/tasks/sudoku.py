@@ -1,4 +1,4 @@
-"""Sudoku completion and unconditional Sudoku generation (PAPER.md section 4).
+"""Sudoku completion and unconditional Sudoku generation (docs/paper.md, "Tasks, data and metrics").
 
 Encoding: a grid of side ``n`` (4, 6 or 9; boxes 2x2, 2x3 = 2 rows by 3 columns, 3x3) is ``S = n*n``
 tokens in row-major order, ``0`` = pad (unused), ``1`` = blank, ``2..n+1`` = digits ``1..n``;
@@ -36,7 +36,7 @@ import torch
 
 from gram_pyro.config import UserError
 from gram_pyro.tasks import sudoku_solver as solver
-from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, solutions_histogram
+from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, most_likely, solutions_histogram
 from gram_pyro.tasks.cache import cached, progress
 
 PAD, BLANK, FIRST_DIGIT = 0, 1, 2
@@ -339,6 +339,13 @@ class UnconditionalSudokuTask(SudokuRules):
         if self.num_all_grids:
             scores["coverage"] = distinct / self.num_all_grids
         return scores
+
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """4x4: the most likely of the 288 grids under ``logits [B, S, V]`` (:func:`most_likely`); larger
+        grids are not enumerated (a one-line error)."""
+        if not self.num_all_grids:
+            return super().nearest_solution(x, logits)
+        return most_likely(logits, self.grids)
 
     def stats(self) -> dict:
         splits = {name: {"inputs": len(s), "solutions_per_input": None} for name, s in self.splits.items()}
