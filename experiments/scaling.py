@@ -8,7 +8,7 @@ per input, recording every step (``gram_pyro.inference.sample_trajectories(recor
 Because trajectory ``i`` is the same whatever ``N`` (keyed randomness), the first ``N`` trajectories
 and the first ``d`` steps of that one run are exactly what a run with ``N`` trajectories of depth
 ``d`` would give; every (N, d) point is read off it. A deterministic run is also sampled under each of
-``baselines`` (PTRM latent noise with ``ptrm_sigma``, decoder sampling, random z0; PAPER.md section 5)
+``baselines`` (PTRM latent noise with ``ptrm_sigma``, decoder sampling, random z0; docs/paper.md, "Inference-time scaling")
 and labelled ``<run>+<baseline>``.
 
 For each point: ``accuracy`` of the answer ``select`` picks among the N, and ``coverage`` (distinct

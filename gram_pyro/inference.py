@@ -49,8 +49,8 @@ whose working set outgrows the cache is slower per trajectory (measured with
 trajectory each in chunks of 20 trajectories, 1.0 in chunks of 2).
 
 Deterministic models (``model.stochastic`` False) without a perturbation run once and their outputs
-are expanded to ``N`` (views). Perturbations (:class:`Perturbation`), the baselines of PAPER.md
-section 5, apply to any model:
+are expanded to ``N`` (views). Perturbations (:class:`Perturbation`), the baselines of docs/paper.md
+("Inference-time scaling"), apply to any model:
 
 * ``ptrm``: ``state[which] += sigma * z`` after every supervision step but the last (PTRM's test-time
   noise on the latent of a trained deterministic model; ``which`` is ``h`` or ``l``);

@@ -3,7 +3,7 @@
 Shapes: every module accepts arbitrary leading batch dims. A latent state is ``[..., L, D]`` with
 ``L = P + S``: ``P`` prefix ("puzzle embedding") tokens followed by the ``S`` board tokens.
 
-Pieces (PAPER.md section 1):
+Pieces (docs/paper.md, "The model"):
 
 - :func:`rms_norm`: ``x / sqrt(mean(x^2) + eps)`` over the last dim, parameter free (as TRM).
 - :class:`SwiGLU`: ``W_o (silu(W_g x) * W_u x)``.
@@ -167,7 +167,7 @@ def network_precision(modules: list[nn.Module], dtype: torch.dtype | None):
 
 
 class RecursiveCore(nn.Module):
-    """The deterministic parts of one transition (PAPER.md eqs. 6-7):
+    """The deterministic parts of one transition (docs/paper.md, "The model"):
 
         refine_low:   l <- f_L(l, h + e_x)   (K times, h held fixed)
         propose_high: u  = f_H(h, l)

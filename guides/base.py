@@ -11,7 +11,7 @@ the model has just recorded (``upstream_value``) and returns the posterior to sa
   prior, i.e. the variational family sets ``q(eps_t) = p(eps_t | u_t)`` there. This is the family
   under which the paper's truncated surrogate (KL paid on the final transition only) is an exact
   ELBO of the step, and it keeps the target from flowing into the state through transitions that
-  pay no KL (NOTES.md, "the posterior shortcut").
+  pay no KL (docs/shortcut.md).
 
 ``posterior_steps`` (``None``: all) limits the posterior to the first that many supervision steps;
 later steps follow the prior and are trained on the target they are handed, so they learn to finish

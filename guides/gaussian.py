@@ -6,7 +6,7 @@
 input's) placed on the ``S`` board positions of ``u [..., B, P + S, D]`` (zero on the ``P`` prefix
 positions; ``IGNORE`` target positions are embedded as the pad token 0), so each position of the posterior sees its own target token and, through ``u``,
 everything the recursion has computed. The paper does not say how ``y`` enters; this is the choice
-of public reimplementations (PAPER.md section 1). ``mu_phi`` and ``sigma_phi`` are one SwiGLU each, starting at mean 0 and scale
+of public reimplementations (docs/paper.md, "The model"). ``mu_phi`` and ``sigma_phi`` are one SwiGLU each, starting at mean 0 and scale
 ``init_scale`` (equal to the prior at initialisation when the prior's ``init_scale`` is the same, so
 the KL starts at zero).
 

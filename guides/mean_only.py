@@ -3,7 +3,7 @@
     q(eps | u, y) = N(mu_q(a), s^2 I),   a = [u ; E(y)],   s = 1e-3 by default
 
 ``mu_q = Correction(a)`` (:mod:`guides.context`), zero at initialisation. Nearly deterministic
-guidance that sees the target: the paper reports 0% with it (PAPER.md section 4, "mean-only
+guidance that sees the target: the paper reports 0% with it (docs/paper.md, "Reference figures": "mean-only
 guidance"), since eps can carry the answer at a KL cost that the learned prior scale can make small
 relative to the likelihood. Event dims ``[L, D]``; a Normal, so the analytic KL applies.
 """

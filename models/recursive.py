@@ -1,6 +1,6 @@
 """GRAM and its deterministic / naive-noise baselines as one Pyro program.
 
-The program (PAPER.md section 1, DESIGN.md "model contract"): for supervision step ``n`` and transition
+The program (docs/paper.md, "The model"; docs/method.md, "The program"): for supervision step ``n`` and transition
 ``t``::
 
     l      <- f_L(l, h + e_x)                         K times
@@ -103,7 +103,7 @@ class RecursiveReasoningModel(nn.Module):
             if learned_scale else {}
         )
         self.noise_sites = tuple(sites) if noise != "none" else ()
-        # z0 = (h0, l0) ~ N(0, I), drawn once and kept in the checkpoint (PAPER.md section 1).
+        # z0 = (h0, l0) ~ N(0, I), drawn once and kept in the checkpoint (docs/paper.md, "The model").
         self.register_buffer("h0", torch.randn(length, dim))
         self.register_buffer("l0", torch.randn(length, dim))
         self._data_plate: pyro.plate | None = None

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and data, Pyro validation on (as DESIGN.md asks for tests); data set
+"""Shared fixtures: tiny models and data, Pyro validation on (as docs/paper.md, "Known pitfalls", asks for tests); data set
 caches go to a temporary directory, never the user's."""
 
 import os

@@ -6,7 +6,7 @@ the per-transition ``KL(q || p)`` there (analytic for Normal guides, else Monte 
 
     surrogate = (1/N_sup) sum_n [ log p(y | z_T^(n)) - KL_n,T ]         the truncated objective's value
                                                                         (KL of each step's last transition)
-    full      = log p(y | z_T^(N_sup)) - sum_{n, t} KL_n,t              PAPER.md section 2: the trajectory
+    full      = log p(y | z_T^(N_sup)) - sum_{n, t} KL_n,t              docs/paper.md, "Training objective": the trajectory
                                                                         ELBO of the final answer
 
 Truncation changes gradients, not values, so one untruncated run per checkpoint gives both. The two

@@ -1,4 +1,4 @@
-"""The posterior-shortcut check (NOTES.md): does the model answer only when the guide hands it y?
+"""The posterior-shortcut check (docs/shortcut.md): does the model answer only when the guide hands it y?
 
     posterior accuracy = share of answers the task's judge accepts among those decoded along guide
                          trajectories (the model run under q(eps | x, y): argmax of the final step's logits)

@@ -5,7 +5,7 @@
 on the whole untruncated program (every supervision step's ``y`` and eps sites), in chunks of
 ``chunk_size`` vectorized particles (``K`` up to thousands without holding them all at once), without
 gradient. The estimate of ``p`` is unbiased, its log is biased low (the IWAE bound with ``K``
-particles). The log weights are kept in float64 (NOTES.md: importance diagnostics on float32
+particles). The log weights are kept in float64 (docs/paper.md, "Known pitfalls": importance diagnostics on float32
 log weights are meaningless). ESS ``(sum w)^2 / sum w^2`` per example, between 1 and ``K``: near 1
 means the estimate rests on one particle and should not be trusted.
 """

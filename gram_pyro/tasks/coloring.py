@@ -1,4 +1,4 @@
-"""Graph colouring with three colours (PAPER.md section 4).
+"""Graph colouring with three colours (docs/paper.md, "Tasks, data and metrics").
 
 An input is a graph on ``n`` nodes (``4 <= n <= 12``); a correct answer gives each node one of three
 colours so that no edge joins two nodes of the same colour. The graphs are distinct 3-colourable draws
