@@ -16,6 +16,8 @@ from gram_pyro.files import write_whole
 
 FORMAT = "gram-pyro-checkpoint-1"
 REQUIRED = ("model", "guide", "optimizer", "scheduler", "ema", "rng", "batches_done", "bad_steps")
+WEIGHTS = ("model", "guide")
+"""What shipped weights (``pretrained/<name>/weights.pt``) hold: the EMA weights, nothing to train on."""
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -26,8 +28,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     write_whole(path, lambda temporary: torch.save({"format": FORMAT, **payload}, temporary))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint; a missing, truncated or foreign file is a :class:`UserError`."""
+def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED) -> dict:
+    """Read a checkpoint holding the ``required`` entries; a missing, truncated or foreign file is a
+    :class:`UserError`."""
     path = Path(path)
     if path.exists() and not path.is_file():
         raise UserError(f"{path} is not a checkpoint file")
@@ -40,7 +43,7 @@ def load_checkpoint(path: Path) -> dict:
             from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a gram-pyro checkpoint")
-    missing = [key for key in REQUIRED if key not in payload]
+    missing = [key for key in required if key not in payload]
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
     return payload

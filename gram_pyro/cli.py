@@ -84,16 +84,30 @@ def _sampling(cfg: DictConfig) -> dict:
             "memory_budget_mb": cfg.memory_budget_mb, "perturbation": perturbation}
 
 
+def _run_source(cfg) -> tuple[Path, Path]:
+    """``(directory to load, directory under which default outputs go)`` from ``run=<dir>`` or
+    ``pretrained=<name>`` (exactly one of them; shipped weights write their outputs under
+    ``runs/pretrained/<name>``, never into the package)."""
+    from gram_pyro.evaluation import pretrained_dir
+
+    if (cfg.run is None) == (cfg.pretrained is None):
+        raise UserError("give either run=<run directory> or pretrained=<name>")
+    if cfg.pretrained is not None:
+        return pretrained_dir(str(cfg.pretrained)), Path("runs") / "pretrained" / str(cfg.pretrained)
+    return Path(cfg.run), Path(cfg.run)
+
+
 def _eval(overrides: list[str]) -> None:
     from gram_pyro.evaluation import evaluate_run, format_table, load_run, write_evaluation
 
     cfg = compose_config("eval", overrides)
     sampling = _sampling(cfg)
     check_values(cfg, {"inputs": Whole(1)})
-    loaded = load_run(cfg.run, cfg.device)
+    source, home = _run_source(cfg)
+    loaded = load_run(source, cfg.device)
     tag = f"{cfg.split}-N{cfg.samples}-d{cfg.depth or loaded.model.n_sup}-{cfg.select}" + \
         ("-halt" if cfg.halting else "") + (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
-    out = make_dir(Path(cfg.out or Path(cfg.run) / "eval" / tag), "out")  # before the work: a bad out fails fast
+    out = make_dir(Path(cfg.out or home / "eval" / tag), "out")  # before the work: a bad out fails fast
     report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **sampling)
     write_evaluation(report, arrays, out)
     print(format_table(report))
@@ -109,7 +123,7 @@ def _solve(overrides: list[str]) -> None:
     output = Path(cfg.output or source.with_name(f"{source.stem}.answers{source.suffix}"))
     if output.is_dir():
         raise UserError(f"output={output} is a directory; allowed: a file to write the answers to")
-    loaded = load_run(cfg.run, cfg.device)
+    loaded = load_run(_run_source(cfg)[0], cfg.device)
     make_dir(output.parent, "output")
     solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **sampling)
     print(f"wrote {solved} answers ({valid} valid) to {output}")
@@ -121,8 +135,9 @@ def _sample(overrides: list[str]) -> None:
     cfg = compose_config("sample", overrides)
     sampling = _sampling(cfg)
     check_values(cfg, {"n": Whole(1)})
-    loaded = load_run(cfg.run, cfg.device)
-    out = make_dir(Path(cfg.out or Path(cfg.run) / "samples"), "out")
+    source, home = _run_source(cfg)
+    loaded = load_run(source, cfg.device)
+    out = make_dir(Path(cfg.out or home / "samples"), "out")
     for path in sample_unconditional(loaded, cfg.n, out, **sampling):
         print(f"wrote {path}")
 

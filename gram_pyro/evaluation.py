@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from gram_pyro.checkpoint import load_checkpoint
+from gram_pyro.checkpoint import WEIGHTS, load_checkpoint
 from gram_pyro.config import UserError, first_line, load_run_config
 from gram_pyro.inference import default_memory_budget_mb, result_bytes, sample_trajectories
 from gram_pyro.selection import select
@@ -50,8 +50,23 @@ class LoadedRun:
     device: torch.device
 
 
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+"""Shipped weights: ``pretrained/<name>/`` holds ``config.yaml`` and ``weights.pt`` (EMA weights only)."""
+
+
+def pretrained_dir(name: str) -> Path:
+    """The directory of the shipped weights ``name``; an unknown name is a one-line :class:`UserError`."""
+    available = sorted(p.name for p in PRETRAINED.iterdir() if (p / "weights.pt").is_file()) \
+        if PRETRAINED.is_dir() else []
+    if name not in available:
+        raise UserError(f"unknown pretrained={name!r}; allowed: {', '.join(available) or 'none shipped'}")
+    return PRETRAINED / name
+
+
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
-    """Rebuild the run in ``run_dir`` from its ``config.yaml`` and load its checkpoint's EMA weights."""
+    """Rebuild the run in ``run_dir`` from its ``config.yaml`` and load its EMA weights: from a training
+    checkpoint (``checkpoint.pt``) or from shipped weights (``weights.pt``: model and guide state dicts
+    that already are the EMA weights)."""
     from gram_pyro.training import Run  # the trainer's builder, so both build exactly the same objects
 
     run_dir = Path(run_dir)
@@ -61,10 +76,18 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     if device is not None:
         cfg.trainer.device = device
     run = Run(cfg)
-    run.load(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-    with torch.no_grad():
-        for param, shadow in zip(run.ema.params, run.ema.shadow):
-            param.copy_(shadow)
+    if (run_dir / "weights.pt").is_file() and not (run_dir / "checkpoint.pt").is_file():
+        weights = load_checkpoint(run_dir / "weights.pt", WEIGHTS)
+        try:
+            run.model.load_state_dict(weights["model"])
+            run.guide.load_state_dict(weights["guide"])
+        except (RuntimeError, KeyError, TypeError) as error:
+            raise UserError(f"{run_dir / 'weights.pt'} does not match its config.yaml: {first_line(error)}") from None
+    else:
+        run.load(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
+        with torch.no_grad():
+            for param, shadow in zip(run.ema.params, run.ema.shadow):
+                param.copy_(shadow)
     run.model.eval()
     run.guide.eval()
     return LoadedRun(run_dir, cfg, run.task, run.model, run.guide, run.device)
