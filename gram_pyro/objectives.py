@@ -28,7 +28,7 @@ is summed over all ``L x D`` latent units of the transition before that division
     mixed in as ``(1 - prior_weight) * L_n + prior_weight * NLL_prior_n / S``. The target is the batch's
     (``prior_target=target``; on a task with several solutions per input it asks the prior chain for
     the average of them) or, with ``prior_target=nearest``, the valid answer of the input that the prior
-    chain's own logits make most likely (``task.nearest_solution``): the prior chain learns to commit to
+    chain's own logits make most likely (``task.nearest_solution``): the prior chain learns to end in
     *some* solution, the posterior chain keeps every solution reachable. The prior chain joins after
     ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
 - :class:`PyroELBO`: Pyro's ``Trace_ELBO`` / ``TraceMeanField_ELBO``, unchanged, on the untruncated
