@@ -10,9 +10,9 @@ recipe, every other ``key=value`` is added to the train config of both runs.
 
 The script trains GRAM and TRM into ``<out>/gram`` and ``<out>/trm`` (default ``out``:
 ``runs/reproduce/<task>-<budget>``). A run directory that holds a finished run of the same config is
-kept as it is; one that stopped early, or whose config differs only in ``trainer.max_batches``, is
-resumed from its checkpoint, so an interrupted reproduction continues where it stopped; one of another
-config is a one-line error (nothing is replaced). Then it scores,
+kept as it is; one that stopped early, or whose config differs only in ``trainer.max_batches`` or
+``trainer.threads``, is resumed from its checkpoint, so an interrupted reproduction continues where it
+stopped; one of another config is a one-line error (nothing is replaced). Then it scores,
 on every input of each ``eval.splits`` split (or ``eval.inputs`` of them), ``eval.samples`` answers
 per input decoded along prior trajectories (:func:`gram_pyro.evaluation.evaluate_run`, EMA weights):
 
@@ -35,8 +35,8 @@ Writes ``<out>/results.json`` (``task``, ``budget``, ``device``, ``wall_seconds`
 ``samples``, ``recipe``, ``seconds``, ``models``; other splits under ``splits``), each evaluation's
 ``metrics.json`` and ``samples.npz`` under ``<out>/eval/<model>-<split>/``, and with ``publish=true`` a
 copy of the results as ``docs/results/<task>-<budget>.json`` (``experiments/results_table.py`` renders
-``docs/results.md`` from those). Training time is kept in ``<out>/train_seconds.json`` across resumed
-invocations; ``wall_seconds`` is the training time of both runs plus this invocation's evaluation.
+``docs/results.md`` from those). ``wall_seconds`` is the training time of both runs (each run's
+checkpoint keeps it across resumed invocations) plus this invocation's evaluation.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ MODELS = {"GRAM": "gram", "TRM": "trm"}
 """Trained models: results name -> recipe key and run directory name."""
 COMPARED = ("task", "model", "guide", "objective", "trainer")
 """The sections of a train config that make the run (not where it is written or how it is started)."""
-IGNORED_IN_COMPARISON = ("trainer.max_batches",)
-"""Keys in which a run directory may differ from the recipe and still be continued."""
+IGNORED_IN_COMPARISON = ("trainer.max_batches", "trainer.threads")
+"""Keys in which a run directory may differ from the recipe and still be continued (how long it trains
+and how many CPU threads it is given)."""
 
 
 def recipes() -> dict[str, list[str]]:
@@ -165,31 +166,18 @@ def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:
     return done
 
 
-def train_model(name: str, cfg: DictConfig, run_dir: Path) -> tuple[float, bool]:
+def train_model(name: str, cfg: DictConfig, run_dir: Path) -> float:
     """Train ``cfg`` into ``run_dir``: keep a finished run, resume a stopped one, start afresh where the
     directory holds no checkpoint (the trainer moves what an earlier start left aside). Returns the
-    seconds spent and whether the run started afresh."""
+    run's training seconds since its batch 0, as its checkpoint keeps them (0 for checkpoints older than
+    that record)."""
     done = batches_done(run_dir, cfg)
     if done == cfg.trainer.max_batches:
         print(f"{name}: {run_dir} holds the finished run ({done} batches); kept")
-        return 0.0, False
-    print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}", flush=True)
-    start = time.time()
-    train(cfg, run_dir, resume=done is not None, overwrite=done is None)
-    return time.time() - start, done is None
-
-
-def recorded_train_seconds(out: Path) -> dict[str, float]:
-    """``{model: seconds}`` of training recorded in ``<out>/train_seconds.json`` (none yet: empty)."""
-    path = out / "train_seconds.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def record_train_seconds(out: Path, name: str, seconds: float, fresh: bool) -> None:
-    """Add ``seconds`` to ``name``'s recorded training time (a ``fresh`` run replaces it)."""
-    totals = recorded_train_seconds(out)
-    totals[name] = seconds + (0.0 if fresh else totals.get(name, 0.0))
-    (out / "train_seconds.json").write_text(json.dumps(totals, indent=1))
+    else:
+        print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}", flush=True)
+        train(cfg, run_dir, resume=done is not None, overwrite=done is None)
+    return float(load_checkpoint(run_dir / "checkpoint.pt").get("seconds", 0.0))
 
 
 def device_name(device: torch.device) -> str:
@@ -289,9 +277,7 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
     out = out or Path("runs") / "reproduce" / name
     configs = {model: run_config(recipe, key, out / key, extra) for model, key in MODELS.items()}
     out.mkdir(parents=True, exist_ok=True)
-    for model, cfg in configs.items():
-        record_train_seconds(out, model, *train_model(model, cfg, out / MODELS[model]))
-    train_seconds = recorded_train_seconds(out)
+    train_seconds = {model: train_model(model, cfg, out / MODELS[model]) for model, cfg in configs.items()}
     started = time.time()
     runs = {model: load_run(out / key) for model, key in MODELS.items()}
     first, *others = recipe.eval.splits

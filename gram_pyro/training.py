@@ -7,7 +7,8 @@ function of ``(trainer.seed, b)``, so a resumed run sees exactly the data an uni
 
 A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest; with
 ``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv`` (one row per
-logged batch), ``eval.csv`` (prior-sampled accuracy/coverage on held-out inputs, EMA weights) and
+logged batch; ``seconds``: training time since batch 0, summed over resumed invocations up to the
+checkpoint each went on from, so work redone after a crash counts once), ``eval.csv`` (prior-sampled accuracy/coverage on held-out inputs, EMA weights) and
 TensorBoard events under ``tb/``. A resumed run first drops the CSV rows logged after the checkpoint it
 goes on from (it logs them again), so a run stopped anywhere ends as an uninterrupted one.
 """
@@ -251,6 +252,7 @@ class Run:
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
         self.batches_done = 0
         self.saved_at: int | None = None  # batches_done of the last checkpoint written or loaded
+        self.seconds = 0.0  # training time up to batches_done (set from the clock by the loop)
         self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
         if world.rank:  # identical initial weights on every rank, then a random stream of its own
             torch.manual_seed(trainer.seed + world.rank)
@@ -259,7 +261,7 @@ class Run:
         return {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict(), "rng": rng_state(), "objective": self.objective.state_dict(),
-                "batches_done": self.batches_done, "bad_steps": int(self.bad_steps)}
+                "batches_done": self.batches_done, "bad_steps": int(self.bad_steps), "seconds": self.seconds}
 
     def load(self, payload: dict, source: Path | str = "the checkpoint") -> None:
         """Continue from a checkpoint's ``payload`` (read from ``source``, named in errors). One that does
@@ -289,6 +291,7 @@ class Run:
             torch.manual_seed(self.cfg.trainer.seed + self.world.rank * 1_000_003 + payload["batches_done"])
         self.batches_done = self.saved_at = payload["batches_done"]
         self.bad_steps.fill_(payload["bad_steps"])
+        self.seconds = float(payload.get("seconds", 0.0))  # checkpoints before it was kept: 0
 
     def apply_hyperparameters(self) -> None:
         """Give a loaded optimizer and scheduler the configured learning rate, weight decay and betas
@@ -441,11 +444,18 @@ def _batch_after(line: str, done: int) -> bool:
     return first.isdigit() and int(first) > done
 
 
+def _last_batch(path: Path) -> int | None:
+    """The batch of the last row of the run's CSV file ``path`` (``None`` when it has only a header)."""
+    first = path.read_text().rstrip("\n").rpartition("\n")[2].partition(",")[0]
+    return int(first) if first.isdigit() else None
+
+
 class RunLog:
     """The files of a run directory that training appends to (rank 0 only): ``metrics.csv``,
     ``eval.csv``, TensorBoard events and the progress bar. A CSV file gets its header when it is
     missing or empty, whether the run is new or resumed; rows after batch ``done`` (the checkpoint the
-    run goes on from) are dropped first (:func:`drop_rows_after`)."""
+    run goes on from) are dropped first (:func:`drop_rows_after`). ``last[name]``: the batch of the
+    file's last row (``None`` before the first), so that a resumed run does not log a row twice."""
 
     def __init__(self, run_dir: Path, total: int, done: int, quiet: bool):
         from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
@@ -454,6 +464,7 @@ class RunLog:
         for path in paths.values():
             drop_rows_after(path, done)
         self.headers = {name: path.is_file() and path.stat().st_size > 0 for name, path in paths.items()}
+        self.last = {name: _last_batch(path) if self.headers[name] else None for name, path in paths.items()}
         self.files = {}
         for name, path in paths.items():
             try:
@@ -474,6 +485,7 @@ class RunLog:
             self.headers[name] = True
         out.writerow([batch, *values.values()])
         self.files[name].flush()
+        self.last[name] = batch
         for key, value in values.items():
             if key not in ("seconds", "lr"):
                 self.writer.add_scalar(f"{'train' if name == 'metrics' else name}/{key}", value, batch)
@@ -515,7 +527,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
         save_config(cfg, run_dir / "config.yaml")
         log = RunLog(run_dir, trainer.max_batches, run.batches_done, quiet)
     split = run.task.splits["train"]
-    start = time.time()
+    start = time.time() - run.seconds
 
     def log_eval() -> None:
         with run.ema.applied():
@@ -537,11 +549,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
             batch = batch_at(split, run.batches_done, trainer.batch_size, trainer.seed, run.device)
             metrics = run.train_batch(batch)
             run.batches_done += 1
+            run.seconds = time.time() - start
             if run.batches_done % trainer.log_every == 0 or run.batches_done == trainer.max_batches:
                 run.check_bad_steps()
                 values = {k: v.item() for k, v in mean_over_ranks(metrics, world).items()}
                 if log:
-                    log.row("metrics", run.batches_done, {"seconds": round(time.time() - start, 2),
+                    log.row("metrics", run.batches_done, {"seconds": round(run.seconds, 2),
                                                           "lr": run.scheduler.get_last_lr()[0], **values})
                     log.progress.set_postfix({k: f"{values[k]:.3f}" for k in ("loss", "kl", "acc") if k in values})
             if log:
@@ -551,10 +564,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
                 if run.batches_done % trainer.checkpoint_every == 0:
                     run.check_bad_steps()
                     kept = run_dir / "checkpoints" / f"batch_{run.batches_done:06d}.pt"
+                    run.seconds = time.time() - start  # with the evaluation just logged
                     run.save(checkpoint, *([kept] if trainer.keep_checkpoints else []))
         if log:
-            if not trainer.eval_every or trainer.max_batches % trainer.eval_every:
+            if log.last["eval"] != run.batches_done:  # not evaluated at the last batch yet (even if resumed)
                 log_eval()
+            run.seconds = time.time() - start
             run.save(checkpoint)
             log.close()
             log = None

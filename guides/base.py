@@ -59,6 +59,14 @@ class EpsGuide(GuideMessenger, nn.Module):
         self.posterior_transitions, self.posterior_steps = posterior_transitions, posterior_steps
         self._program_signature: inspect.Signature | None = None
 
+    def hidden_width(self, hidden: int | None) -> int:
+        """The width of a family's hidden layer: ``hidden``, or ``2 * model.dim`` when ``None``."""
+        if hidden is None:
+            return 2 * self.model.dim
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a whole number >= 1 or null (2 * model.dim), got {hidden!r}")
+        return hidden
+
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Run the whole model program under the guide (what Pyro's ELBOs call)."""
         pyro.module("guide", self)

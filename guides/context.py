@@ -62,9 +62,6 @@ class ContextGuide(EpsGuide):
             raise ValueError("a posterior guide needs a stochastic model (noise != 'none'); use guide=prior")
         self.context = TargetContext(model)
 
-    def hidden_width(self, hidden: int | None) -> int:
-        return hidden or 2 * self.model.dim
-
 
 def prior_normal(prior) -> dist.Normal:
     """The ``Normal`` of a prior ``Normal(...).to_event(2)`` (every model here has Gaussian priors)."""

@@ -37,7 +37,7 @@ class TargetConditionedGaussian(EpsGuide):
         # E(y): the target's tokens embedded like the input's, after a zero prefix: [..., B, P + S, D]
         self.target_encoder = TokenEncoder(model.vocab_size, model.dim, model.num_prefix)
         self.heads = nn.ModuleDict(
-            {kind: GaussianHead(model.dim, hidden or 2 * model.dim, init_scale) for kind in model.noise_sites}
+            {kind: GaussianHead(model.dim, self.hidden_width(hidden), init_scale) for kind in model.noise_sites}
         )
 
     def posterior(self, kind: str, u: torch.Tensor, y: torch.Tensor, prior) -> dist.Distribution:

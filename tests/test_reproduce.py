@@ -60,7 +60,7 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert (tmp_path / "published" / "nqueens-cpu.json").read_text() == (out / "results.json").read_text()
     assert {"task", "budget", "device", "wall_seconds", "test_inputs", "samples", "recipe", "models"} <= set(results)
     assert (results["task"], results["budget"], results["test_inputs"], results["samples"]) == ("nqueens", "cpu", 5, 3)
-    assert results["recipe"]["gram"] == ["model=gram", "guide=gaussian"] and "model.dim=16" in results["recipe"]["overrides"]
+    assert results["recipe"]["gram"][:2] == ["model=gram", "guide=gaussian"] and "model.dim=16" in results["recipe"]["overrides"]
     assert set(results["models"]) == {"GRAM", "TRM", "PTRM"}
     for metrics in results["models"].values():
         for name in ["accuracy", "coverage@3", "pass@3", "vote@3"]:

@@ -8,7 +8,8 @@ from gram_pyro.config import UserError
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import supervision_step, surrogate_loss, token_log_likelihood
-from gram_pyro.tasks.base import Batch, most_likely
+from gram_pyro.tasks.base import IGNORE, Batch, most_likely
+from gram_pyro.tasks.coloring import FIRST_COLOUR, ColoringTask, canonicalize
 from gram_pyro.tasks.nqueens import NQueensTask
 from gram_pyro.tasks.sudoku import UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
@@ -164,6 +165,25 @@ def test_nearest_solution_is_the_most_likely_valid_answer(which, tmp_path):
         valid = candidates[task.judge(x[row].expand(len(candidates), -1), candidates)]
         scores = log_p[row].expand(len(valid), -1, -1).gather(-1, valid.unsqueeze(-1)).squeeze(-1).sum(-1)
         assert torch.equal(nearest[row], valid[scores.argmax()])
+
+
+@pytest.mark.parametrize("permute_colours", [False, True])
+def test_nearest_colouring_is_the_most_likely_proper_one(permute_colours, tmp_path):
+    task = ColoringTask(n=5, edge_prob=0.5, num_train=20, num_test=8, permute_colours=permute_colours,
+                        cache_dir=str(tmp_path))
+    x = task.splits["test"].inputs
+    logits = torch.randn(*x.shape, task.vocab_size, generator=torch.Generator().manual_seed(1))
+    nearest = task.nearest_solution(x, logits)
+    assert (nearest[:, :-5] == IGNORE).all() and task.judge(x, nearest).all()
+    every = torch.cartesian_prod(*[torch.arange(3)] * 5)  # all 243 colourings, brute force
+    if not permute_colours:
+        every = every[(canonicalize(every) == every).all(-1)]
+    answers = x[:, None].repeat(1, len(every), 1)
+    answers[..., -5:] = FIRST_COLOUR + every
+    log_p = logits[:, None, -5:].log_softmax(-1).expand(-1, len(every), -1, -1)
+    scores = log_p.gather(-1, answers[..., -5:, None]).squeeze(-1).sum(-1)
+    scores[~task.judge(x[:, None], answers)] = float("-inf")
+    assert torch.equal(nearest[:, -5:], answers[torch.arange(len(x)), scores.argmax(-1), -5:])
 
 
 def test_prior_rollouts_against_the_nearest_solution(tmp_path):

@@ -43,6 +43,18 @@ def test_resume_continues_exactly(tmp_path):
     train(tiny_config("trainer.max_batches=4"), first, resume=True, quiet=True)
     assert len(losses(straight)) == 4
     assert losses(first) == losses(straight)
+    with (first / "metrics.csv").open() as f:  # training time since batch 0, across the two invocations
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert torch.load(first / "checkpoint.pt", weights_only=True)["seconds"] >= seconds[-1]
+
+
+def test_resuming_a_finished_run_changes_none_of_its_rows(tmp_path):
+    run = train(tiny_config("trainer.max_batches=2"), tmp_path / "done", quiet=True)
+    rows = {name: (run / f"{name}.csv").read_text() for name in ("metrics", "eval")}
+    assert rows["eval"].count("\n") == 2  # header and the final evaluation at batch 2
+    train(tiny_config("trainer.max_batches=2"), run, resume=True, quiet=True)
+    assert {name: (run / f"{name}.csv").read_text() for name in rows} == rows
 
 
 def test_trace_elbo_objective_trains(tmp_path):

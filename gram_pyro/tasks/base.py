@@ -15,9 +15,9 @@ A task is a plain object with
   task defines set-level metrics (uniqueness, Inception score);
 * ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len);
 * ``nearest_solution(x [B, S], logits [B, S, V]) -> LongTensor [B, S]``: the valid answer of each input
-  that the decoder's ``logits`` make most likely (tasks whose solution sets can be enumerated; the
-  others say so in a one-line error). The target of prior rollouts in
-  :class:`gram_pyro.objectives.TruncatedSurrogate` with ``prior_target=nearest``;
+  that the decoder's ``logits`` make most likely, as a target (:data:`IGNORE` where targets hold it;
+  tasks whose solution sets can be enumerated; the others say so in a one-line error). The target of
+  prior rollouts in :class:`gram_pyro.objectives.TruncatedSurrogate` with ``prior_target=nearest``;
 * ``read_inputs(path) -> LongTensor [M, S]`` and ``format_answer(x [S], answer [S]) -> str``: a user's
   puzzles in the task's file format, and one answer as a line of that format with its validity (tasks
   without a user format say so in a one-line error).

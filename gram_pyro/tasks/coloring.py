@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import IGNORE, Batch, Task, data_error, data_lines, is_int, solutions_histogram
+from gram_pyro.tasks.base import (IGNORE, Batch, Task, data_error, data_lines, is_int, most_likely,
+                                  solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 NO_EDGE, EDGE, FIRST_COLOUR = 1, 2, 3
@@ -109,10 +110,22 @@ def colouring_codes(colours: torch.Tensor) -> torch.Tensor:
     return (canonicalize(colours) * _place_values(colours.shape[-1], colours.device)).sum(-1)
 
 
+def all_colourings(n: int) -> torch.Tensor:
+    """Every assignment of three colour ids to ``n`` nodes, ``[3^n, n]``, lexicographic."""
+    return torch.arange(NUM_COLOURS**n)[:, None] // _place_values(n) % NUM_COLOURS
+
+
 def canonical_colourings(n: int) -> torch.Tensor:
     """All canonical colourings of ``n`` nodes with at most three colours, ``[C, n]``, lexicographic."""
-    every = torch.arange(NUM_COLOURS**n)[:, None] // _place_values(n) % NUM_COLOURS
+    every = all_colourings(n)
     return every[(canonicalize(every) == every).all(-1)]
+
+
+def same_colour_pairs(colourings: torch.Tensor) -> torch.Tensor:
+    """Float ``[E, C]``: 1 where colouring ``c`` of ``colourings [C, n]`` gives both ends of node pair
+    ``e`` one colour. A colouring is proper for a graph with edges ``[G, E]`` iff ``edges @ same == 0``."""
+    first, second = node_pairs(colourings.shape[-1], colourings.device)
+    return (colourings[:, first] == colourings[:, second]).T.float()
 
 
 def enumerate_colourings(edges: torch.Tensor, colourings: torch.Tensor,
@@ -123,8 +136,7 @@ def enumerate_colourings(edges: torch.Tensor, colourings: torch.Tensor,
     of ``colourings`` that give the two ends of every edge different colours. Row c is proper for graph g iff
     ``edges[g] @ same == 0`` where ``same [E, C]`` marks the pairs a colouring gives one colour.
     """
-    first, second = node_pairs(colourings.shape[-1])
-    same = (colourings[:, first] == colourings[:, second]).T.float()
+    same = same_colour_pairs(colourings)
     rows = max(1, CHUNK_ELEMENTS // len(colourings))
     starts = range(0, len(edges), rows)
     nums, ids = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
@@ -391,6 +403,17 @@ class ColoringTask(Task):
         metrics = self.per_input(split, index, answers)
         return {**{k: v.mean().item() for k, v in metrics.items()},
                 "conflicts_total": metrics["conflicts"].sum().item()}
+
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The proper colouring of each graph ``x [B, S]`` that ``logits [B, S, V]`` make most likely at
+        the node positions (:func:`most_likely`), as a target: :data:`IGNORE` on the triangle. Candidates
+        are the canonical colourings, or every colouring when targets permute the colour ids."""
+        canonical = not self.splits["train"].permute_colours
+        candidates = (canonical_colourings(self.n) if canonical else all_colourings(self.n)).to(x.device)
+        proper = graph_edges(x).float() @ same_colour_pairs(candidates) == 0  # [B, C]
+        target = torch.full_like(x, IGNORE)
+        target[:, -self.n:] = most_likely(logits[:, -self.n:], FIRST_COLOUR + candidates, proper)
+        return target
 
     def read_inputs(self, path) -> torch.Tensor:
         return read_graphs(path, self.n)
