@@ -1,17 +1,10 @@
-"""``gram-pyro <command> [key=value ...]``: one console script, Hydra-composed subcommands.
+"""``gram-pyro <command> [--help] [--cfg job] [--multirun] [key=value ...]``: one console script,
+Hydra-composed subcommands (:data:`COMMANDS`: train, eval, solve, sample, diagnose, data stats).
 
-Commands:
-  train       train a model: ``gram-pyro train task=nqueens model=gram guide=gaussian objective=truncated``;
-              continue a run with ``gram-pyro train resume=<run dir> [overrides]``; a run_dir that holds
-              a run is refused unless ``overwrite=true`` (which moves the old run aside).
-  eval        metrics of a trained run with 95% intervals, from N prior trajectories per input:
-              ``gram-pyro eval run=<dir> samples=20 depth=16 select=vote``.
-  solve       answer every puzzle of a user file: ``gram-pyro solve run=<dir> input=<file>``.
-  sample      unconditional samples of a generative task: ``gram-pyro sample run=<dir> n=64``.
-  diagnose    posterior diagnostics (shortcut check, PSIS k-hat, diversity, ELBO curves) of a run:
-              ``gram-pyro diagnose run=<dir>``.
-  data stats  build a task's data (or read it from the cache) and print its counts as JSON:
-              ``gram-pyro data stats task=coloring``.
+As a Hydra application: ``gram-pyro <command> --help`` prints the command's purpose, its config
+groups with their choices and every key with its default and comment (after the overrides given, so
+``gram-pyro train task=sudoku --help`` lists Sudoku's keys); ``--cfg job`` prints the composed config
+and runs nothing; ``gram-pyro train --multirun a=1,2 b=x,y`` runs a sweep (:mod:`gram_pyro.sweep`).
 
 User mistakes (unknown names or keys, CUDA asked for where there is none, a damaged checkpoint, a run's
 config.yaml that names anything but the project's own classes) print one line ``gram-pyro: error: ...``
@@ -22,44 +15,61 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Callable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gram_pyro.config import (SEED_RANGE, Flag, Number, UserError, Whole, build, check_values, compose_config,
-                              first_line, load_run_config, make_dir)
+from gram_pyro.config import (CONFIG_MODULE, SEED_RANGE, Flag, Number, UserError, Whole, build, check_values,
+                              compose_choices, compose_config, first_line, group_options, load_run_config,
+                              make_dir)
 
-USAGE = """usage: gram-pyro train [key=value ...]        e.g. gram-pyro train model=trm trainer.max_batches=100
-       gram-pyro eval run=<dir> [key=value ...]  e.g. gram-pyro eval run=runs/demo/learned samples=50
-       gram-pyro solve run=<dir> input=<file>
-       gram-pyro sample run=<dir> n=<N>
-       gram-pyro diagnose run=<dir> [inputs=256 particles=64 ...]
-       gram-pyro data stats [key=value ...]   e.g. gram-pyro data stats task=sudoku"""
+USAGE = """usage: gram-pyro <command> [--help] [--cfg job] [key=value ...]
+       gram-pyro train [--multirun] [key=value ...]  e.g. gram-pyro train model=trm trainer.max_batches=100"""
+
+
+def _train_setup(overrides: list[str]) -> tuple[DictConfig, Path | None]:
+    """The config a train command runs and the run directory it resumes (``None``: a fresh run). With
+    ``resume=<dir>`` the config is the run's saved one with the other overrides applied (an override
+    may change a key, not add one)."""
+    cfg = compose_config("train", overrides)
+    if not cfg.resume:
+        return cfg, None
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
+    saved = load_run_config(run_dir / "config.yaml")
+    OmegaConf.set_struct(saved, True)
+    changes = [o for o in overrides if not o.startswith("resume=")]
+    try:
+        return OmegaConf.merge(saved, OmegaConf.from_dotlist(changes)), run_dir
+    except Exception as error:
+        raise UserError(f"bad override for resume: {first_line(error)}") from None
 
 
 def _train(overrides: list[str]) -> None:
     from gram_pyro.training import train
 
-    cfg = compose_config("train", overrides)
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
-        saved = load_run_config(run_dir / "config.yaml")
-        OmegaConf.set_struct(saved, True)  # an override may change a key, not add one
-        changes = [o for o in overrides if not o.startswith("resume=")]
-        try:
-            cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(changes))
-        except Exception as error:
-            raise UserError(f"bad override for resume: {first_line(error)}") from None
-        out = train(cfg, run_dir, resume=True)
+    cfg, resume = _train_setup(overrides)
+    if resume is not None:
+        out = train(cfg, resume, resume=True)
     else:
         if not isinstance(cfg.overwrite, bool):
             raise UserError(f"overwrite={cfg.overwrite!r}; allowed: true, false")
         out = train(cfg, Path(cfg.run_dir) if cfg.run_dir else None, overwrite=cfg.overwrite)
     print(f"run directory: {out}")
+
+
+def _train_multirun(overrides: list[str]) -> None:
+    from gram_pyro.sweep import multirun
+
+    print(f"wrote {multirun(overrides)}")
 
 
 SAMPLING_RULES = {"samples": Whole(1), "depth": Whole(1, null=True), "halting": Flag(), "seed": Whole(*SEED_RANGE),
@@ -159,15 +169,172 @@ def _diagnose(overrides: list[str]) -> None:
     print(f"{summary['shortcut']['verdict']}\nwrote {out / 'report.md'}, {out / 'diagnostics.nc'} and figures")
 
 
-def _data(arguments: list[str]) -> None:
+def _data_config(arguments: list[str]) -> DictConfig:
     if not arguments or arguments[0] != "stats":
         raise UserError("usage: gram-pyro data stats task=<name> [key=value ...]")
-    cfg = compose_config("data", arguments[1:])
+    return compose_config("data", arguments[1:])
+
+
+def _data(arguments: list[str]) -> None:
+    cfg = _data_config(arguments)
     print(json.dumps(build(cfg.task, "task").stats(), indent=2))
 
 
-COMMANDS = {"train": _train, "eval": _eval, "solve": _solve, "sample": _sample, "diagnose": _diagnose,
-            "data": _data}
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what it is for, how it is called, the config it composes (``compose(overrides)``,
+    what ``--cfg job`` prints and ``--help`` lists) and what runs it (``run(overrides)``; with
+    ``--multirun``: ``sweep(overrides)``, where the command sweeps)."""
+
+    purpose: str
+    usage: str
+    config: str
+    run: Callable[[list[str]], None]
+    compose: Callable[[list[str]], DictConfig]
+    sweep: Callable[[list[str]], None] | None = None
+
+
+def _composer(config: str) -> Callable[[list[str]], DictConfig]:
+    return lambda overrides: compose_config(config, overrides)
+
+
+COMMANDS = {
+    "train": Command("train a model: a task, a model program, a guide (posterior family), an objective (posterior "
+                     "scheme) and a trainer; continue a run with resume=<run dir>; a run_dir that holds a run is "
+                     "refused unless overwrite=true (the old run is moved aside); --multirun sweeps, one run per job",
+                     "gram-pyro train [--multirun] [key=value ...]", "train", _train,
+                     lambda overrides: _train_setup(overrides)[0], _train_multirun),
+    "eval": Command("metrics of a trained run with 95% intervals, from N prior trajectories per held-out input",
+                    "gram-pyro eval run=<dir> | pretrained=<name> [key=value ...]", "eval", _eval, _composer("eval")),
+    "solve": Command("answer every puzzle of a file, in the task's format, with a validity flag per line",
+                     "gram-pyro solve run=<dir> | pretrained=<name> input=<file> [key=value ...]", "solve", _solve,
+                     _composer("solve")),
+    "sample": Command("unconditional samples of a generative task, as text grids (and a PNG sheet for images)",
+                      "gram-pyro sample run=<dir> | pretrained=<name> n=<N> [key=value ...]", "sample", _sample,
+                      _composer("sample")),
+    "diagnose": Command("posterior diagnostics of a run: the shortcut check, PSIS k-hat and ESS, diversity, ELBO "
+                        "curves (ArviZ InferenceData, report.md, figures)",
+                        "gram-pyro diagnose run=<dir> [key=value ...]", "diagnose", _diagnose, _composer("diagnose")),
+    "data": Command("build a task's data (or read it from the cache) and print its counts as JSON",
+                    "gram-pyro data stats [key=value ...]", "data", _data, _data_config),
+}
+OPTIONS = {"--help": "print the command's purpose, config groups and keys with their defaults",
+           "--cfg job": "print the composed config and run nothing (Hydra's --cfg job; also -c job)",
+           "--multirun": "train only: sweep comma-separated values, one run per job (also -m)"}
+
+
+@dataclass
+class Request:
+    """A parsed command line: the command, its overrides and the options among them."""
+
+    command: str
+    overrides: list[str]
+    help: bool = False
+    show_config: bool = False
+    multirun: bool = False
+
+
+def parse(argv: list[str]) -> Request:
+    """Split ``argv`` (command first) into a :class:`Request`; options may stand anywhere after the
+    command. An unknown option or a ``--cfg`` other than ``job`` is a one-line :class:`UserError`."""
+    request = Request(argv[0], [])
+    rest = iter(argv[1:])
+    for argument in rest:
+        if argument in ("-h", "--help"):
+            request.help = True
+        elif argument in ("-m", "--multirun"):
+            request.multirun = True
+        elif argument in ("-c", "--cfg") or argument.startswith("--cfg="):
+            kind = argument.partition("=")[2] or next(rest, "")
+            if kind != "job":
+                raise UserError(f"--cfg {kind}; allowed: --cfg job" if kind else f"{argument} needs a value; "
+                                "allowed: --cfg job")
+            request.show_config = True
+        elif argument.startswith("-"):
+            raise UserError(f"unknown option {argument}; allowed: {', '.join(OPTIONS)}")
+        else:
+            request.overrides.append(argument)
+    return request
+
+
+def key_comments(text: str, package: str = "") -> dict[str, str]:
+    """``{dotted key: its end-of-line comment}`` for the mapping keys of a yaml config file whose
+    content sits at ``package`` (nesting read from the two-space indentation)."""
+    comments, path = {}, []
+    for line in text.splitlines():
+        match = re.match(r"^( *)([A-Za-z_]\w*)\s*:(.*)$", line)
+        if not match:
+            continue
+        path = path[:len(match[1]) // 2] + [match[2]]
+        comment = re.search(r"\s#\s*(.*)$", match[3])
+        if comment:
+            comments[".".join([package, *path] if package else path)] = comment[1]
+    return comments
+
+
+def config_comments(config: str, choices: dict[str, str]) -> dict[str, str]:
+    """The comments of the keys of a composed config: those of the chosen file of each group, of the
+    files its defaults list includes by name (``sampling``, ``train``) and of its primary file, each
+    winning over the ones before (as their values do)."""
+    root = resources.files(CONFIG_MODULE)
+    files = [(root / group / f"{choice}.yaml", group) for group, choice in choices.items()]
+    names = [config]
+    while names:  # included configs before the configs that include them
+        path = root / f"{names.pop()}.yaml"
+        files.insert(len(choices), (path, ""))
+        defaults = yaml.safe_load(path.read_text()).get("defaults", [])
+        names += [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    return {key: comment for path, package in files for key, comment in key_comments(path.read_text(), package).items()}
+
+
+def _value(value) -> str:
+    """A config value as an override would write it."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        return json.dumps(value).replace(" ", "")
+    return str(value)
+
+
+def command_help(name: str, overrides: list[str]) -> str:
+    """What ``gram-pyro <name> [overrides] --help`` prints (see the module docstring)."""
+    command = COMMANDS[name]
+    if name == "data" and overrides[:1] == ["stats"]:
+        overrides = overrides[1:]
+    cfg, choices = compose_choices(command.config, overrides)
+    lines = [f"usage: {command.usage}", "", command.purpose[0].upper() + command.purpose[1:] + ".", ""]
+    if choices:
+        lines.append("config groups (group=choice; * the one in use):")
+        width = max(map(len, choices))
+        for group in sorted(choices, key=list(cfg).index):
+            options = [f"{option}*" if option == choices[group] else option for option in group_options(group)]
+            lines.append(f"  {group:<{width}}  {', '.join(options)}")
+        lines.append("")
+    comments = config_comments(command.config, choices)
+    entries = [(key, value) for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False))
+               if not key.endswith("._target_")]  # what a group's choice builds, not a value to set
+    width = min(40, max(len(f"{key}={_value(value)}") for key, value in entries))
+    lines.append("keys (key=default):")
+    for key, value in entries:
+        setting = f"{key}={_value(value)}"
+        lines.append(f"  {setting:<{width}}  # {comments[key]}" if key in comments else f"  {setting}")
+    lines += ["", "options:"] + [f"  {option:<11}  {what}" for option, what in OPTIONS.items()]
+    return "\n".join(lines)
+
+
+def _leaves(node, prefix: str = "") -> list[tuple[str, object]]:
+    """``(dotted key, value)`` of every leaf of a plain config tree (lists are leaves)."""
+    if not isinstance(node, dict) or not node:
+        return [(prefix, node)]
+    return [leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}.{key}" if prefix else key)]
+
+
+def main_help() -> str:
+    """What ``gram-pyro --help`` prints: usage, the commands and the options."""
+    width = max(map(len, COMMANDS))
+    lines = [USAGE, "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.purpose}" for name, command in COMMANDS.items()]
+    lines += ["", "options:"] + [f"  {option:<11}  {what}" for option, what in OPTIONS.items()]
+    lines += ["", "gram-pyro <command> --help lists the command's config groups and keys."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,17 +357,37 @@ def leave_worker(code: int) -> None:
     os._exit(code)
 
 
+def _dispatch(request: Request) -> None:
+    """Carry out a parsed command line (help, the composed config, a sweep or the command)."""
+    command = COMMANDS[request.command]
+    if request.help:
+        print(command_help(request.command, request.overrides))
+    elif request.multirun and command.sweep is None:
+        raise UserError(f"--multirun: only {', '.join(n for n, c in COMMANDS.items() if c.sweep)} sweeps")
+    elif request.show_config and request.multirun:
+        from gram_pyro.sweep import parse_overrides, sweep_jobs
+
+        jobs = sweep_jobs([o for o in parse_overrides(request.overrides) if not o.is_hydra_override()])
+        for number, job in enumerate(jobs):
+            print(f"# job {number}: {' '.join(job)}\n{OmegaConf.to_yaml(command.compose(job))}")
+    elif request.show_config:
+        print(OmegaConf.to_yaml(command.compose(request.overrides)), end="")
+    elif request.multirun:
+        command.sweep(request.overrides)
+    else:
+        command.run(request.overrides)
+
+
 def run_command(argv: list[str]) -> int:
-    """Run ``argv`` (command and overrides); the exit status (2 for a bad command or input)."""
+    """Run ``argv`` (command, overrides and options); the exit status (2 for a bad command or input)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(main_help() if argv else USAGE)
         return 0 if argv else 2
-    command, overrides = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"gram-pyro: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"gram-pyro: error: unknown command {argv[0]!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        COMMANDS[command](overrides)
+        _dispatch(parse(argv))
     except UserError as error:
         print(f"gram-pyro: error: {error}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 CONFIG_MODULE = "experiments.configs"
@@ -124,10 +124,10 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+def _compose(config_name: str, overrides: list[str], hydra: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base=None):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
 
 
 def _allowed_keys(config_name: str, overrides: list[str], key: str) -> str:
@@ -143,6 +143,9 @@ def _allowed_keys(config_name: str, overrides: list[str], key: str) -> str:
 
 def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
     message = str(error)
+    if message.startswith("Ambiguous value for argument"):
+        return (f"{first_line(error)}: to sweep over it add --multirun (gram-pyro train only); a list is "
+                f"written key=[a,b], a string with commas key='a,b'")
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if "/" not in key and "." not in key and f"'{key}/{value}'" in message:
@@ -158,6 +161,20 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         return _compose(config_name, overrides)
     except HydraException as error:
         raise UserError(_explain(error, config_name, overrides)) from None
+
+
+def compose_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+    """:func:`compose_config` and the option chosen in each config group of the project (``{"task":
+    "nqueens", "model": "gram", ...}``, Hydra's own groups left out)."""
+    try:
+        cfg = _compose(config_name, overrides, hydra=True)
+    except HydraException as error:
+        raise UserError(_explain(error, config_name, overrides)) from None
+    choices = {group: choice for group, choice in cfg.hydra.runtime.choices.items()
+               if not group.startswith("hydra") and choice is not None}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
 
 
 def _entries(node, path: str = ""):

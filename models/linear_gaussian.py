@@ -8,11 +8,13 @@ The program (supervision step ``n``, transition ``t``, global transition index `
     ...after T transitions:
     y     ~ N(C h_k, r^2 I)                    pyro.sample("y/{n}", obs=y), event dims [L, D_y]
 
-with ``h_{-1} = h0`` a fixed buffer ``[L, D]``. Shapes: ``x [..., B, L, D]`` and ``y [..., B, L, D_y]``
-are real-valued; states ``[..., B, L, D]``; the matrices act on the last dim only, so the ``L``
-positions are independent copies. One plate ``data`` over ``B`` at dim -1, leading (particle) dims
-broadcast, and ``truncate=True`` runs the first ``T - 1`` transitions of a step without gradient and
-detaches the state at the step's end, exactly as the recursive model does.
+with ``h_{-1} = h0`` a fixed buffer ``[L, D]`` (a plain tensor expanded over the enclosing plates, no
+sample site: the eps sites are the only latent ones). Without ``y`` the program samples ``y/{n}``
+(``step``: only with ``sample_y=True``), as the recursive model does. Shapes: ``x [..., B, L, D]``
+and ``y [..., B, L, D_y]`` are real-valued; states ``[..., B, L, D]``; the matrices act on the last
+dim only, so the ``L`` positions are independent copies. One plate ``data`` over ``B`` at dim -1,
+leading (particle) dims broadcast, and ``truncate=True`` runs the first ``T - 1`` transitions of a
+step without gradient and detaches the state at the step's end, exactly as the recursive model does.
 
 Everything is linear-Gaussian, so with ``xi_k = (eps_k - W u_k - w) / s`` the standard-normal noise of
 transition ``k``, ``h_k = F h_{k-1} + c + s xi_k`` (``F = (I + W) A``, ``c = (I + W) B x + w``) and
@@ -38,6 +40,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+
+from models.recursive import plates_shape
 
 
 class LinearGaussianModel(nn.Module):
@@ -75,17 +79,17 @@ class LinearGaussianModel(nn.Module):
         return dist.Normal(loc, self.log_noise_scale.exp().expand(loc.shape)).to_event(2)
 
     def init(self, state: dict, x: torch.Tensor) -> None:
-        """``state["h"] = h0`` as a ``Delta`` site, broadcast over any particle plate."""
+        """``state["h"] = h0`` expanded to ``[..., B, L, D]`` over the enclosing plates."""
         pyro.module("model", self)
         self._data_plate = pyro.plate("data", x.shape[-3], dim=-1)
         self._step_index = 0
-        with self._data_plate:
-            state["h"] = pyro.sample("h0", dist.Delta(self.h0.expand(*x.shape[:-2], *self.h0.shape), event_dim=2))
+        state["h"] = self.h0.expand(*plates_shape(x.shape[:-2]), *self.h0.shape)
 
     def step(self, state: dict, x: torch.Tensor, y: torch.Tensor | None = None, truncate: bool = False,
-             puzzle: torch.Tensor | None = None) -> torch.Tensor:
-        """One supervision step; returns the observation mean ``C h [..., B, L, D_y]``. ``puzzle`` is
-        accepted for the interface of the recursive model and not used."""
+             puzzle: torch.Tensor | None = None, sample_y: bool = False) -> torch.Tensor:
+        """One supervision step; returns the observation mean ``C h [..., B, L, D_y]``. ``y/{n}`` is
+        observed, sampled where ``y`` is None and ``sample_y``, or absent. ``puzzle`` is accepted for
+        the interface of the recursive model and not used."""
         if self._data_plate is None:
             raise RuntimeError("call init(state, x) before step(state, x, ...)")
         n, h = self._step_index, state["h"]
@@ -96,18 +100,19 @@ class LinearGaussianModel(nn.Module):
                     u = pyro.deterministic(f"u/{n}/{t}", h @ self.transition.T + x @ self.input_map.T, event_dim=2)
                     h = u + pyro.sample(f"eps/{n}/{t}", self.prior("eps", u))
             mean = h @ self.observation.T
-            if y is not None:
+            if y is not None or sample_y:
                 pyro.sample(f"y/{n}", dist.Normal(mean, self.log_obs_scale.exp().expand(mean.shape)).to_event(2), obs=y)
         state["h"] = h.detach() if truncate else h
         self._step_index = n + 1
         return mean
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, n_sup: int | None = None,
-                truncate: bool = False, puzzle: torch.Tensor | None = None) -> torch.Tensor:
+                truncate: bool = False, puzzle: torch.Tensor | None = None, sample_y: bool = True) -> torch.Tensor:
+        """The whole program (``init`` then ``n_sup`` steps); the last step's observation mean."""
         state: dict = {}
         self.init(state, x)
         for _ in range(n_sup or self.n_sup):
-            mean = self.step(state, x, y, truncate=truncate, puzzle=puzzle)
+            mean = self.step(state, x, y, truncate=truncate, puzzle=puzzle, sample_y=sample_y)
         return mean
 
     # exact answers (float64) -----------------------------------------------------------------

@@ -10,6 +10,7 @@ The program (docs/paper.md, "The model"; docs/method.md, "The program"): for sup
     ...after T transitions:
     y      ~  Categorical(f_dec(h))                   pyro.sample("y/{n}", obs=y), event dim [S]
                                                       (positions where y == IGNORE are masked out)
+    answer =  argmax f_dec(h)                         pyro.deterministic("answer/{n}"), event dim [S]
 
 ``noise`` picks the prior of eps: ``learned`` (GRAM), ``zero_mean`` N(0, sigma(u)^2) and ``fixed``
 N(0, s^2) (the paper's ablations) or ``none`` (deterministic TRM/HRM: no eps sites, ``h = u``).
@@ -22,7 +23,17 @@ dims (vectorized particles, parallel trajectories) broadcast through everything.
 ``data`` over ``B`` at dim -1, so ``max_plate_nesting = 1``.
 
 The likelihood is observed at every supervision step (deep supervision), so the program's joint is
-``prod_n p(y | z_T^(n)) prod_t p(eps_t | u_t)``.
+``prod_n p(y | z_T^(n)) prod_t p(eps_t | u_t)``. Without ``y`` the program (``forward``) is generative:
+it samples ``y/{n}`` from the likelihood, as Pyro's convention for a generative model has it, so
+``pyro.infer.Predictive`` returns sampled answers ``y/{n}`` and decoded ones ``answer/{n}``. ``step``
+called alone by a driver (the samplers of :mod:`gram_pyro.inference`, SMC) samples ``y/{n}`` only
+when asked (``sample_y=True``): a driver that decodes the logits itself draws no random numbers for it.
+
+``z0 = (h0, l0)`` is a fixed part of the model (buffers drawn once at construction, kept in the
+checkpoint), not a latent variable: it enters as plain tensors expanded over the enclosing plates
+(:func:`plates_shape`), so that every particle of a particle plate owns a state (``SMCFilter``
+resamples along it) and the only latent sites are the eps sites (what MCMC, autoguides and
+``Predictive`` see).
 
 Truncation (the paper's surrogate) is how the program is run, not a different program: with
 ``truncate=True`` the first ``T - 1`` transitions of a step run without gradient and the state is
@@ -41,6 +52,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.poutine.runtime import get_plates
 from torch import nn
 
 from gram_pyro.nn import GaussianHead, RecursiveCore, ScalarHead, TokenDecoder, TokenEncoder
@@ -61,12 +73,23 @@ def check_sizes(**sizes) -> None:
             raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
 
 
+def plates_shape(batch_shape: torch.Size) -> torch.Size:
+    """``batch_shape`` broadcast with the sizes of the enclosing vectorized plates at their dims (a
+    particle plate of ``K`` at dim -2 around ``[B]`` gives ``[K, B]``)."""
+    frames = [frame for frame in get_plates() if frame.vectorized]
+    plates = [1] * max([-frame.dim for frame in frames], default=0)
+    for frame in frames:
+        plates[frame.dim] = frame.size
+    return torch.broadcast_shapes(batch_shape, torch.Size(plates))
+
+
 class RecursiveReasoningModel(nn.Module):
     """A recursive reasoning model with optional stochastic guidance on the high-level state.
 
     ``init(state, x)`` / ``step(state, x, y=None, truncate=False)`` follow the interface of
     :class:`pyro.infer.SMCFilter`; ``forward(x, y=None, n_sup=None, truncate=False)`` is the whole
-    program (``init`` then ``n_sup`` steps) and is what Pyro's ELBOs and SVI are given.
+    program (``init`` then ``n_sup`` steps) and is what Pyro's inference classes are given (SVI and
+    its ELBOs, ``Predictive``, ``MCMC``).
     """
 
     def __init__(self, vocab_size: int, seq_len: int, dim: int = 64, ffn_hidden: int = 128,
@@ -129,21 +152,31 @@ class RecursiveReasoningModel(nn.Module):
         return u + pyro.sample(f"{kind}/{n}/{t}", self.prior(kind, u))
 
     def init(self, state: dict, x: torch.Tensor) -> None:
-        """Set ``state`` to z0 = (h0, l0). z0 enters as ``Delta`` sites ``h0``/``l0`` so that it
-        broadcasts over any particle plate around the program."""
+        """Set ``state`` to z0 = (h0, l0), each ``[..., B, L, D]`` over the enclosing plates (no sample
+        site: z0 is part of the model, see the module docstring)."""
         pyro.module("model", self)
         self._data_plate = pyro.plate("data", x.shape[-2], dim=-1)
         self._step_index = 0
-        shape = (*x.shape[:-1], *self.h0.shape)
-        with self._data_plate:
-            state["h"] = pyro.sample("h0", dist.Delta(self.h0.expand(shape), event_dim=2))
-            state["l"] = pyro.sample("l0", dist.Delta(self.l0.expand(shape), event_dim=2))
+        shape = plates_shape(x.shape[:-1])
+        state["h"], state["l"] = self.h0.expand(*shape, *self.h0.shape), self.l0.expand(*shape, *self.l0.shape)
+
+    def likelihood(self, n: int, logits: torch.Tensor, y: torch.Tensor | None, sample_y: bool) -> None:
+        """The site ``y/{n}`` of ``Categorical(logits)`` (``logits [..., B, S, V]``, event dim ``[S]``):
+        observing ``y`` (``IGNORE`` positions masked out), sampled where ``y`` is None and
+        ``sample_y``, absent otherwise; and the decoded answer ``answer/{n}`` (argmax, ``[..., B, S]``)."""
+        if y is not None:
+            likelihood = dist.Categorical(logits=logits).mask(y != IGNORE).to_event(1)
+            pyro.sample(f"y/{n}", likelihood, obs=y.clamp(min=0))
+        elif sample_y:
+            pyro.sample(f"y/{n}", dist.Categorical(logits=logits).to_event(1))
+        pyro.deterministic(f"answer/{n}", logits.argmax(-1), event_dim=1)
 
     def step(self, state: dict, x: torch.Tensor, y: torch.Tensor | None = None,
-             truncate: bool = False, puzzle: torch.Tensor | None = None) -> torch.Tensor:
+             truncate: bool = False, puzzle: torch.Tensor | None = None, sample_y: bool = False) -> torch.Tensor:
         """One supervision step of ``T`` transitions from ``state``; returns the decoder logits
         ``[..., B, S, V]`` and updates ``state`` in place. Target positions equal to ``IGNORE`` are
-        masked out of the likelihood; ``puzzle [B]`` feeds the per-puzzle prefix embedding."""
+        masked out of the likelihood; ``puzzle [B]`` feeds the per-puzzle prefix embedding;
+        ``sample_y``: sample ``y/{n}`` where ``y`` is None (:meth:`likelihood`)."""
         if self._data_plate is None:
             raise RuntimeError("call init(state, x) before step(state, x, ...)")
         n = self._step_index
@@ -162,9 +195,7 @@ class RecursiveReasoningModel(nn.Module):
                     else:
                         h = pyro.deterministic(f"u/{n}/{t}", u, event_dim=2)
             logits = self.decoder(h)
-            if y is not None:
-                likelihood = dist.Categorical(logits=logits).mask(y != IGNORE).to_event(1)
-                pyro.sample(f"y/{n}", likelihood, obs=y.clamp(min=0))
+            self.likelihood(n, logits, y, sample_y)
             pyro.deterministic(f"halt/{n}", self.halt_head(h.detach()))
             pyro.deterministic(f"value/{n}", self.value_head(h.detach()).sigmoid())
         if truncate:
@@ -174,11 +205,12 @@ class RecursiveReasoningModel(nn.Module):
         return logits
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, n_sup: int | None = None,
-                truncate: bool = False, puzzle: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole program: ``init`` then ``n_sup`` (default: the trained number) supervision steps.
-        Returns the last step's logits ``[..., B, S, V]``."""
+                truncate: bool = False, puzzle: torch.Tensor | None = None, sample_y: bool = True) -> torch.Tensor:
+        """The whole program: ``init`` then ``n_sup`` (default: the trained number) supervision steps,
+        sampling ``y/{n}`` where ``y`` is None unless ``sample_y=False``. Returns the last step's
+        logits ``[..., B, S, V]``."""
         state: dict = {}
         self.init(state, x)
         for _ in range(n_sup or self.n_sup):
-            logits = self.step(state, x, y, truncate=truncate, puzzle=puzzle)
+            logits = self.step(state, x, y, truncate=truncate, puzzle=puzzle, sample_y=sample_y)
         return logits

@@ -1,9 +1,9 @@
 """What the posterior schemes share: particle runs, log weights, head losses, costs.
 
 Particles. ``K`` samples per input are a leading tensor dim: the plate ``particles`` at dim
-``-(MAX_PLATE_NESTING + 1) = -2`` around the model program, outside its ``data`` plate. ``z0`` enters
-as ``Delta`` sites, so ``init`` under the plate gives states ``[K, B, L, D]`` and every later site
-has batch shape ``[K, B]``: one backbone pass per transition serves all particles.
+``-(MAX_PLATE_NESTING + 1) = -2`` around the model program, outside its ``data`` plate. ``init``
+expands ``z0`` over the enclosing plates, so under the plate it gives states ``[K, B, L, D]`` and every
+later site has batch shape ``[K, B]``: one backbone pass per transition serves all particles.
 
 Log terms of a trace (one supervision step, or the whole program) per particle and example ``[K, B]``:
 
