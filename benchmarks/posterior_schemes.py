@@ -16,7 +16,8 @@ exceeds ``K`` it is the machine's cost of ``K`` times the rows, not the particle
                                            [override ...] [--schemes truncated iwae ...]
 
 Overrides are Hydra overrides of the train config (``task=coloring``, ``model.dim=128``, ...). MCMC-EM
-runs a short chain (4 warm-up steps and 4 draws, 2 of them in the M-step) and is timed once.
+runs a short chain (4 warm-up steps and 4 draws, 2 of them in the M-step) and is timed once;
+``mcmc_em_short`` (HMC with a fixed short trajectory) runs its config's settings.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import harness
 SCHEMES = {  # objective: guide
     "truncated": "gaussian", "truncated_mc": "gaussian", "trace_elbo": "gaussian",
     "tracemeanfield_elbo": "gaussian", "iwae": "gaussian", "rws": "gaussian", "smc": "gaussian",
-    "mcmc_em": "gaussian",
+    "mcmc_em": "gaussian", "mcmc_em_short": "gaussian",
 }
 PARTICLE_SCHEMES = ("iwae", "rws", "smc", "trace_elbo", "tracemeanfield_elbo")
 MCMC_SMALL = ["objective.num_samples=4", "objective.warmup_steps=4", "objective.m_step_samples=2"]

@@ -15,8 +15,11 @@ Equal compute. Cost is counted in transitions (one transition of the recursive m
 * ``N_sup * T`` for the truncated surrogates (one particle, ``T`` transitions per supervision step);
 * ``K * N_sup * T`` for IWAE, SMC, Trace_ELBO and RWS with ``K`` particles (truncated or not), twice that
   for RWS with ``insomnia < 1`` (sleep-phi runs ``K`` whole prior programs per batch);
-* ``N_sup * T * (1 + (warmup + samples) * leapfrog steps per draw + m_step_samples)`` for MCMC-EM (HMC:
-  ``num_steps``; NUTS: its maximum ``2^max_tree_depth``; nominal, the chain's adaptation adds some).
+* ``N_sup * T * (1 + (warmup + samples) * leapfrog steps per draw + m_step_samples)`` for MCMC-EM with
+  Pyro's kernels (HMC: ``num_steps``; NUTS: its maximum ``2^max_tree_depth``; nominal, the chain's
+  adaptation adds some), and exactly ``N_sup * T * (1 + 1 + (warmup + samples) * num_steps +
+  m_step_samples)`` with ``short_hmc`` (``objective=mcmc_em_short``: the guide's sample, the potential at
+  it, one program per leapfrog step, the M-step's draws; without leapfrog steps no potential at the start).
 
 The budget is ``compare.budget_batches * N_sup * T`` transitions per training example (what
 ``budget_batches`` batches of the truncated surrogate cost) and a pair trains for
@@ -31,7 +34,11 @@ Measured per run (``test`` split, EMA weights, seeded so every run sees the same
 * ``log_evidence``: mean over ``evidence_inputs`` inputs of ``log p(y | x)`` in nats per example (``y``
   observed at every supervision step), by importance sampling with the run's guide as proposal
   (``evidence_particles`` particles, :func:`gram_pyro.posteriors.importance_log_evidence`; a lower bound
-  whose gap depends on the guide) and ``ess``, the mean effective sample size of its weights;
+  whose gap depends on the guide), ``ess``, the mean effective sample size of its weights, and the PSIS
+  ``k-hat`` of the same weights (:func:`gram_pyro.diagnostics.importance.importance_khat`: how well the
+  run's guide covers its own model's posterior): ``khat`` its mean over the inputs, ``khat_high`` the
+  share of inputs above 0.7, where the importance estimate cannot be trusted (``inf`` below about 25
+  particles: too few weights for a Pareto tail);
 * ``kl``: the training ``kl`` metric (KL of the final transition, nats per target token) averaged over
   the last quarter of ``metrics.csv`` rows, where the objective reports one (the truncated surrogates);
 * ``optimizer_steps`` (the checkpoint's EMA update count), ``transitions`` and ``backbone_passes`` spent
@@ -66,6 +73,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gram_pyro.checkpoint import load_checkpoint  # noqa: E402
 from gram_pyro.config import UserError, compose_config  # noqa: E402
+from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa: E402
 from gram_pyro.evaluation import evaluate_run, load_run  # noqa: E402
 from gram_pyro.posteriors import importance_log_evidence  # noqa: E402
 from gram_pyro.tasks.base import held_out_index  # noqa: E402
@@ -76,7 +84,7 @@ TRAIN_KEYS = ["task", "model", "guide", "objective", "trainer"]
 PER_PAIR = ("guide", "objective")
 COLUMNS = ["guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "backbone_passes",
            "train_seconds", "eval_seconds", "accuracy", "accuracy_ci95", "coverage", "coverage_ci95",
-           "log_evidence", "ess", "kl", "run_dir"]
+           "log_evidence", "ess", "khat", "khat_high", "kl", "run_dir"]
 
 
 def transitions_per_batch(cfg: DictConfig) -> int:
@@ -85,9 +93,12 @@ def transitions_per_batch(cfg: DictConfig) -> int:
     objective = cfg.objective
     scheme = objective._target_.rsplit(".", 1)[-1]
     if scheme == "MonteCarloEM":
+        draws = objective.warmup_steps + objective.num_samples
+        if objective.kernel == "short_hmc":
+            leapfrogs = draws * objective.num_steps
+            return program * (1 + int(leapfrogs > 0) + leapfrogs + objective.m_step_samples)
         per_draw = 2 ** objective.max_tree_depth if objective.kernel == "nuts" else objective.num_steps
-        chain = (objective.warmup_steps + objective.num_samples) * per_draw
-        return program * (1 + chain + objective.m_step_samples)
+        return program * (1 + draws * per_draw + objective.m_step_samples)
     runs = objective.get("num_particles", 1)
     if scheme == "ReweightedWakeSleep" and objective.insomnia < 1:
         runs *= 2
@@ -149,6 +160,7 @@ def measure(run_dir: Path, compare: DictConfig) -> dict:
     batch = data.batch(index, torch.Generator().manual_seed(0)).to(loaded.device)
     evidence = importance_log_evidence(loaded.model, loaded.guide, batch, compare.evidence_particles,
                                        compare.evidence_chunk)
+    khat = importance_khat(evidence.log_weights)
     coverage = metrics.get(f"coverage@{compare.eval_samples}")
     batches = loaded.cfg.trainer.max_batches
     spent = batches * transitions_per_batch(loaded.cfg)
@@ -161,6 +173,7 @@ def measure(run_dir: Path, compare: DictConfig) -> dict:
             "coverage": math.nan if coverage is None else coverage["mean"],
             "coverage_ci95": math.nan if coverage is None else ci_half_width(coverage),
             "log_evidence": evidence.log_evidence.mean().item(), "ess": evidence.ess.mean().item(),
+            "khat": khat.mean().item(), "khat_high": (khat > KHAT_LIMIT).double().mean().item(),
             "kl": training_kl(run_dir)}
 
 
@@ -183,16 +196,18 @@ def write_markdown(rows: list[dict], settings: DictConfig, command: str, path: P
              f"Budget: {compare.budget_batches * settings.model.n_sup * settings.model.transitions} transitions "
              f"per training example (batch {settings.trainer.batch_size}); accuracy and coverage@{samples}: "
              f"{compare.eval_inputs} held-out inputs x {samples} prior trajectories (95% intervals); "
-             f"log p(y|x): {compare.evidence_inputs} inputs, K = {compare.evidence_particles}, guide as proposal.",
+             f"log p(y|x): {compare.evidence_inputs} inputs, K = {compare.evidence_particles}, guide as proposal; "
+             f"PSIS k-hat of those weights: mean over the inputs (share above {KHAT_LIMIT}).",
              "",
              f"| guide | objective | K | batches | steps | train s | accuracy % | coverage@{samples} % "
-             f"| log p(y\\|x) | ESS / {compare.evidence_particles} | KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| log p(y\\|x) | ESS / {compare.evidence_particles} | k-hat | KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} | {r['optimizer_steps']} "
                      f"| {r['train_seconds']:.0f} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f} "
                      f"| {number(100 * r['coverage'], 1)} ± {number(100 * r['coverage_ci95'], 1)} "
-                     f"| {r['log_evidence']:.2f} | {r['ess']:.1f} | {number(r['kl'], 3)} |")
+                     f"| {r['log_evidence']:.2f} | {r['ess']:.1f} | {r['khat']:.2f} ({100 * r['khat_high']:.0f}%) "
+                     f"| {number(r['kl'], 3)} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gram_pyro.config import UserError
 
-MEASURED = ["accuracy", "coverage", "log_evidence", "ess", "kl", "train_seconds"]
+MEASURED = ["accuracy", "coverage", "log_evidence", "ess", "khat", "kl", "train_seconds"]
 """Columns of ``comparison.csv`` summarised over seeds."""
 SAME_IN_EVERY_SEED = ["particles", "batches", "optimizer_steps", "transitions"]
 """Columns that must agree between the seeds' files (the same comparison, another seed)."""
@@ -85,14 +85,15 @@ def cell(row: dict, column: str, scale: float, digits: int) -> str:
 
 
 def markdown(rows: list[dict], directories: list[Path]) -> str:
-    header = ("| guide | objective | K | batches | accuracy % | coverage % | log p(y\\|x) | ESS | KL | train s |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| guide | objective | K | batches | accuracy % | coverage % | log p(y\\|x) | ESS | k-hat | KL "
+              "| train s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"Mean ± standard deviation over {len(directories)} training seeds "
              f"({', '.join(str(d) for d in directories)}).", "", header]
     for r in rows:
         lines.append(f"| {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} "
                      f"| {cell(r, 'accuracy', 100, 1)} | {cell(r, 'coverage', 100, 1)} "
-                     f"| {cell(r, 'log_evidence', 1, 2)} | {cell(r, 'ess', 1, 1)} | {cell(r, 'kl', 1, 3)} "
+                     f"| {cell(r, 'log_evidence', 1, 2)} | {cell(r, 'ess', 1, 1)} | {cell(r, 'khat', 1, 2)} "
+                     f"| {cell(r, 'kl', 1, 3)} "
                      f"| {cell(r, 'train_seconds', 1, 0)} |")
     return "\n".join(lines) + "\n"
 

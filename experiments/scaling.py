@@ -105,6 +105,9 @@ def main(overrides: list[str]) -> None:
     cfg = compose_config("scaling", [f"+{o}" if o.startswith("runs.") else o for o in overrides])
     if not cfg.runs:
         raise UserError("give at least one run: runs.<label>=<run dir>")
+    if cfg.select == "smc":
+        raise UserError("select=smc resamples while it samples, so its points cannot be read off one recorded "
+                        "run; use experiments/test_time_smc.py")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, trained_depth = [], None

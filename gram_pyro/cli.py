@@ -85,13 +85,17 @@ def _sampling(cfg: DictConfig) -> dict:
     """The keyword arguments of ``sample_trajectories`` that a sampling config sets (checked first:
     :data:`SAMPLING_RULES`)."""
     from gram_pyro.selection import SELECTORS
+    from gram_pyro.test_time_smc import SMCOptions, as_smc_options
 
     check_values(cfg, SAMPLING_RULES)
     if cfg.select not in SELECTORS:
         raise UserError(f"unknown selector select={cfg.select!r}; allowed: {', '.join(SELECTORS)}")
+    smc = as_smc_options(OmegaConf.to_container(cfg.smc))
+    if cfg.select != "smc" and smc != SMCOptions():
+        raise UserError(f"the smc.* options apply to select=smc, not select={cfg.select}")
     perturbation = OmegaConf.to_container(cfg.perturbation) if cfg.perturbation.kind else None
-    return {"depth": cfg.depth, "halting": cfg.halting, "seed": cfg.seed,
-            "memory_budget_mb": cfg.memory_budget_mb, "perturbation": perturbation}
+    return {"depth": cfg.depth, "halting": cfg.halting, "seed": cfg.seed, "memory_budget_mb": cfg.memory_budget_mb,
+            "perturbation": perturbation, **({"smc": smc} if cfg.select == "smc" else {})}
 
 
 def _run_source(cfg) -> tuple[Path, Path]:

@@ -6,12 +6,18 @@ weights of its checkpoint (what training evaluates with). ``evaluate_run`` then 
 :func:`gram_pyro.inference.sample_trajectories` and reports, for ``M`` inputs:
 
 * ``<metric>`` (e.g. ``accuracy``, ``exact``, ``conflicts``): the task's per-input metric of the
-  **selected** answer (``select``: vote | lprm | halt | first, :mod:`gram_pyro.selection`);
+  **selected** answer (``select``: vote | lprm | halt | first | smc, :mod:`gram_pyro.selection`);
 * ``sample_<metric>``: the same metric averaged over all ``N`` answers of an input (one random sample);
 * ``coverage@N``: distinct valid solutions among the ``N`` answers / all valid solutions, where the task
   defines coverage; ``pass@N``: some answer is correct (the oracle selector);
 * set-level scores of all ``N x M`` answers that have no per-input form (``validity``, ``uniqueness``,
   ``inception_score``, ``fid``, ARC's voted ``pass@1``/``pass@2``, ``conflicts_total``).
+
+With ``select=smc`` the ``N`` answers are the survivors of test-time SMC
+(:mod:`gram_pyro.test_time_smc`: the same ``N`` trajectories, resampled between supervision steps by
+the value or halt head) rather than independent trajectories, so ``sample_<metric>`` and ``coverage@N``
+are those of the survivors; the report's ``smc`` entry holds the SMC options and, per step, the mean
+ESS (``ess_by_step``) and the share of inputs resampled (``resampled_by_step``).
 
 A per-input metric is reported as its mean with the normal-approximation 95% interval
 ``mean +- 1.96 * sd / sqrt(M)``; where inputs differ in their number of valid solutions the per-input
@@ -20,6 +26,7 @@ metrics are also broken down by that number (the paper's coverage figure).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -32,8 +39,9 @@ from omegaconf import DictConfig
 
 from gram_pyro.checkpoint import WEIGHTS, load_checkpoint
 from gram_pyro.config import UserError, first_line, load_run_config
-from gram_pyro.inference import default_memory_budget_mb, result_bytes, sample_trajectories
+from gram_pyro.inference import Trajectories, default_memory_budget_mb, result_bytes, sample_trajectories
 from gram_pyro.selection import select
+from gram_pyro.test_time_smc import SMCResult, as_smc_options, smc_trajectories
 from gram_pyro.tasks.base import held_out_index
 from gram_pyro.tasks.cache import progress
 
@@ -111,10 +119,28 @@ def breakdown(per_input: dict[str, torch.Tensor], num_solutions: torch.Tensor) -
     return groups
 
 
+def draw(model, x: torch.Tensor, samples: int, rule: str = "vote", smc=None, halting: bool = False,
+         perturbation=None, **sampling) -> Trajectories | SMCResult:
+    """The candidates of selection rule ``rule`` for inputs ``x [B, S]``: the survivors of test-time SMC
+    (options ``smc``) for ``smc``, else ``samples`` independent trajectories; ``sampling`` as
+    :func:`gram_pyro.inference.sample_trajectories`. SMC runs every trajectory to the full depth on the
+    model's own noise: halting and perturbations are refused."""
+    if rule != "smc":
+        if smc is not None:
+            raise UserError(f"smc options apply to select=smc, not select={rule}")
+        return sample_trajectories(model, x, samples, halting=halting, perturbation=perturbation, **sampling)
+    if halting or perturbation is not None:
+        raise UserError("select=smc runs every trajectory to the full depth on the model's own noise: "
+                        "it takes neither halting=true nor a perturbation")
+    return smc_trajectories(model, x, samples, smc, **sampling)
+
+
 def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samples: int = 20,
                  depth: int | None = None, rule: str = "vote", halting: bool = False, seed: int = 0,
-                 memory_budget_mb: float | None = None, perturbation=None) -> tuple[dict, dict]:
-    """``(report, arrays)``: the metrics (see the module docstring) and what ``samples.npz`` holds."""
+                 memory_budget_mb: float | None = None, perturbation=None, smc=None) -> tuple[dict, dict]:
+    """``(report, arrays)``: the metrics (see the module docstring) and what ``samples.npz`` holds;
+    ``smc``: the options of test-time SMC (:class:`gram_pyro.test_time_smc.SMCOptions` or a mapping of
+    them) for ``rule="smc"``, default options where ``None``."""
     task, model = loaded.task, loaded.model
     if split not in task.splits:
         raise UserError(f"unknown split {split!r}; this task has: {', '.join(task.splits)}")
@@ -123,9 +149,10 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     x = data.inputs[index].to(loaded.device)
     puzzle = None if data.puzzles is None else data.puzzles[index].to(loaded.device)
     start = time.perf_counter()
-    paths = sample_trajectories(model, x, samples, depth=depth, halting=halting, puzzle=puzzle,
-                                memory_budget_mb=memory_budget_mb, seed=seed, perturbation=perturbation)
+    drawn = draw(model, x, samples, rule, smc, halting, perturbation, depth=depth, puzzle=puzzle,
+                 memory_budget_mb=memory_budget_mb, seed=seed)
     seconds = time.perf_counter() - start
+    paths = drawn.trajectories if isinstance(drawn, SMCResult) else drawn
     answers = paths.answers.cpu()
     value, halt_logit = paths.value.cpu(), paths.halt_logit.cpu()
     budget_mb = memory_budget_mb or default_memory_budget_mb(torch.device("cpu"))
@@ -146,6 +173,9 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
               "samples": samples, "depth": depth or model.n_sup, "select": rule, "halting": halting,
               "seed": seed, "perturbation": None if perturbation is None else dict(perturbation),
               "sampling_seconds": round(seconds, 3), "metrics": metrics}
+    if isinstance(drawn, SMCResult):
+        report["smc"] = {**dataclasses.asdict(as_smc_options(smc)), "ess_by_step": drawn.ess.mean(1).tolist(),
+                         "resampled_by_step": drawn.resampled.double().mean(1).tolist()}
     num_solutions = getattr(data, "num_solutions", None)
     if num_solutions is not None and len(torch.unique(num_solutions[index])) > 1:
         per_input = {**{k: v for k, v in chosen_answer.items() if k != "coverage"},
@@ -154,6 +184,8 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     arrays = {"index": index.numpy(), "inputs": data.inputs[index].numpy(), "answers": answers.numpy(),
               "selected": selected.numpy(), "chosen": chosen.numpy(), "value": value.numpy(),
               "halt_logit": halt_logit.numpy(), "steps": paths.steps.cpu().numpy()}
+    if isinstance(drawn, SMCResult):
+        arrays.update(ess=drawn.ess.cpu().numpy(), resampled=drawn.resampled.cpu().numpy())
     if num_solutions is not None:
         arrays["num_solutions"] = num_solutions[index].numpy()
     return report, arrays
@@ -187,14 +219,19 @@ def format_table(report: dict) -> str:
             lines.append(f"  {name:24s} {value['mean']:9.4f}   [{low:.4f}, {high:.4f}]")
         else:
             lines.append(f"  {name:24s} {value:9.4f}")
+    if "smc" in report:
+        smc = report["smc"]
+        lines.append(f"  smc: tempering {smc['tempering']}, threshold {smc['threshold']}, potential "
+                     f"{smc['potential']}; mean ESS by step " + " ".join(f"{e:.1f}" for e in smc["ess_by_step"]))
     return "\n".join(lines)
 
 
-def _draw(loaded: LoadedRun, x: torch.Tensor, samples: int, **sampling) -> torch.Tensor:
-    """Answers ``[N, B, S]`` of ``samples`` prior trajectories for inputs ``x [B, S]``."""
+def _draw(loaded: LoadedRun, x: torch.Tensor, samples: int, rule: str = "vote", **sampling) -> Trajectories:
+    """The ``samples`` candidates of selection rule ``rule`` (:func:`draw`) for inputs ``x [B, S]``."""
     if loaded.task.num_puzzles:
         raise UserError(f"task {loaded.task.name} needs puzzle identifiers, which user inputs do not carry")
-    return sample_trajectories(loaded.model, x.to(loaded.device), samples, **sampling)
+    drawn = draw(loaded.model, x.to(loaded.device), samples, rule, **sampling)
+    return drawn.trajectories if isinstance(drawn, SMCResult) else drawn
 
 
 SOLVE_FIRST_BLOCK = 16
@@ -236,8 +273,8 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
         with output.open("w") as handle, progress(total=len(x), desc=f"solve {source.name}") as bar:
             for rows in solve_blocks(len(x), largest):
                 block = x[rows.start:rows.stop]
-                paths = _draw(loaded, block, samples, memory_budget_mb=memory_budget_mb, first_row=rows.start,
-                              **sampling)
+                paths = _draw(loaded, block, samples, rule=rule, memory_budget_mb=memory_budget_mb,
+                              first_row=rows.start, **sampling)
                 selected, _ = select(rule, paths.answers.cpu(), paths.value.cpu(), paths.halt_logit.cpu(),
                                      memory_budget_mb=budget_mb)
                 handle.write("".join(task.format_answer(puzzle, answer) + "\n"

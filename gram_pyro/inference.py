@@ -24,17 +24,18 @@ with the key ``k(i, r) = mix(mix(mix(seed) + i) + r)``, whose ``j``-th 64-bit va
 modulo ``2^64`` (:func:`mix64`). The ``d``-th draw of a trajectory (in program order) of ``E`` values
 per input takes the values ``j = d * 2^32 + k``: two 23-bit fields of value ``k`` give
 ``u1, u2 = (field + 1/2) / 2^23`` and Box-Muller's pair of standard normals ``e = 2k`` and ``2k + 1``
-(``sqrt(-2 ln u1)`` times ``cos`` and ``sin`` of ``2 pi u2``); an Exp(1) draw ``e`` is ``-ln u1`` of
-value ``k = e``. The draws of a trajectory, in order: ``h0``, ``l0`` (perturbation ``z0``), then
-per step the model's noise sites in program order (each eps site becomes ``loc + scale * z``, a
-:class:`KeyedNoise` messenger), the decoder's Gumbel noise (perturbation ``decoder``) and the latent
-noise (perturbation ``ptrm``). So every random number is a function of ``(seed, i, r, d, e)`` alone and
-the result of ``(seed, model, x)``: chunked and unchunked sampling agree (up to the float rounding of
-matmul kernels picked for other chunk sizes), trajectory ``i`` is the same whatever ``N``, an input's
-trajectories do not depend on the other inputs (a batch fed in blocks, each with its ``first_row``,
-gives the answers of the whole batch at once), and a chunk computes only its own rows' numbers. The
-network always runs batched over the chunk. CPU and CUDA compute the same streams (their float
-functions may round the last bit differently).
+(``sqrt(-2 ln u1)`` times ``cos`` and ``sin`` of ``2 pi u2``); a uniform draw ``e`` is ``u1`` and an
+Exp(1) draw ``-ln u1``, of value ``k = e``. The draws of a trajectory, in order: ``h0``, ``l0``
+(perturbation ``z0``), then per step the model's noise sites in program order (each eps site becomes
+``loc + scale * z``, a :class:`KeyedNoise` messenger), the decoder's Gumbel noise (perturbation
+``decoder``) and the latent noise (perturbation ``ptrm``). Lane ``i = -1``, which no trajectory has, is
+the stream of test-time SMC's resampler (:mod:`gram_pyro.test_time_smc`). So every random number is a
+function of ``(seed, i, r, d, e)`` alone and the result of ``(seed, model, x)``: chunked and unchunked
+sampling agree (up to the float rounding of matmul kernels picked for other chunk sizes), trajectory
+``i`` is the same whatever ``N``, an input's trajectories do not depend on the other inputs (a batch fed
+in blocks, each with its ``first_row``, gives the answers of the whole batch at once), and a chunk
+computes only its own rows' numbers. The network always runs batched over the chunk. CPU and CUDA
+compute the same streams (their float functions may round the last bit differently).
 
 Chunking: one trajectory over ``b`` inputs needs about
 ``b * L * D * element size * ACTIVATION_FACTOR`` bytes of working memory (:func:`trajectory_bytes`;
@@ -232,6 +233,11 @@ class KeyedRandom:
         angle = _uniform(words, 18).mul_(2 * math.pi)
         pairs = torch.stack((radius * angle.cos(), radius.mul_(angle.sin_())), -1).flatten(-2)
         return pairs[..., :count].reshape(*self.keys.shape, *tail).to(self.dtype)
+
+    def uniform(self, tail: torch.Size) -> torch.Tensor:
+        """Uniform draws in (0, 1) ``[n, b, *tail]`` (23 bits each, never 0 or 1)."""
+        words = self._words(math.prod(tail))
+        return _uniform(words, 41).reshape(*self.keys.shape, *tail).to(self.dtype)
 
     def exponential(self, tail: torch.Size) -> torch.Tensor:
         """Exp(1) draws ``[n, b, *tail]``."""

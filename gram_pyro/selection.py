@@ -12,8 +12,12 @@ where ``index`` is the chosen trajectory of each input; ties are broken determin
 * :func:`halt_best`: the highest halt logit (PTRM's rule), lowest index among equal maxima.
 * :func:`first`: trajectory 0 (what a single sample would give).
 
-:data:`SELECTORS` maps the names ``vote``, ``lprm``, ``halt``, ``first`` to them; :func:`select` looks
-one up by name. Width metrics per input: :func:`oracle_pass_at_n` (some candidate is correct) and
+* ``smc``: the vote among the survivors of test-time SMC (:mod:`gram_pyro.test_time_smc`), whose
+  resampling has already weighed the trajectories by the value or halt head: the candidates it is given
+  are those survivors (``gram-pyro eval select=smc`` draws them instead of independent trajectories).
+
+:data:`SELECTORS` maps the names ``vote``, ``lprm``, ``halt``, ``first``, ``smc`` to them; :func:`select`
+looks one up by name. Width metrics per input: :func:`oracle_pass_at_n` (some candidate is correct) and
 :func:`coverage_at_n` (distinct valid solutions found / valid solutions there are), from the integer
 ids of the matched solutions that a task assigns (``-1`` for an invalid answer).
 """
@@ -96,7 +100,7 @@ def first(answers: torch.Tensor, value: torch.Tensor | None = None,
     return answers[0], answers.new_zeros(answers.shape[1])
 
 
-SELECTORS = {"vote": majority_vote, "lprm": lprm_best, "halt": halt_best, "first": first}
+SELECTORS = {"vote": majority_vote, "lprm": lprm_best, "halt": halt_best, "first": first, "smc": majority_vote}
 
 
 def select(name: str, answers: torch.Tensor, value: torch.Tensor | None = None,
@@ -106,7 +110,7 @@ def select(name: str, answers: torch.Tensor, value: torch.Tensor | None = None,
     vote's working memory (``None``: all inputs at once)."""
     if name not in SELECTORS:
         raise UserError(f"unknown selector {name!r}; allowed: {', '.join(SELECTORS)}")
-    if name == "vote":
+    if SELECTORS[name] is majority_vote:
         return majority_vote(answers, memory_budget_mb=memory_budget_mb)
     return SELECTORS[name](answers, value, halt_logit)
 

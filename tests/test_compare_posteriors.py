@@ -24,6 +24,8 @@ N_SUP, T = 2, 2
     ("rws", ["objective.insomnia=0.5"], 2 * 3 * N_SUP * T),
     ("mcmc_em", ["objective.kernel=hmc", "objective.num_steps=4", "objective.warmup_steps=2",
                  "objective.num_samples=3", "objective.m_step_samples=2"], N_SUP * T * (1 + 5 * 4 + 2)),
+    ("mcmc_em_short", [], N_SUP * T * (1 + 1 + 2 + 1)),
+    ("mcmc_em_short", ["objective.num_steps=0"], N_SUP * T * (1 + 1)),
 ])
 def test_cost_per_batch_follows_the_rule(objective, options, per_batch):
     assert transitions_per_batch(pair_config([*TINY, *options], "gaussian", objective, 3)) == per_batch
@@ -46,6 +48,7 @@ def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path)
     for row in rows:
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["coverage"] <= 1
         assert row["log_evidence"] < 0 and 1 <= row["ess"] <= 4
+        assert row["khat"] == math.inf and row["khat_high"] == 1  # 4 weights: too few for a Pareto tail
     assert rows[0]["kl"] > 0 and math.isnan(rows[1]["kl"])  # only the surrogate reports a KL
     with (out / "comparison.csv").open() as f:
         written = list(csv.DictReader(f))
@@ -55,6 +58,20 @@ def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path)
     assert 0 < (out / "comparison.png").stat().st_size < 150_000
     with pytest.raises(Exception, match="already exists"):
         compare_posteriors([*TINY, f"out={out}", "compare.pairs=[[gaussian,truncated]]"], quiet=True)
+
+
+def test_short_mcmc_em_enters_the_comparison_and_reports_the_cost_the_rule_charges(tmp_path):
+    out = tmp_path / "cmp"
+    rows = compare_posteriors([*TINY, f"out={out}", "compare.budget_batches=10", "compare.evidence_particles=32",
+                               "compare.pairs=[[gaussian,truncated],[gaussian,mcmc_em_short]]"], quiet=True)
+    assert [r["batches"] for r in rows] == [10, 2]  # one batch of 5 whole programs: 5 x 4 = 20 transitions
+    assert all(0 <= r["khat"] < math.inf and 0 <= r["khat_high"] <= 1 for r in rows)
+    assert rows[1]["transitions"] == rows[0]["transitions"] == 10 * N_SUP * T
+    with (out / "gaussian-mcmc_em_short" / "metrics.csv").open() as f:
+        logged = list(csv.DictReader(f))
+    assert [float(r["transitions"]) for r in logged] == [5 * N_SUP * T] * 2  # what the scheme counted itself
+    assert all(0 <= float(r["accept"]) <= 1 for r in logged)
+    assert "| gaussian | mcmc_em_short | 1 | 2 | 2 |" in (out / "comparison.md").read_text()
 
 
 def test_pairs_in_parallel_processes_give_the_rows_of_one_process(tmp_path):
@@ -89,14 +106,15 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, overrides, messa
 def write_comparison(directory, rows):
     directory.mkdir()
     columns = ["guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "accuracy",
-               "coverage", "log_evidence", "ess", "kl", "train_seconds"]
+               "coverage", "log_evidence", "ess", "khat", "kl", "train_seconds"]
     with (directory / "comparison.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for guide, objective, batches, accuracy, kl in rows:
             writer.writerow({"guide": guide, "objective": objective, "particles": 1, "batches": batches,
                              "optimizer_steps": 4 * batches, "transitions": 8 * batches, "accuracy": accuracy,
-                             "coverage": 0.5, "log_evidence": -2.0, "ess": 10.0, "kl": kl, "train_seconds": 100})
+                             "coverage": 0.5, "log_evidence": -2.0, "ess": 10.0, "khat": 0.5, "kl": kl,
+                             "train_seconds": 100})
 
 
 def test_seed_summary_gives_mean_and_sample_sd_per_pair(tmp_path, capsys):

@@ -15,6 +15,7 @@ from gram_pyro.objectives import TruncatedSurrogate, exact_match
 from gram_pyro.posteriors import (ImportanceWeighted, MonteCarloEM, ReweightedWakeSleep, SequentialMonteCarlo,
                                   TruncatedSurrogateMC, importance_log_evidence, sample_posterior,
                                   smc_log_evidence)
+from gram_pyro.posteriors.mcmc_em import short_hmc
 from gram_pyro.posteriors.smc import systematic_ancestors
 from gram_pyro.tasks.base import Batch
 from guides import PriorGuide
@@ -235,6 +236,53 @@ def test_nuts_recovers_the_exact_posterior_mean_and_variance():
     assert transitions > 300 * model.n_sup  # every potential evaluation runs the whole program
 
 
+def test_short_hmc_from_the_prior_reaches_the_exact_posterior():
+    """2,000 independent chains (one per copy of the input), each from a prior draw: after 40 draws of
+    3 leapfrog steps the last draws have the exact posterior mean (within 0.1 sd) and variance (within
+    15%); the cost is the start, the potential at it and one program per leapfrog step."""
+    pyro.enable_validation(False)
+    model, batch = toy(replicas=2000, n_sup=2, obs_scale=0.5)
+    torch.manual_seed(0)
+    draws, transitions, acceptance = short_hmc(model, PriorGuide(model), batch, num_samples=1, warmup_steps=40,
+                                               num_steps=3, step_size=0.8)
+    eps = torch.cat([draws["eps/0/0"][-1], draws["eps/1/0"][-1]], -1).reshape(2000, -1)
+    with torch.no_grad():
+        mean, cov = model.exact_posterior(batch.x[:1], batch.y[:1])
+    sd = cov.diag().sqrt()
+    assert torch.all((eps.mean(0) - mean.reshape(-1)).abs() < 0.1 * sd), (eps.mean(0), mean)
+    assert torch.all((eps.var(0) / sd**2 - 1).abs() < 0.15), (eps.var(0), sd**2)
+    assert 0.3 < acceptance.mean() < 0.9  # it moves, and the Metropolis test rejects some proposals
+    assert transitions == model.n_sup * (1 + 1 + 41 * 3)
+
+
+def test_short_hmc_without_leapfrog_steps_keeps_the_guide_sample(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    torch.manual_seed(3)
+    draws, transitions, acceptance = short_hmc(model, guide, Batch(x, y), num_samples=2, num_steps=0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        start, _ = guide.run(model.forward, x, y=y)
+    sites = [f"eps/{n}/{t}" for n in range(model.n_sup) for t in range(model.transitions)]
+    assert sorted(draws) == sorted(sites)
+    for site in sites:
+        assert torch.equal(draws[site], start.nodes[site]["value"].expand(2, -1, -1, -1))
+    assert transitions == model.n_sup * model.transitions and acceptance.eq(1).all()
+
+
+def test_short_hmc_em_counts_every_program_it_runs(data):
+    """Cost per example: the guide's sample, the potential at it, (warm-up + draws) x leapfrog steps, and
+    the M-step's draws: N_sup T (1 + 1 + (1 + 2) 3 + 2)."""
+    x, y = data
+    model = tiny_model()
+    objective = MonteCarloEM(kernel="short_hmc", num_samples=2, warmup_steps=1, m_step_samples=2, num_steps=3,
+                             step_size=0.05)
+    loss, metrics = objective.loss(model, tiny_guide(model), Batch(x, y), {}, 0)
+    assert metrics["transitions"] == model.n_sup * model.transitions * (1 + 1 + 3 * 3 + 2)
+    assert 0 <= metrics["accept"] <= 1 and torch.isfinite(loss)
+
+
 # the schemes on the recursive model -----------------------------------------------------------
 
 SCHEMES = {
@@ -245,6 +293,7 @@ SCHEMES = {
     "smc": lambda: SequentialMonteCarlo(3, resample_threshold=0.9),
     "smc_whole": lambda: SequentialMonteCarlo(3, resample_threshold=0.9, truncate=False),
     "mcmc_em": lambda: MonteCarloEM(kernel="hmc", num_samples=3, warmup_steps=2, m_step_samples=2, num_steps=2),
+    "mcmc_em_short": lambda: MonteCarloEM(kernel="short_hmc", num_samples=2, m_step_samples=1, num_steps=2),
     "surrogate_mc": lambda: TruncatedSurrogateMC(),
 }
 
@@ -290,6 +339,9 @@ def test_schemes_reject_a_deterministic_model(data, name):
     (lambda: SequentialMonteCarlo(resample_threshold=-1), "resample_threshold"),
     (lambda: MonteCarloEM(kernel="gibbs"), "kernel"),
     (lambda: MonteCarloEM(num_samples=2, m_step_samples=3), "m_step_samples"),
+    (lambda: MonteCarloEM(kernel="short_hmc", step_size=0.0), "step_size > 0"),
+    (lambda: MonteCarloEM(kernel="short_hmc", num_steps=-1), "num_steps >= 0"),
+    (lambda: MonteCarloEM(kernel="hmc", num_steps=0), "num_steps >= 1"),
 ])
 def test_schemes_reject_bad_options(make, message):
     with pytest.raises(ValueError, match=message):
@@ -298,6 +350,7 @@ def test_schemes_reject_bad_options(make, message):
 
 @pytest.mark.parametrize("name, scheme", [("iwae", ImportanceWeighted), ("rws", ReweightedWakeSleep),
                                           ("smc", SequentialMonteCarlo), ("mcmc_em", MonteCarloEM),
+                                          ("mcmc_em_short", MonteCarloEM),
                                           ("truncated_mc", TruncatedSurrogateMC)])
 def test_objective_configs_build_their_scheme(name, scheme):
     cfg = compose_config("train", [f"objective={name}"])

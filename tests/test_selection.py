@@ -51,13 +51,14 @@ def test_first_and_the_registry():
     answers = candidates([C, A], [B, A])
     selected, index = first(answers)
     assert selected.tolist() == [C, B] and index.tolist() == [0, 0]
-    assert set(SELECTORS) == {"vote", "lprm", "halt", "first"}
+    assert set(SELECTORS) == {"vote", "lprm", "halt", "first", "smc"}
+    assert SELECTORS["smc"] is majority_vote  # the vote among test-time SMC's survivors
     value = torch.tensor([[0.1, 0.1], [0.5, 0.0]])
     assert select("lprm", answers, value, None)[1].tolist() == [1, 0]
 
 
 def test_bad_selector_name_and_missing_scores_are_errors():
-    with pytest.raises(UserError, match="unknown selector 'best'; allowed: vote, lprm, halt, first"):
+    with pytest.raises(UserError, match="unknown selector 'best'; allowed: vote, lprm, halt, first, smc"):
         select("best", candidates([A]))
     with pytest.raises(ValueError, match="LPRM value"):
         lprm_best(candidates([A]))

@@ -36,12 +36,15 @@ from gram_pyro.posteriors.particles import (LogTerms, ParticleObjective, effecti
 from gram_pyro.tasks.base import Batch
 
 
-def systematic_ancestors(log_w: torch.Tensor) -> torch.Tensor:
-    """Ancestor indices ``[K, B]`` by systematic resampling of the weights ``log_w [K, B]`` of each input."""
+def systematic_ancestors(log_w: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Ancestor indices ``[K, B]`` by systematic resampling of the weights ``log_w [K, B]`` of each input:
+    particle ``k`` takes the ancestor whose cumulative normalized weight first reaches ``(u_b + k) / K``,
+    with ``u_b`` = ``offsets [B]`` in (0, 1) (default: ``torch.rand``)."""
     K, B = log_w.shape
     cdf = log_w.softmax(0).cumsum(0).T.contiguous()                                   # [B, K]
-    positions = (torch.rand(B, 1, device=log_w.device) + torch.arange(K, device=log_w.device)) / K
-    return torch.searchsorted(cdf, positions.to(cdf.dtype)).clamp(max=K - 1).T        # [K, B]
+    u = torch.rand(B, 1, device=log_w.device) if offsets is None else offsets[:, None]
+    positions = (u.to(cdf.dtype) + torch.arange(K, device=log_w.device)) / K
+    return torch.searchsorted(cdf, positions).clamp(max=K - 1).T                      # [K, B]
 
 
 class SequentialMonteCarlo(ParticleObjective):
