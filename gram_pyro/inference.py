@@ -396,6 +396,19 @@ def sample_trajectories(model, x: torch.Tensor, num_samples: int, depth: int | N
     ``memory_budget_mb=None`` is :func:`default_memory_budget_mb` of ``x``'s device; ``first_row`` is
     the row index of ``x[0]`` in the keyed streams (a block of a larger batch passes its offset)."""
     perturbation = as_perturbation(perturbation)
+    depth, memory_budget_mb, seed = resolve_sampling(model, x, num_samples, depth, memory_budget_mb, seed)
+    lanes = num_samples if model.stochastic or perturbation is not None else 1
+    check_result_size(lanes, x.shape[0], x.shape[-1], depth if record_steps else 0, x.device)
+    sampled = _sample(model, x, lanes, depth, halting, puzzle, memory_budget_mb, seed, perturbation, record_steps,
+                      first_row)
+    return sampled.expand(num_samples) if lanes < num_samples else sampled
+
+
+def resolve_sampling(model, x: torch.Tensor, num_samples: int, depth: int | None, memory_budget_mb: float | None,
+                     seed: int | None) -> tuple[int, float, int]:
+    """``(depth, memory_budget_mb, seed)`` of a sampler call with their defaults filled in (the trained
+    depth, :func:`default_memory_budget_mb` of ``x``'s device, a seed from torch's global generator);
+    a count, depth or budget out of range is a one-line :class:`UserError`."""
     depth = model.n_sup if depth is None else depth
     if num_samples < 1 or depth < 1:
         raise UserError(f"need at least one trajectory and one step, got num_samples={num_samples}, depth={depth}")
@@ -403,13 +416,7 @@ def sample_trajectories(model, x: torch.Tensor, num_samples: int, depth: int | N
         memory_budget_mb = default_memory_budget_mb(x.device)
     if not memory_budget_mb > 0:
         raise UserError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
-    if seed is None:
-        seed = int(torch.randint(2**32, ()))
-    lanes = num_samples if model.stochastic or perturbation is not None else 1
-    check_result_size(lanes, x.shape[0], x.shape[-1], depth if record_steps else 0, x.device)
-    sampled = _sample(model, x, lanes, depth, halting, puzzle, memory_budget_mb, seed, perturbation, record_steps,
-                      first_row)
-    return sampled.expand(num_samples) if lanes < num_samples else sampled
+    return depth, memory_budget_mb, int(torch.randint(2**32, ())) if seed is None else seed
 
 
 def result_bytes(num_samples: int, batch: int, seq_len: int, recorded_steps: int) -> int:

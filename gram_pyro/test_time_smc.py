@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from gram_pyro.config import UserError
 from gram_pyro.inference import (HeadRecorder, KeyedNoise, KeyedRandom, Trajectories, _is_number, check_result_size,
-                                 default_memory_budget_mb, trajectory_bytes)
+                                 resolve_sampling, trajectory_bytes)
 from gram_pyro.posteriors.particles import effective_sample_size
 from gram_pyro.posteriors.smc import systematic_ancestors
 
@@ -180,18 +180,10 @@ def smc_trajectories(model, x: torch.Tensor, num_samples: int, options: SMCOptio
     :func:`gram_pyro.inference.sample_trajectories`; a chunk holds all ``N`` trajectories of as many
     inputs as ``memory_budget_mb`` allows (at least one)."""
     options = as_smc_options(options)
-    depth = model.n_sup if depth is None else depth
-    if num_samples < 1 or depth < 1:
-        raise UserError(f"need at least one trajectory and one step, got num_samples={num_samples}, depth={depth}")
     if not model.stochastic:
         raise UserError("select=smc needs a stochastic model (noise != none): a deterministic model's "
                         "trajectories are all the same")
-    if memory_budget_mb is None:
-        memory_budget_mb = default_memory_budget_mb(x.device)
-    if not memory_budget_mb > 0:
-        raise UserError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
-    if seed is None:
-        seed = int(torch.randint(2**32, ()))
+    depth, memory_budget_mb, seed = resolve_sampling(model, x, num_samples, depth, memory_budget_mb, seed)
     batch = x.shape[0]
     check_result_size(num_samples, batch, x.shape[-1], 0, x.device)
     per_chunk = max(1, int(memory_budget_mb * 2**20 // (num_samples * trajectory_bytes(model, 1))))
