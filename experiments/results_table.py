@@ -142,9 +142,10 @@ def note(result: dict) -> str:
     """What a reproduction measured on, how long it took and its recipe, as one list item."""
     name = f"{result['task']}-{result['budget']}"
     inputs = " and ".join(f"{n} {split} inputs" for split, n, _ in sections(result))
+    extra = result.get("recipe", {}).get("overrides", [])
     return (f"- `{name}`: {inputs}, {result['samples']} prior trajectories each; "
             f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}; recipe "
-            f"`experiments/configs/reproduce/{name}.yaml`.")
+            f"`experiments/configs/reproduce/{name}.yaml`" + (f" with `{' '.join(extra)}`" if extra else "") + ".")
 
 
 def render_tables(results: list[dict]) -> str:

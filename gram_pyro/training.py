@@ -8,8 +8,8 @@ function of ``(trainer.seed, b)``, so a resumed run sees exactly the data an uni
 A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest; with
 ``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv`` (one row per
 logged batch; ``seconds``: training time since batch 0, summed over resumed invocations up to the
-checkpoint each went on from, so work redone after a crash counts once), ``eval.csv`` (prior-sampled accuracy/coverage on held-out inputs, EMA weights) and
-TensorBoard events under ``tb/``. A resumed run first drops the CSV rows logged after the checkpoint it
+checkpoint each went on from, so work redone after a crash counts once), ``eval.csv`` (prior-sampled
+accuracy/coverage on held-out inputs, EMA weights) and TensorBoard events under ``tb/``. A resumed run first drops the CSV rows logged after the checkpoint it
 goes on from (it logs them again), so a run stopped anywhere ends as an uninterrupted one.
 """
 

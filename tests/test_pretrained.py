@@ -12,7 +12,7 @@ SHIPPED = sorted(p.name for p in PRETRAINED.iterdir() if (p / "weights.pt").is_f
 
 
 def test_weights_are_shipped_for_the_reproduced_results():
-    assert {"coloring", "nqueens10", "uncond_sudoku4"} <= set(SHIPPED)
+    assert {"coloring", "nqueens", "nqueens10", "uncond_sudoku4"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
