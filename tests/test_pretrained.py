@@ -24,7 +24,8 @@ def test_shipped_weights_reproduce_their_recorded_accuracy(name):
     low, high = check["ci95"]
     assert low <= report["metrics"][check["metric"]]["mean"] <= high
     recorded_low, recorded_high = record["results"]["accuracy"]["ci95"]
-    assert recorded_low <= check["mean"] + (high - low) / 2 and check["mean"] - (high - low) / 2 <= recorded_high
+    half = max((high - low) / 2, 1 / check["inputs"])  # 20 inputs all right: a zero-width interval
+    assert recorded_low <= check["mean"] + half and check["mean"] - half <= recorded_high
     assert (PRETRAINED / name / "weights.pt").stat().st_size <= 5 * 2**20
 
 
