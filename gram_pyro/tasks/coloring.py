@@ -408,8 +408,8 @@ class ColoringTask(Task):
         """The proper colouring of each graph ``x [B, S]`` that ``logits [B, S, V]`` make most likely at
         the node positions (:func:`most_likely`), as a target: :data:`IGNORE` on the triangle. Candidates
         are the canonical colourings, or every colouring when targets permute the colour ids."""
-        canonical = not self.splits["train"].permute_colours
-        candidates = (canonical_colourings(self.n) if canonical else all_colourings(self.n)).to(x.device)
+        train = self.splits["train"]  # its table of canonical colourings, not built again per batch
+        candidates = (all_colourings(self.n) if train.permute_colours else train.colourings).to(x.device)
         proper = graph_edges(x).float() @ same_colour_pairs(candidates) == 0  # [B, C]
         target = torch.full_like(x, IGNORE)
         target[:, -self.n:] = most_likely(logits[:, -self.n:], FIRST_COLOUR + candidates, proper)
