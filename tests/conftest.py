@@ -37,6 +37,16 @@ def pyro_validation():
     pyro.enable_validation(False)
 
 
+class BootstrapGuide:
+    """SMC proposal = the model's prior: nothing to sample in the guide."""
+
+    def init(self, state, x):
+        pass
+
+    def step(self, state, x, y=None):
+        pass
+
+
 def tiny_model(**overrides) -> RecursiveReasoningModel:
     torch.manual_seed(0)
     options = dict(vocab_size=VOCAB, seq_len=SEQ, dim=8, ffn_hidden=16, num_layers=1, low_steps=2,

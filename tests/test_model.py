@@ -12,7 +12,7 @@ from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.tasks.base import Batch
 from gram_pyro.inference import sample_trajectories
 from guides import PriorGuide, TargetConditionedGaussian
-from tests.conftest import BATCH, SEQ, VOCAB, tiny_guide, tiny_model
+from tests.conftest import BATCH, SEQ, VOCAB, BootstrapGuide, tiny_guide, tiny_model
 
 
 def test_sites_and_shapes_of_one_step(data):
@@ -97,16 +97,6 @@ def test_renyi_elbo_runs_with_vectorized_particles(data):
     loss = elbo.loss_and_grads(model, guide, x, y)
     assert torch.isfinite(torch.tensor(loss))
     assert next(guide.heads.parameters()).grad is not None
-
-
-class BootstrapGuide:
-    """SMC proposal = the model's prior: nothing to sample in the guide."""
-
-    def init(self, state, x):
-        pass
-
-    def step(self, state, x, y=None):
-        pass
 
 
 def test_smc_filter_steps_the_model(data):

@@ -22,7 +22,7 @@ from gram_pyro.predictive import keyed_noise
 from gram_pyro.tasks.base import held_out_index
 from guides.linear_gaussian import ExactLinearGaussianPosterior
 from models.linear_gaussian import LinearGaussianModel
-from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
+from tests.conftest import BATCH, SEQ, VOCAB, BootstrapGuide, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SITES = ("eps/0/0", "eps/1/0")
@@ -142,16 +142,6 @@ def test_svi_with_an_autoguide_finds_the_exact_posterior_mean(toy, autoguide, el
 
 
 # SMC and MCMC ----------------------------------------------------------------------------------
-
-class BootstrapGuide:
-    """SMC proposal = the model's prior: nothing to sample in the guide."""
-
-    def init(self, state, x):
-        pass
-
-    def step(self, state, x, y=None):
-        pass
-
 
 def test_smc_filter_finds_the_exact_posterior_of_the_final_state(toy):
     model, x, y = toy
