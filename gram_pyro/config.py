@@ -161,6 +161,9 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         return _compose(config_name, overrides)
     except HydraException as error:
         raise UserError(_explain(error, config_name, overrides)) from None
+    except TypeError as error:  # OmegaConf: a dotted key that indexes a list by name (train.trainer.x=1)
+        raise UserError(f"{first_line(error)}: a dotted key cannot reach into a list; give the whole list "
+                        f"(key=[a,b])") from None
 
 
 def compose_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
@@ -170,6 +173,9 @@ def compose_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig,
         cfg = _compose(config_name, overrides, hydra=True)
     except HydraException as error:
         raise UserError(_explain(error, config_name, overrides)) from None
+    except TypeError as error:  # OmegaConf: a dotted key that indexes a list by name (train.trainer.x=1)
+        raise UserError(f"{first_line(error)}: a dotted key cannot reach into a list; give the whole list "
+                        f"(key=[a,b])") from None
     choices = {group: choice for group, choice in cfg.hydra.runtime.choices.items()
                if not group.startswith("hydra") and choice is not None}
     with open_dict(cfg):

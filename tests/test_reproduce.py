@@ -89,6 +89,7 @@ def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
     (["task=nqueens", "budget=cpu", "eval.select=[best]"], "unknown selector 'best' in eval.select"),
     (["task=nqueens", "budget=cpu", "eval.bogus=1"], "unknown config key 'eval.bogus'"),
     (["task=nqueens", "budget=cpu", "publish=yes"], "publish='yes'; allowed: true, false"),
+    (["task=nqueens", "budget=cpu", "train.trainer.max_batches=2"], "a dotted key cannot reach into a list"),
 ])
 def test_bad_names_are_one_line_errors(argv, message, capsys, tmp_path):
     assert reproduce.main([*argv, f"out={tmp_path}"]) == 2
