@@ -1,16 +1,17 @@
 """Cost of each posterior scheme per training step, as ratios to the truncated surrogate, in one run.
 
-Builds one training run per scheme (``objective=...``, the paper's Gaussian guide, or the guide named
-in ``SCHEMES``) from the train config at the same batch (one fixed batch for all), and times
-``Run.train_batch``: all optimizer updates of one batch (forward, backward, clipping, AdamW, EMA).
-Printed per scheme: optimizer steps per batch, backbone passes per example and optimizer step (counted
-by a hook on the backbone networks: the rows of every call, particles included, over the batch size),
-the median ms per optimizer step and per batch, and both as ratios to the truncated surrogate
-(``truncated``). Then the particle schemes at ``K = 1`` and ``K = --particles``:
-their ratio ``t(K) / t(1)`` must be at most ``K`` (the particles are a tensor dim, not a loop), and
-``K`` particles against one particle of a ``K`` times larger batch (the same number of rows through
-every network): a ratio near 1 says the particle dim costs what batch rows cost, so where ``t(K) / t(1)``
-exceeds ``K`` it is the machine's cost of ``K`` times the rows, not the particles.
+Builds one training run per scheme (every config of ``experiments/configs/objective/``, each with the
+train config's guide, the paper's Gaussian, which every scheme trains with) at the same batch (one fixed
+batch for all), and times ``Run.train_batch``: all optimizer updates of one batch (forward, backward,
+clipping, AdamW, EMA). Printed per scheme: optimizer steps per batch, backbone passes per example and
+optimizer step (counted by a hook on the backbone networks: the rows of every call, particles included,
+over the batch size), the median ms per optimizer step and per batch, and both as ratios to the
+truncated surrogate (``truncated``). Then the particle schemes (the configs with ``num_particles``: IWAE,
+RWS, SMC and Pyro's ELBOs) at ``K = 1`` and ``K = --particles``: their ratio ``t(K) / t(1)`` must be at
+most ``K`` (the particles are a tensor dim, not a loop), and ``K`` particles against one particle of a
+``K`` times larger batch (the same number of rows through every network): a ratio near 1 says the
+particle dim costs what batch rows cost, so where ``t(K) / t(1)`` exceeds ``K`` it is the machine's
+cost of ``K`` times the rows, not the particles.
 
     python benchmarks/posterior_schemes.py [--batch 64] [--particles 8] [--repeats 3] [--threads T]
                                            [override ...] [--schemes truncated iwae ...]
@@ -27,17 +28,11 @@ import statistics
 
 import torch
 
-from gram_pyro.config import compose_config
+from gram_pyro.config import compose_config, group_options
 from gram_pyro.training import Run, batch_at
 
 import harness
 
-SCHEMES = {  # objective: guide
-    "truncated": "gaussian", "truncated_mc": "gaussian", "trace_elbo": "gaussian",
-    "tracemeanfield_elbo": "gaussian", "iwae": "gaussian", "rws": "gaussian", "smc": "gaussian",
-    "mcmc_em": "gaussian", "mcmc_em_short": "gaussian",
-}
-PARTICLE_SCHEMES = ("iwae", "rws", "smc", "trace_elbo", "tracemeanfield_elbo")
 MCMC_SMALL = ["objective.num_samples=4", "objective.warmup_steps=4", "objective.m_step_samples=2"]
 
 
@@ -45,8 +40,7 @@ def time_scheme(scheme: str, overrides: list[str], batch_size: int, repeats: int
     """Median seconds of one batch of ``scheme``, its optimizer steps, and the backbone passes per example
     and optimizer step."""
     extra = MCMC_SMALL if scheme == "mcmc_em" else []
-    cfg = compose_config("train", [f"objective={scheme}", f"guide={SCHEMES[scheme]}", *extra, *overrides,
-                                   f"trainer.batch_size={batch_size}"])
+    cfg = compose_config("train", [f"objective={scheme}", *extra, *overrides, f"trainer.batch_size={batch_size}"])
     run = Run(cfg)
     batch = batch_at(run.task.splits["train"], 0, batch_size, cfg.trainer.seed, run.device)
     rows = []
@@ -64,27 +58,34 @@ def time_scheme(scheme: str, overrides: list[str], batch_size: int, repeats: int
             "passes": sum(rows) / batch_size / steps}
 
 
+def has_particles(scheme: str) -> bool:
+    """Whether the config of ``scheme`` sets ``num_particles`` (a scheme with ``K`` particles)."""
+    return "num_particles" in compose_config("train", [f"objective={scheme}"]).objective
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     harness.add_threads_argument(parser)
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    schemes = group_options("objective")
+    parser.add_argument("--schemes", nargs="+", default=schemes, choices=schemes)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     harness.setup(args)
     schemes = ["truncated", *[s for s in args.schemes if s != "truncated"]]
+    particle_schemes = [s for s in schemes if has_particles(s)]
     with_k = [f"objective.num_particles={args.particles}"]
-    results = {s: time_scheme(s, [*(with_k if s in PARTICLE_SCHEMES else []), *args.overrides], args.batch,
+    results = {s: time_scheme(s, [*(with_k if s in particle_schemes else []), *args.overrides], args.batch,
                               args.repeats) for s in schemes}
     single = {s: time_scheme(s, ["objective.num_particles=1", *args.overrides], args.batch, args.repeats)
-              for s in schemes if s in PARTICLE_SCHEMES}
+              for s in particle_schemes}
     wide = {s: time_scheme(s, ["objective.num_particles=1", *args.overrides], args.particles * args.batch,
                            args.repeats) for s in single}
     base = results["truncated"]
     print(f"batch {args.batch}, threads {torch.get_num_threads()}, {args.repeats} repeats, K = {args.particles} "
-          f"for {', '.join(PARTICLE_SCHEMES)}, overrides {args.overrides or 'none'}")
+          f"for {', '.join(particle_schemes) or 'no scheme'}, overrides {args.overrides or 'none'}")
     print(f"{'scheme':>20} {'steps/batch':>12} {'passes/step':>12} {'ms/step':>9} {'x trunc.':>9} "
           f"{'ms/batch':>9} {'x trunc.':>9}")
     for scheme, r in results.items():

@@ -9,10 +9,14 @@ Settings: ``experiments/configs/compare_posteriors.yaml`` (the train config plus
 ``compare.num_particles``; all other keys (task, model, trainer) are shared by every run.
 
 Equal compute. Cost is counted in transitions (one transition of the recursive model is
-``K_low + 1`` backbone passes, the same model in every run) per training example. One batch costs
-(:func:`transitions_per_batch`, from the config alone)
+``K_low + 1`` backbone passes, the same model in every run) per training example. What one batch costs
+is the objective's own ``cost(model)`` (:class:`gram_pyro.objectives.Objective`; each scheme's module
+states its rule), read by :func:`transitions_per_batch` from the config alone: the objective built from
+``cfg.objective``, its cost taken on the model config (``n_sup`` and ``transitions`` are all it reads).
+The rules:
 
-* ``N_sup * T`` for the truncated surrogates (one particle, ``T`` transitions per supervision step);
+* ``N_sup * T`` for the truncated surrogates (one particle, ``T`` transitions per supervision step),
+  twice that for ``objective=truncated`` with ``prior_weight > 0`` (the prior rollouts' own chain);
 * ``K * N_sup * T`` for IWAE, SMC, Trace_ELBO and RWS with ``K`` particles (truncated or not), twice that
   for RWS with ``insomnia < 1`` (sleep-phi runs ``K`` whole prior programs per batch);
 * ``N_sup * T * (1 + (warmup + samples) * leapfrog steps per draw + m_step_samples)`` for MCMC-EM with
@@ -33,12 +37,12 @@ Measured per run (``test`` split, EMA weights, seeded so every run sees the same
   (:func:`gram_pyro.evaluation.evaluate_run`), with 95% intervals;
 * ``log_evidence``: mean over ``evidence_inputs`` inputs of ``log p(y | x)`` in nats per example (``y``
   observed at every supervision step), by importance sampling with the run's guide as proposal
-  (``evidence_particles`` particles, :func:`gram_pyro.posteriors.importance_log_evidence`; a lower bound
-  whose gap depends on the guide), ``ess``, the mean effective sample size of its weights, and the PSIS
-  ``k-hat`` of the same weights (:func:`gram_pyro.diagnostics.importance.importance_khat`: how well the
-  run's guide covers its own model's posterior): ``khat`` its mean over the inputs, ``khat_high`` the
-  share of inputs above 0.7, where the importance estimate cannot be trusted (``inf`` below about 25
-  particles: too few weights for a Pareto tail);
+  (``evidence_particles`` particles, :func:`gram_pyro.diagnostics.evidence.importance_log_evidence`; a
+  lower bound whose gap depends on the guide), ``ess``, the mean effective sample size of its weights,
+  and the PSIS ``k-hat`` of the same weights (:func:`gram_pyro.diagnostics.importance.importance_khat`:
+  how well the run's guide covers its own model's posterior): ``khat`` its mean over the inputs,
+  ``khat_high`` the share of inputs above 0.7, where the importance estimate cannot be trusted (``inf``
+  below about 25 particles: too few weights for a Pareto tail);
 * ``kl``: the training ``kl`` metric (KL of the final transition, nats per target token) averaged over
   the last quarter of ``metrics.csv`` rows, where the objective reports one (the truncated surrogates);
 * ``optimizer_steps`` (the checkpoint's EMA update count), ``transitions`` and ``backbone_passes`` spent
@@ -72,10 +76,10 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gram_pyro.checkpoint import load_checkpoint  # noqa: E402
-from gram_pyro.config import UserError, compose_config  # noqa: E402
+from gram_pyro.config import UserError, build, compose_config  # noqa: E402
+from gram_pyro.diagnostics.evidence import importance_log_evidence  # noqa: E402
 from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa: E402
 from gram_pyro.evaluation import evaluate_run, load_run  # noqa: E402
-from gram_pyro.posteriors import importance_log_evidence  # noqa: E402
 from gram_pyro.tasks.base import held_out_index  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 
@@ -88,21 +92,13 @@ COLUMNS = ["guide", "objective", "particles", "batches", "optimizer_steps", "tra
 
 
 def transitions_per_batch(cfg: DictConfig) -> int:
-    """Transitions one batch of ``cfg``'s objective runs per training example (module docstring)."""
-    program = cfg.model.n_sup * cfg.model.transitions
-    objective = cfg.objective
-    scheme = objective._target_.rsplit(".", 1)[-1]
-    if scheme == "MonteCarloEM":
-        draws = objective.warmup_steps + objective.num_samples
-        if objective.kernel == "short_hmc":
-            leapfrogs = draws * objective.num_steps
-            return program * (1 + int(leapfrogs > 0) + leapfrogs + objective.m_step_samples)
-        per_draw = 2 ** objective.max_tree_depth if objective.kernel == "nuts" else objective.num_steps
-        return program * (1 + draws * per_draw + objective.m_step_samples)
-    runs = objective.get("num_particles", 1)
-    if scheme == "ReweightedWakeSleep" and objective.insomnia < 1:
-        runs *= 2
-    return program * runs
+    """Transitions one batch of ``cfg``'s objective runs per training example: the ``cost`` of the
+    objective built from ``cfg.objective``, on the model config (module docstring). No model is built;
+    the task only for ``prior_target=nearest``, which needs the task's nearest-solution search to be
+    built at all (the judge, used by the loss alone, keeps its default)."""
+    nearest = cfg.objective.get("prior_target") == "nearest"
+    solutions = {"nearest": build(cfg.task, "task").nearest_solution} if nearest else {}
+    return build(cfg.objective, "objective", **solutions).cost(cfg.model)
 
 
 def pair_config(overrides: list[str], guide: str, objective: str, num_particles: int) -> DictConfig:

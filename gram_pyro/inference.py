@@ -77,7 +77,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from gram_pyro.config import UserError
-from gram_pyro.objectives import step_logits
+from gram_pyro.objectives.base import step_logits
 
 PERTURBATION_KINDS = ("ptrm", "decoder", "z0")
 LATENTS = ("h", "l")

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from gram_pyro.config import UserError
 from gram_pyro.inference import (HeadRecorder, KeyedNoise, KeyedRandom, Trajectories, _is_number, check_result_size,
                                  resolve_sampling, trajectory_bytes)
-from gram_pyro.posteriors.particles import effective_sample_size
-from gram_pyro.posteriors.smc import systematic_ancestors
+from gram_pyro.objectives.particles import effective_sample_size
+from gram_pyro.objectives.smc import systematic_ancestors
 
 POTENTIALS = ("value", "halt")
 RESAMPLER_LANE = -1

@@ -1,9 +1,10 @@
 """The training loop: AdamW with warm-up, gradient clipping, EMA, metrics, checkpoints, resume.
 
-``train(cfg)`` builds task, model, guide and objective from a composed config, then for each batch
-calls the objective ``updates_per_batch`` times with one optimizer step after each call (the
-truncated GRAM surrogate: one step per supervision step, as TRM/GRAM train). Batch ``b`` of a run is a
-function of ``(trainer.seed, b)``, so a resumed run sees exactly the data an uninterrupted one would.
+``train(cfg)`` builds task, model, guide and objective from a composed config, checks that the objective
+fits the model and guide (:class:`gram_pyro.objectives.Objective` ``check``), then for each batch calls
+the objective ``updates_per_batch`` times with one optimizer step after each call (the truncated GRAM
+surrogate: one step per supervision step, as TRM/GRAM train). Batch ``b`` of a run is a function of
+``(trainer.seed, b)``, so a resumed run sees exactly the data an uninterrupted one would.
 
 A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest; with
 ``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv`` (one row per
@@ -34,6 +35,7 @@ from gram_pyro.distributed import (World, all_finite, average_gradients, barrier
 from gram_pyro.files import write_whole
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index, is_int
 from gram_pyro.inference import guided_trajectory, sample_trajectories
+from gram_pyro.objectives import Objective
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -232,12 +234,11 @@ class Run:
                            num_puzzles=self.task.num_puzzles)
         self.guide = build(cfg.guide, "guide", model=self.model)
         solutions = {"nearest": self.task.nearest_solution} if "prior_target" in cfg.objective else {}
-        self.objective = build(cfg.objective, "objective", judge=self.task.judge, **solutions)
-        if hasattr(self.objective, "check"):
-            try:
-                self.objective.check(self.model, self.guide)
-            except ValueError as error:
-                raise UserError(f"objective does not fit the model/guide: {error}") from None
+        self.objective: Objective = build(cfg.objective, "objective", judge=self.task.judge, **solutions)
+        try:
+            self.objective.check(self.model, self.guide)
+        except ValueError as error:
+            raise UserError(f"objective does not fit the model/guide: {error}") from None
         self.model.to(self.device)
         self.guide.to(self.device)
         if trainer.compile:  # the plain-torch networks only: Pyro's handlers are not worth compiling

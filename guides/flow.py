@@ -10,7 +10,7 @@ one pass both ways; a reversal of the units between layers so every unit is tran
 and the density of its own samples take one pass, the density of any other value ``D`` passes). The
 last layer of every hypernetwork starts at zero, so each ``f_j`` starts as the identity and q as the
 prior. Event dims ``[L, D]`` (``.to_event(1)`` over ``L``); needs ``D >= 2``. No analytic KL: train it
-with :class:`gram_pyro.posteriors.TruncatedSurrogateMC` or a particle scheme.
+with :class:`gram_pyro.objectives.TruncatedSurrogateMC` or a particle scheme.
 """
 
 from __future__ import annotations

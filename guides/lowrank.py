@@ -8,7 +8,7 @@ independent given ``(u, y)``. ``pyro.distributions.LowRankMultivariateNormal`` o
 1), ``.to_event(1)`` over ``L``: event dims ``[L, D]``. The mean and diagonal start at the prior; the
 factor's read-out starts small and random (``factor_init``), not zero, because ``V = 0`` is a
 stationary point of the density in ``V``. There is no analytic KL to the prior (a Normal): train it
-with :class:`gram_pyro.posteriors.TruncatedSurrogateMC` or a particle scheme.
+with :class:`gram_pyro.objectives.TruncatedSurrogateMC` or a particle scheme.
 """
 
 from __future__ import annotations

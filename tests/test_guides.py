@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from gram_pyro.config import build, compose_config
-from gram_pyro.objectives import TruncatedSurrogate
-from gram_pyro.posteriors import TruncatedSurrogateMC
+from gram_pyro.objectives import TruncatedSurrogate, TruncatedSurrogateMC
 from gram_pyro.tasks.base import Batch
 from guides.flow import ConditionalFlow
 from guides.lowrank import LowRankGaussian

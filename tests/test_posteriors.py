@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 from gram_pyro.config import build, compose_config
-from gram_pyro.objectives import TruncatedSurrogate, exact_match
-from gram_pyro.posteriors import (ImportanceWeighted, MonteCarloEM, ReweightedWakeSleep, SequentialMonteCarlo,
-                                  TruncatedSurrogateMC, importance_log_evidence, sample_posterior,
-                                  smc_log_evidence)
-from gram_pyro.posteriors.mcmc_em import short_hmc
-from gram_pyro.posteriors.smc import systematic_ancestors
+from gram_pyro.diagnostics.evidence import importance_log_evidence, smc_log_evidence
+from gram_pyro.objectives import (ImportanceWeighted, MonteCarloEM, ReweightedWakeSleep, SequentialMonteCarlo,
+                                  TruncatedSurrogate, TruncatedSurrogateMC)
+from gram_pyro.objectives.base import exact_match
+from gram_pyro.objectives.mcmc_em import sample_posterior, short_hmc
+from gram_pyro.objectives.smc import systematic_ancestors
 from gram_pyro.tasks.base import Batch
 from guides import PriorGuide
 from guides.linear_gaussian import ExactLinearGaussianPosterior

@@ -2,7 +2,7 @@
 and the importance diagnostics of the guide as a proposal.
 
 Particles are a tensor dim (the plate ``particles`` at dim -2 of
-:mod:`gram_pyro.posteriors.particles`), chunked over particles and inputs to a memory budget
+:mod:`gram_pyro.objectives.particles`), chunked over particles and inputs to a memory budget
 (:func:`gram_pyro.inference.plan_chunks`). For particle ``k`` of input ``b``, supervision step ``n``
 and transition ``t``:
 
@@ -36,8 +36,8 @@ from torch.distributions import kl_divergence
 
 from gram_pyro.diagnostics.arviz_adapter import pareto_khat
 from gram_pyro.inference import default_memory_budget_mb, plan_chunks, trajectory_bytes
-from gram_pyro.objectives import gaussian_of, step_logits
-from gram_pyro.posteriors.particles import LogTerms, effective_sample_size, noise_site, run_program
+from gram_pyro.objectives.base import gaussian_of, step_logits
+from gram_pyro.objectives.particles import LogTerms, effective_sample_size, noise_site, run_program
 from gram_pyro.tasks.base import Batch
 
 CONSTANT_SPREAD = 1e-6

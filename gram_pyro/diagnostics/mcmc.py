@@ -1,7 +1,7 @@
 """MCMC over the eps sites of a few inputs given ``(x, y)``: reference draws of the true posterior
 ``p(eps | x, y)`` and their convergence diagnostics.
 
-Each chain is one run of :func:`gram_pyro.posteriors.mcmc_em.sample_posterior`: NUTS on
+Each chain is one run of :func:`gram_pyro.objectives.mcmc_em.sample_posterior`: NUTS on
 ``-log p(y, eps | x)`` of the whole untruncated program (every eps site of every step, the inputs of
 the batch jointly), started from one draw of the guide, with step-size and mass adaptation during
 warm-up. Chains run one after another, each from its own guide draw. Every potential evaluation runs
@@ -20,7 +20,7 @@ import torch
 
 from gram_pyro.diagnostics.arviz_adapter import convergence_summary, inference_data
 from gram_pyro.diagnostics.importance import PROJECTION_DIMS, project_eps
-from gram_pyro.posteriors.mcmc_em import sample_posterior
+from gram_pyro.objectives.mcmc_em import sample_posterior
 from gram_pyro.tasks.base import Batch
 
 VARIABLE = "eps_projection"

@@ -39,7 +39,7 @@ from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_
 from gram_pyro.evaluation import json_ready
 from gram_pyro.inference import network_dtype
 from gram_pyro.nn import network_precision
-from gram_pyro.posteriors.particles import log_mean_exp
+from gram_pyro.objectives.particles import log_mean_exp
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
 
 

@@ -1,4 +1,4 @@
-"""What the posterior schemes share: particle runs, log weights, head losses, costs.
+"""What the particle schemes share: particle runs, log weights, head losses, costs.
 
 Particles. ``K`` samples per input are a leading tensor dim: the plate ``particles`` at dim
 ``-(MAX_PLATE_NESTING + 1) = -2`` around the model program, outside its ``data`` plate. ``init``
@@ -14,11 +14,14 @@ Log terms of a trace (one supervision step, or the whole program) per particle a
 
 ``log_weight`` is the importance weight of the trace; ``log_lik + log_prior`` its log joint.
 
-Costs. ``transitions_per_example`` counts the transitions a trace ran, summed over particles, per
+Costs. ``cost(model)`` is ``K N_sup T`` transitions per example and batch by default (``K`` particles
+through ``N_sup`` supervision steps of ``T`` transitions, truncated or not); a scheme that runs more
+says so. ``transitions_per_example`` counts the transitions a trace ran, summed over particles, per
 example (read off the ``u/{n}/{t}`` sites, which every transition records). A transition of the
-recursive model is ``K_low + 1`` backbone passes. Each scheme reports it and ``forward_seconds``, the
-wall time of its loss computation (the backward pass and the optimizer step happen in the trainer),
-in its metrics.
+recursive model is ``K_low + 1`` backbone passes. Each scheme reports that count as ``transitions``
+and ``forward_seconds``, the wall time of its loss computation (the backward pass and the optimizer
+step happen in the trainer), in its metrics; summed over a batch's updates the count is ``cost``
+(nominal for MCMC-EM with Pyro's kernels, :mod:`gram_pyro.objectives.mcmc_em`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.trace_struct import Trace
 
-from gram_pyro.objectives import Judge, Objective, exact_match, gaussian_of, head_losses
+from gram_pyro.objectives.base import Judge, Objective, exact_match, gaussian_of, head_losses
 from gram_pyro.tasks.base import Batch
 from guides.base import proposal_site
 from models.recursive import MAX_PLATE_NESTING
@@ -145,10 +148,11 @@ def run_program(model, guide, batch: Batch, num_particles: int) -> tuple[Trace, 
 
 
 class ParticleObjective(Objective):
-    """Base of the schemes: the objective interface of :mod:`gram_pyro.objectives` (``judge`` and
-    head-loss weights as there), the stochastic-model check, the particle run of an update, head
-    losses and cost metrics. ``truncate``: one optimizer step per supervision step (the update's step
-    alone, state detached between steps) rather than one per batch (the whole untruncated program)."""
+    """Base of the particle schemes: the :class:`~gram_pyro.objectives.base.Objective` interface
+    (``judge`` and head-loss weights as there), the stochastic-model check, the particle run of an
+    update, head losses, the cost ``K N_sup T`` and the cost metrics. ``truncate``: one optimizer step
+    per supervision step (the update's step alone, state detached between steps) rather than one per
+    batch (the whole untruncated program)."""
 
     def __init__(self, num_particles: int = 8, truncate: bool = True, halt_weight: float = 1.0,
                  value_weight: float = 1.0, judge: Judge = exact_match):
@@ -166,6 +170,10 @@ class ParticleObjective(Objective):
     def updates_per_batch(self, model) -> int:
         self.check(model)
         return model.n_sup if self.truncate else 1
+
+    def cost(self, model) -> int:
+        """``K N_sup T``: ``K`` particles through every supervision step, truncated or not."""
+        return self.num_particles * model.n_sup * model.transitions
 
     def run_particles(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[Trace, Trace, list[int]]:
         """The particles' run of ``update``: supervision step ``update`` (from fresh particles at

@@ -10,10 +10,8 @@ the whole program (``N_sup T`` transitions per example) and its gradient. Kernel
 * ``short_hmc`` (:func:`short_hmc`): HMC with a fixed short trajectory, sized to fit a training budget.
   No adaptation: a fixed ``step_size`` in units of the prior's scale at the start, ``num_steps``
   leapfrog steps per draw, ``warmup_steps`` draws discarded, then ``num_samples`` kept; a Metropolis
-  test per example (the examples are independent chains). Its cost is exact:
-  ``N_sup T (1 + [chain moves] + (warmup_steps + num_samples) num_steps)`` transitions per example
-  (the guide's sample, the potential at it, one potential per leapfrog step); with ``num_steps = 0`` the
-  draws are the guide's sample and the cost that sample's program.
+  test per example (the examples are independent chains). Its cost is exact (below); with
+  ``num_steps = 0`` the draws are the guide's sample and the chain's cost that sample's program.
 
 M-step: with the last ``m_step_samples`` draws ``eps^(s)`` (vectorized as particles),
 
@@ -23,7 +21,15 @@ The first term is the Monte Carlo EM objective (its gradient estimates ``grad lo
 draws are from the posterior); the second fits the guide to the draws with ``u``, ``eps`` and the
 prior detached (it only moves the guide, which provides the next batch's starting point). One
 optimizer step per batch; the ``transitions`` metric counts every potential evaluation of the chain
-(and ``accept``, the mean acceptance rate of ``short_hmc``).
+and the M-step's programs (and ``accept``, the mean acceptance rate of ``short_hmc``).
+
+Cost, transitions per example and batch (``cost``), with ``draws = warmup_steps + num_samples``:
+
+    short_hmc:  N_sup T (1 + [num_steps > 0] + draws num_steps + m_step_samples)       (exact)
+    hmc, nuts:  N_sup T (1 + draws L + m_step_samples),  L = num_steps (hmc), 2^max_tree_depth (nuts)
+
+(the guide's sample, the potential at it, one potential per leapfrog step, the M-step's draws). For
+Pyro's kernels it is nominal: NUTS is counted at its largest tree and the adaptation adds some.
 
 Short HMC, per example ``b``, with ``s`` the prior's scale of every eps unit at the start (detached; the
 mass matrix is ``diag(s^-2)``, so that a step moves each unit by ``step_size`` of its prior scale):
@@ -41,9 +47,9 @@ from pyro import poutine
 from pyro.infer.mcmc import HMC, MCMC, NUTS
 from pyro.poutine.trace_struct import Trace
 
-from gram_pyro.objectives import Judge, exact_match, gaussian_of, per_token
-from gram_pyro.posteriors.particles import (ParticleObjective, log_density, noise_site, particle_plate, refit_log_prob,
-                                            transitions_per_example)
+from gram_pyro.objectives.base import Judge, exact_match, gaussian_of, per_token
+from gram_pyro.objectives.particles import (ParticleObjective, log_density, noise_site, particle_plate, refit_log_prob,
+                                             transitions_per_example)
 from gram_pyro.tasks.base import Batch
 
 KERNELS = ("nuts", "hmc", "short_hmc")
@@ -150,6 +156,8 @@ def short_hmc(model, guide, batch: Batch, num_samples: int = 1, warmup_steps: in
 
 
 class MonteCarloEM(ParticleObjective):
+    """Monte Carlo EM (module docstring); its particles are the M-step's ``m_step_samples`` draws."""
+
     def __init__(self, kernel: str = "nuts", num_samples: int = 20, warmup_steps: int = 20,
                  m_step_samples: int = 5, step_size: float = 0.1, num_steps: int = 8, max_tree_depth: int = 4,
                  halt_weight: float = 1.0, value_weight: float = 1.0, judge: Judge = exact_match):
@@ -167,6 +175,18 @@ class MonteCarloEM(ParticleObjective):
                                     num_steps=num_steps)
         if kernel in PYRO_KERNELS:
             self.sampler_options.update(kernel=kernel, max_tree_depth=max_tree_depth)
+
+    def cost(self, model) -> int:
+        """The chain's programs and the M-step's ``m_step_samples``, times ``N_sup T`` (module docstring)."""
+        options = self.sampler_options
+        draws = options["warmup_steps"] + options["num_samples"]
+        if self.kernel == "short_hmc":
+            leapfrogs = draws * options["num_steps"]
+            chain = 1 + int(leapfrogs > 0) + leapfrogs
+        else:
+            per_draw = 2 ** options["max_tree_depth"] if self.kernel == "nuts" else options["num_steps"]
+            chain = 1 + draws * per_draw
+        return (chain + self.num_particles) * model.n_sup * model.transitions
 
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
         self.start(model)

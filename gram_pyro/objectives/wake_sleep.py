@@ -11,15 +11,17 @@ Wake: ``eps^(k) ~ q`` drawn *without* a reparameterized path (:class:`DetachedSa
   generative model of one target), then ``-log q_phi(eps | u, y')``.
 
 The phi terms evaluate q with ``u``, ``eps`` and the prior detached
-(:func:`~gram_pyro.posteriors.particles.refit_log_prob`), so their gradient reaches only the guide and
+(:func:`~gram_pyro.objectives.particles.refit_log_prob`), so their gradient reaches only the guide and
 the theta term's only the model, although q is amortized through the model's ``u``. Loss per batch:
 ``wake-theta + insomnia * wake-phi + (1 - insomnia) * sleep-phi`` (``insomnia`` as Pyro's
-``ReweightedWakeSleep``; 1 = wake-phi only), normalized as in :mod:`gram_pyro.objectives`.
+``ReweightedWakeSleep``; 1 = wake-phi only), normalized as in :mod:`gram_pyro.objectives.base`.
 
 ``truncate=True``: per supervision step, particles carrying their own states (as the truncated IWAE);
 sleep-phi then runs one whole prior program at the batch's first update. ``truncate=False``: the whole
 untruncated program, one optimizer step per batch. The weights need q's density of its own samples:
 for an autoregressive flow that is one pass, for the phi terms (recomputed on detached values) ``D``.
+Cost: ``K N_sup T`` transitions per example and batch for the wake particles, ``2 K N_sup T`` with
+``insomnia < 1`` (sleep-phi runs ``K`` whole prior programs).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
-from gram_pyro.objectives import Judge, exact_match, per_token
-from gram_pyro.posteriors.particles import (LogTerms, ParticleObjective, effective_sample_size, fraction, log_mean_exp,
-                                            particle_plate, refit_log_prob, transitions_per_example)
+from gram_pyro.objectives.base import Judge, exact_match, per_token
+from gram_pyro.objectives.particles import (LogTerms, ParticleObjective, effective_sample_size, fraction, log_mean_exp,
+                                             particle_plate, refit_log_prob, transitions_per_example)
 from gram_pyro.tasks.base import IGNORE, Batch
 
 
@@ -48,6 +50,10 @@ class ReweightedWakeSleep(ParticleObjective):
                  halt_weight: float = 1.0, value_weight: float = 1.0, judge: Judge = exact_match):
         super().__init__(num_particles, truncate, halt_weight, value_weight, judge)
         self.insomnia = fraction("insomnia", insomnia)
+
+    def cost(self, model) -> int:
+        """``K N_sup T``, twice that with sleep-phi (``insomnia < 1``)."""
+        return (2 if self.insomnia < 1 else 1) * super().cost(model)
 
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
         self.start(model)

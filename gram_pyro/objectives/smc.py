@@ -19,8 +19,9 @@ differentiated (the FIVO gradient: ancestor indices are constants, gathered stat
 ``truncate=True`` (default): update ``n`` minimizes ``-log sum_k W_{n-1}^(k) a_n^(k)`` (the step's
 increment of ``log Z``), the states and weights are detached between steps, one optimizer step per
 supervision step, as the GRAM surrogate. ``truncate=False``: ``-log Z_N`` of the whole untruncated
-program, one optimizer step per batch. Normalized per supervised target token as everywhere.
-:func:`smc_log_evidence` gives ``log Z_N`` per example without gradient.
+program, one optimizer step per batch. Normalized per supervised target token as everywhere. Cost:
+``K N_sup T`` transitions per example and batch. :func:`gram_pyro.diagnostics.evidence.smc_log_evidence`
+runs the same filter (:meth:`SequentialMonteCarlo.advance`) for ``log Z_N`` per example without gradient.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import math
 import torch
 from pyro.poutine.trace_struct import Trace
 
-from gram_pyro.objectives import Judge, exact_match, per_token
-from gram_pyro.posteriors.particles import (LogTerms, ParticleObjective, effective_sample_size, fraction,
-                                            init_particles, run_step)
+from gram_pyro.objectives.base import Judge, exact_match, per_token
+from gram_pyro.objectives.particles import (LogTerms, ParticleObjective, effective_sample_size, fraction,
+                                             init_particles, run_step)
 from gram_pyro.tasks.base import Batch
 
 
@@ -98,12 +99,3 @@ class SequentialMonteCarlo(ParticleObjective):
         metrics = {"bound": bound, "ess": effective_sample_size(state["log_w"].detach()).mean(), "resampled": resampled}
         return self.finish(-bound, metrics, batch, traces)
 
-
-@torch.no_grad()
-def smc_log_evidence(model, guide, batch: Batch, num_particles: int = 100,
-                     resample_threshold: float = 0.5) -> torch.Tensor:
-    """``log Z_N`` ``[B]`` of one SMC sweep over the whole program (``Z_N`` unbiased for ``p(y | x)``)."""
-    smc = SequentialMonteCarlo(num_particles, resample_threshold, truncate=False)
-    smc.check(model)
-    state: dict = {}
-    return sum(smc.advance(model, guide, batch, state, n, truncate=False)[0] for n in range(model.n_sup))

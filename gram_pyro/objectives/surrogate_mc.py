@@ -1,6 +1,6 @@
 """The truncated GRAM surrogate with a Monte Carlo KL, for guide families without an analytic KL.
 
-For supervision step ``n`` (one optimizer step each, as :class:`gram_pyro.objectives.TruncatedSurrogate`):
+For supervision step ``n`` (one optimizer step each, as :class:`~gram_pyro.objectives.TruncatedSurrogate`):
 
     L_n = -[ log p(y | z_T^(n)) - beta * (log q(eps_T^(n) | u, y) - log p(eps_T^(n) | u)) ] / S
 
@@ -8,17 +8,17 @@ with ``eps_T^(n)`` the single (reparameterized) sample the guide drew at the fin
 the bracket is an unbiased estimate of the analytic surrogate's. Only the final transition pays, as
 there; the model runs with ``truncate=True``. There is no KL balancing: the two gradient paths of a
 sampled KL do not split into "move q" and "move p" the way the analytic KL's do. Normalization as in
-:mod:`gram_pyro.objectives`: divided by the number of supervised target tokens, summed over ``L x D``.
-Use it with the low-rank and flow guides; for Normal guides it estimates what the analytic version
-computes.
+:mod:`gram_pyro.objectives.base`: divided by the number of supervised target tokens, summed over
+``L x D``. Use it with the low-rank and flow guides; for Normal guides it estimates what the analytic
+version computes. Cost: ``N_sup T`` transitions per example and batch (one particle).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gram_pyro.objectives import Judge, exact_match, per_token
-from gram_pyro.posteriors.particles import LogTerms, ParticleObjective
+from gram_pyro.objectives.base import Judge, exact_match, per_token
+from gram_pyro.objectives.particles import LogTerms, ParticleObjective
 from gram_pyro.tasks.base import Batch
 
 

@@ -13,21 +13,22 @@ plain reparameterized IWAE estimator.
 particle carries its own state, step ``n`` weighs only its own sites (``y/n`` and the eps sites of
 step ``n`` that the guide covers), the state is detached between steps, one optimizer step per
 supervision step. ``truncate=False``: one bound of the whole untruncated program (every step's ``y``
-and eps sites), one optimizer step per batch. Normalization as in :mod:`gram_pyro.objectives`: the
-negative bound summed over the batch, divided by the number of supervised target tokens.
+and eps sites), one optimizer step per batch. Normalization as in :mod:`gram_pyro.objectives.base`:
+the negative bound summed over the batch, divided by the number of supervised target tokens. Cost:
+``K N_sup T`` transitions per example and batch, truncated or not.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gram_pyro.objectives import per_token
-from gram_pyro.posteriors.particles import LogTerms, ParticleObjective, effective_sample_size, log_mean_exp
+from gram_pyro.objectives.base import per_token
+from gram_pyro.objectives.particles import LogTerms, ParticleObjective, effective_sample_size, log_mean_exp
 from gram_pyro.tasks.base import Batch
 
 
 class ImportanceWeighted(ParticleObjective):
-    """Options as :class:`~gram_pyro.posteriors.particles.ParticleObjective`: ``num_particles``,
+    """Options as :class:`~gram_pyro.objectives.particles.ParticleObjective`: ``num_particles``,
     ``truncate`` and the head-loss weights."""
 
     def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,125 @@
+"""The paper's truncated GRAM surrogate (docs/paper.md "Training objective").
+
+For supervision step ``n``
+
+    L_n = -[ log p(y | z_T^(n)) - beta * KL_bal(q(eps_T^(n) | u, y) || p(eps_T^(n) | u)) ] / S
+
+with Dreamer-style KL balancing ``KL_bal = a KL(sg(q) || p) + (1 - a) KL(q || sg(p))``
+(value = KL(q || p); ``a`` = ``kl_balance``), ``S`` the number of supervised target tokens and the head
+losses of :mod:`gram_pyro.objectives.base` added. The model runs with ``truncate=True``: gradient flows
+through the final transition only and the state is detached between steps. One optimizer step per
+supervision step (``updates_per_batch = N_sup``); the KL is analytic, so the guide must have one
+(``check``). Two options against the posterior shortcut (``docs/shortcut.md``), both off by default:
+
+* a KL cap (a rate target, as GECO's constraint): ``+ kl_cap_weight * max(0, KL / S - kl_cap)``, so
+  the posterior may carry at most about ``kl_cap`` nats per target token per step before the penalty
+  grows steeply;
+* reconstruction from prior rollouts (the hybrid objective of Sohn et al., 2015): a second chain of
+  supervision steps run with eps drawn from the **prior**, whose decoder is scored against a target,
+  mixed in as ``(1 - prior_weight) * L_n + prior_weight * NLL_prior_n / S``. The target is the batch's
+  (``prior_target=target``; on a task with several solutions per input it asks the prior chain for
+  the average of them) or, with ``prior_target=nearest``, the valid answer of the input that the prior
+  chain's own logits make most likely (``task.nearest_solution``): the prior chain learns to end in
+  *some* solution, the posterior chain keeps every solution reachable. The prior chain joins after
+  ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
+
+Cost: ``N_sup T`` transitions per example and batch; ``2 N_sup T`` once the prior chain has joined
+(``prior_weight > 0``: its own ``T`` transitions per supervision step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, exact_match, head_losses, per_token,
+                                       token_nll)
+from gram_pyro.tasks.base import Batch
+
+PRIOR_TARGETS = ("target", "nearest")
+
+
+class TruncatedSurrogate(Objective):
+    """The paper's truncated, per-supervision-step GRAM objective (module docstring)."""
+
+    def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
+                 kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
+                 prior_start: int = 0, halt_weight: float = 1.0, value_weight: float = 1.0,
+                 judge: Judge = exact_match, nearest: Nearest | None = None):
+        if beta < 0 or not 0 <= kl_balance <= 1:
+            raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
+        if (kl_cap is not None and kl_cap < 0) or kl_cap_weight < 0 or not 0 <= prior_weight <= 1:
+            raise ValueError(f"need kl_cap >= 0 (or null), kl_cap_weight >= 0 and 0 <= prior_weight <= 1, got "
+                             f"kl_cap={kl_cap}, kl_cap_weight={kl_cap_weight}, prior_weight={prior_weight}")
+        if prior_target not in PRIOR_TARGETS:
+            raise ValueError(f"unknown prior_target {prior_target!r}; allowed: {', '.join(PRIOR_TARGETS)}")
+        if prior_target == "nearest" and nearest is None:
+            raise ValueError("prior_target=nearest needs the task's nearest_solution")
+        if isinstance(prior_start, bool) or not isinstance(prior_start, int) or prior_start < 0:
+            raise ValueError(f"prior_start must be a whole number >= 0, got {prior_start!r}")
+        self.beta, self.kl_balance = beta, kl_balance
+        self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
+        self.prior_target, self.nearest, self.prior_start = prior_target, nearest, prior_start
+        self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
+        self.batches = 0  # batches seen, for prior_start (checkpointed)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state.get("batches", 0)
+
+    def updates_per_batch(self, model) -> int:
+        return model.n_sup
+
+    def cost(self, model) -> int:
+        """``N_sup T``, twice that with the prior chain (module docstring; the batches before
+        ``prior_start`` run the posterior chain alone)."""
+        return (2 if self.prior_weight else 1) * model.n_sup * model.transitions
+
+    def check(self, model, guide) -> None:
+        """A one-line ``ValueError`` if the guide's KL has no closed form (the surrogate needs one)."""
+        if not guide.analytic_kl:
+            raise ValueError(f"guide {type(guide).__name__} has no analytic KL: use objective=truncated_mc "
+                             "or a particle scheme (iwae, rws, smc)")
+
+    def kl_penalty(self, kl: torch.Tensor) -> torch.Tensor:
+        """``beta * KL`` plus the cap's ``kl_cap_weight * max(0, KL - kl_cap)`` (``kl`` per target token)."""
+        penalty = self.beta * kl
+        if self.kl_cap is not None:
+            penalty = penalty + self.kl_cap_weight * (kl - self.kl_cap).clamp(min=0)
+        return penalty
+
+    def loss(self, model, guide, batch: Batch, state: dict, update: int) -> tuple[torch.Tensor, dict]:
+        if update == 0:
+            state.clear()
+            model.init(state, batch.x)
+            self.batches += 1
+            if self.prior_weight and self.batches > self.prior_start:
+                state["prior"] = {}
+                model.init(state["prior"], batch.x)
+        n, last = update, model.transitions - 1
+        prior_chain = "prior" in state
+        if prior_chain:  # the prior chain's step n, before the guided one (both are site-named n)
+            prior_logits = model.step(state["prior"], batch.x, truncate=True, puzzle=batch.puzzle)
+            model._step_index = n
+        model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True,
+                                             puzzle=batch.puzzle)
+        observed = model_trace.nodes[f"y/{n}"]
+        log_lik = observed["fn"].log_prob(observed["value"])  # [B], summed over supervised tokens
+        kl = torch.zeros_like(log_lik)
+        for kind in model.noise_sites:
+            site = f"{kind}/{n}/{last}"
+            kl = kl + balanced_kl(guide_trace.nodes[site]["fn"], model_trace.nodes[site]["fn"], self.kl_balance)
+        nll, kl = -per_token(log_lik, batch.y), per_token(kl, batch.y)
+        halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
+        loss = nll + self.kl_penalty(kl)
+        metrics = {"nll": nll, "kl": kl}
+        if prior_chain:
+            target = batch.y if self.prior_target == "target" else self.nearest(batch.x, prior_logits.detach())
+            prior_nll = per_token(token_nll(prior_logits, target), batch.y)
+            loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
+            metrics["prior_nll"] = prior_nll
+        elif self.prior_weight:  # the same columns in every row of metrics.csv; NaN before prior_start
+            metrics["prior_nll"] = torch.full((), float("nan"), device=loss.device)
+        loss = loss + self.halt_weight * halt + self.value_weight * value
+        return loss, {"loss": loss, **metrics, "halt": halt, "value": value, "acc": correct.mean()}
