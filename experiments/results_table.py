@@ -47,10 +47,10 @@ PAPER = {
 
 MODEL_ORDER = ["GRAM", "TRM", "PTRM", "data"]
 METRIC_ORDER = ["accuracy", "exact", "conflicts", "conflicts_total", "coverage", "pass", "vote", "lprm", "halt",
-                "first", "validity", "uniqueness", "grids", "well_formed", "distinct", "inception_score", "fid"]
+                "first", "validity", "uniqueness", "grids", "well_formed", "distinct", "novel", "inception_score", "fid"]
 """Column order; a metric ``<name>@<N>`` sorts as ``<name>``, unlisted metrics last, alphabetically."""
 PERCENT = {"accuracy", "exact", "coverage", "pass", "vote", "lprm", "halt", "first", "validity", "uniqueness",
-           "well_formed", "distinct"}
+           "well_formed", "distinct", "novel"}
 """Metrics shown in percent (``<name>@<N>`` by its name)."""
 DECIMALS = {"conflicts": 2, "conflicts_total": 1, "grids": 0, "inception_score": 2, "fid": 1}
 """Decimals of the metrics not in percent (others: 3); percentages have 1."""

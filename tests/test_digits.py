@@ -171,6 +171,25 @@ def test_distinct_counts_unique_images(task):
     assert task.score("test", torch.arange(10), answers)["distinct"] == pytest.approx(unique / 30)
 
 
+def test_novel_counts_answers_that_are_not_training_images(task):
+    train, test = task.splits["train"].images.long(), task.splits["test"].images.long()
+    fresh = test[~task.is_training_image(test)][:4]
+    answers = torch.cat([train[:4], fresh, torch.zeros(2, 64, dtype=torch.long)])[:, None]  # 2 malformed
+    assert task.is_training_image(answers[:, 0]).tolist() == [True] * 4 + [False] * 6
+    assert task.score("test", torch.arange(1), answers)["novel"] == pytest.approx(4 / 10)
+
+
+def test_nearest_solution_is_the_most_likely_training_image(task):
+    train = task.splits["train"].images.long()
+    logits = torch.randn(3, 64, 3, generator=torch.Generator().manual_seed(0))
+    logits[0] = torch.nn.functional.one_hot(train[17], 3) * 10.0  # a clear vote for image 17
+    nearest = task.nearest_solution(task.splits["train"].inputs[:3], logits)
+    log_p = logits.log_softmax(-1)[:, None].expand(-1, len(train), -1, -1)
+    scores = log_p.gather(-1, train[None, ..., None].expand(3, -1, -1, 1)).squeeze(-1).sum(-1)  # [3, C]
+    assert torch.equal(nearest, train[scores.argmax(-1)])
+    assert torch.equal(nearest[0], train[17])
+
+
 # ---- classifier and scores -------------------------------------------------------------------------
 
 def test_shipped_classifier_is_accurate_on_held_out_digits(task):

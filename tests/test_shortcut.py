@@ -11,7 +11,7 @@ from gram_pyro.reference import supervision_step, surrogate_loss, token_log_like
 from gram_pyro.tasks.base import IGNORE, Batch, most_likely
 from gram_pyro.tasks.coloring import FIRST_COLOUR, ColoringTask, canonicalize
 from gram_pyro.tasks.nqueens import NQueensTask
-from gram_pyro.tasks.sudoku import UnconditionalSudokuTask
+from gram_pyro.tasks.sudoku import SudokuTask, UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
 from guides import PriorGuide
 from tests.conftest import tiny_guide, tiny_model
@@ -167,6 +167,18 @@ def test_nearest_solution_is_the_most_likely_valid_answer(which, tmp_path):
         assert torch.equal(nearest[row], valid[scores.argmax()])
 
 
+def test_nearest_9x9_grid_is_valid_and_keeps_a_grid_the_logits_spell_out(tmp_path, monkeypatch):
+    task = UnconditionalSudokuTask(size=9, num_grids=8, num_test=4, cache_dir=str(tmp_path))
+    grids = task.grids[:4]
+    x = task.splits["test"].inputs[:4]
+    noise = torch.randn(4, 81, task.vocab_size, generator=torch.Generator().manual_seed(0))
+    assert task.judge(x, task.nearest_solution(x, noise)).all()  # logits that favour no valid grid
+    spelled = torch.nn.functional.one_hot(grids, task.vocab_size) * 4.0 + noise  # grid's digit ahead by 4
+    assert torch.equal(task.nearest_solution(x, spelled), grids)
+    monkeypatch.setattr("gram_pyro.tasks.sudoku_solver.MAX_GUIDED_DEAD_ENDS", -1)  # the fallback search
+    assert task.judge(x, task.nearest_solution(x, noise)).all()
+
+
 @pytest.mark.parametrize("permute_colours", [False, True])
 def test_nearest_colouring_is_the_most_likely_proper_one(permute_colours, tmp_path):
     task = ColoringTask(n=5, edge_prob=0.5, num_train=20, num_test=8, permute_colours=permute_colours,
@@ -202,8 +214,8 @@ def test_prior_rollouts_against_the_nearest_solution(tmp_path):
     with pytest.raises(ValueError, match="nearest_solution"):
         TruncatedSurrogate(prior_weight=0.5, prior_target="nearest")
     with pytest.raises(UserError, match="does not enumerate its solutions"):
-        UnconditionalSudokuTask(size=6, num_grids=4, num_test=2, cache_dir=str(tmp_path)).nearest_solution(
-            batch.x, prior_logits)
+        SudokuTask(size=4, num_train=4, num_test=2, extreme_pool=4, num_extreme=1,
+                   cache_dir=str(tmp_path)).nearest_solution(batch.x, prior_logits)
 
 
 def test_prior_rollouts_join_after_prior_start_batches_and_the_count_is_checkpointed(data):

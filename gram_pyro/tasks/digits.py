@@ -20,10 +20,16 @@ row), ``images`` uint8 ``[M, S]`` tokens, ``labels`` LongTensor ``[M]`` (the dig
 without a labels file); ``puzzles`` and ``num_solutions`` are ``None``. Splits are a seeded permutation
 cut at ``test_fraction``; there is no augmentation (a mirrored or rotated digit is not a digit).
 
+The task's set of solutions is the training set: :meth:`BinaryImageTask.nearest_solution` is the
+training image the decoder's logits make most likely (the target of prior rollouts,
+``objective.prior_target=nearest``).
+
 ``score(split, index, answers [N, M, S])`` pools all ``N*M`` answers:
 
 * ``accuracy`` = ``well_formed``: share of answers whose tokens are all OFF/ON (the judge);
 * ``distinct``: distinct well-formed images / all answers;
+* ``novel``: share of answers that are well formed and not a copy of a training image (a generator that
+  only recalls its training set scores 0);
 * ``inception_score`` and ``fid`` (:mod:`gram_pyro.tasks.digits_classifier`) of the well-formed answers
   read as bits; the FID reference is every real image of ``split``.
 
@@ -43,7 +49,7 @@ import numpy as np
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import Batch, Task
+from gram_pyro.tasks.base import Batch, Task, most_likely
 from gram_pyro.tasks.cache import cached
 from gram_pyro.tasks.digits_classifier import NUM_CLASSES, classify, frechet_distance, inception_score
 
@@ -199,6 +205,19 @@ class BinaryImageTask(Task):
     def per_input(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"accuracy": self.judge(self.splits[split].inputs[index], answers).float().mean(0)}
 
+    def is_training_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [K, S]`` -> bool ``[K]``: the row equals some image of the training split."""
+        train = self.splits["train"].images.long()
+        _, inverse = torch.unique(torch.cat([train, tokens.long()]), dim=0, return_inverse=True)
+        seen = torch.zeros(int(inverse.max()) + 1, dtype=torch.bool)
+        seen[inverse[:len(train)]] = True
+        return seen[inverse[len(train):]]
+
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The training image of highest likelihood under ``logits [B, S, V]`` for each row (``x [B, S]``,
+        blank, is not read); returns ``[B, S]`` tokens."""
+        return most_likely(logits, self.splits["train"].images.long())
+
     def reference_features(self, split: str) -> torch.Tensor:
         """Classifier features ``[M, 64]`` of every real image of ``split`` (computed once)."""
         if split not in self._reference_features:
@@ -214,6 +233,7 @@ class BinaryImageTask(Task):
         well_formed = ok.float().mean().item()
         return {"accuracy": well_formed, "well_formed": well_formed,
                 "distinct": len(torch.unique(images, dim=0)) / len(flat),
+                "novel": (ok & ~self.is_training_image(flat)).float().mean().item(),
                 "inception_score": inception_score(probabilities),
                 "fid": frechet_distance(features, self.reference_features(split))}
 

@@ -341,11 +341,18 @@ class UnconditionalSudokuTask(SudokuRules):
         return scores
 
     def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """4x4: the most likely of the 288 grids under ``logits [B, S, V]`` (:func:`most_likely`); larger
-        grids are not enumerated (a one-line error)."""
-        if not self.num_all_grids:
-            return super().nearest_solution(x, logits)
-        return most_likely(logits, self.grids)
+        """A valid grid that ``logits [B, S, V]`` make likely, ``[B, S]`` tokens (``x``, blank, is not
+        read). 4x4: the most likely of the 288 grids (:func:`most_likely`). Larger grids are not
+        enumerated: the greedy completion :func:`sudoku_solver.guided_grid` decides the cells from the
+        most to the least confident (highest digit probability first) and tries each cell's digits from
+        the most likely down, so a grid the logits already spell out is returned as it is."""
+        if self.num_all_grids:
+            return most_likely(logits, self.grids)
+        log_p = logits.detach().float()[..., FIRST_DIGIT:FIRST_DIGIT + self.size].log_softmax(-1).cpu()
+        cell_orders = log_p.amax(-1).argsort(dim=-1, descending=True, stable=True).tolist()  # [B, S]
+        digit_orders = (log_p.argsort(dim=-1, descending=True, stable=True) + 1).tolist()  # [B, S, n] values 1..n
+        grids = [solver.guided_grid(cells, digits, self.size) for cells, digits in zip(cell_orders, digit_orders)]
+        return to_tokens(grids).to(logits.device)
 
     def stats(self) -> dict:
         splits = {name: {"inputs": len(s), "solutions_per_input": None} for name, s in self.splits.items()}

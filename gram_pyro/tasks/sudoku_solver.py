@@ -14,6 +14,9 @@ order for generation) and counts its **dead ends**: branches whose propagation e
 * :func:`find_solutions` lists up to ``limit`` solutions of a puzzle (``limit=2`` tells unique from not).
 * :func:`rating` is the difficulty of a puzzle: the dead ends the fixed deterministic search meets
   before its first solution (Sudoku-Extreme rates puzzles by a solver's backtracks in the same way).
+* :func:`guided_grid` fills the empty grid along a given order of cells and of digits per cell, the
+  same search with the branching order fixed by the caller (the greedy completion a decoder's logits
+  prefer: :meth:`gram_pyro.tasks.sudoku.UnconditionalSudokuTask.nearest_solution`).
 * :func:`random_grid` draws a complete grid by randomized backtracking; :func:`remove_clues` blanks its
   cells in random order, keeping a blank only while the solution stays unique, which leaves a minimal
   puzzle; :func:`generate_puzzles` makes ``count`` distinct puzzles this way, with their solutions and ratings;
@@ -153,6 +156,44 @@ def rating(grid, size: int) -> int:
     if masks is None:
         raise ValueError("the clues conflict")
     return search(masks, geo, 1)[1]
+
+
+MAX_GUIDED_DEAD_ENDS = 200
+"""Dead ends :func:`guided_grid` accepts before it gives up its fixed order for the fewest-candidates one."""
+
+
+def guided_grid(cell_order: list[int], digit_order: list[list[int]], size: int) -> list[int]:
+    """A complete grid by depth-first search from the empty grid that decides the cells in ``cell_order``
+    (cells left with one candidate are skipped) and tries the digits of cell ``c`` in the order
+    ``digit_order[c]`` (values ``1..size``, all of them). After ``MAX_GUIDED_DEAD_ENDS`` dead ends it
+    starts again with :func:`search`'s fixed order (fewest candidates, increasing digits), so it always
+    returns a grid."""
+    geo = geometry(size)
+    dead_ends = 0
+
+    def descend(masks: list[int], position: int) -> list[int] | None:
+        nonlocal dead_ends
+        while position < len(cell_order) and POPCOUNT[masks[cell_order[position]]] == 1:
+            position += 1
+        if position == len(cell_order):
+            return masks
+        cell = cell_order[position]
+        for digit in digit_order[cell]:
+            bit = 1 << (digit - 1)
+            if not masks[cell] & bit:
+                continue
+            child = masks.copy()
+            child[cell] = bit
+            if propagate(child, [cell], geo.peers):
+                found = descend(child, position + 1)
+                if found is not None or dead_ends > MAX_GUIDED_DEAD_ENDS:
+                    return found
+            else:
+                dead_ends += 1
+        return None
+
+    found = descend([geo.full] * (size * size), 0)
+    return masks_to_grid(found if found is not None else search([geo.full] * (size * size), geo, 1)[0][0])
 
 
 def random_grid(size: int, rng: random.Random) -> list[int]:
