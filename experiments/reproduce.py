@@ -41,6 +41,7 @@ checkpoint keeps it across resumed invocations) plus this invocation's evaluatio
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -169,15 +170,25 @@ def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:
 def train_model(name: str, cfg: DictConfig, run_dir: Path) -> float:
     """Train ``cfg`` into ``run_dir``: keep a finished run, resume a stopped one, start afresh where the
     directory holds no checkpoint (the trainer moves what an earlier start left aside). Returns the
-    run's training seconds since its batch 0, as its checkpoint keeps them (0 for checkpoints older than
-    that record)."""
+    run's training seconds since its batch 0 (:func:`training_seconds`)."""
     done = batches_done(run_dir, cfg)
     if done == cfg.trainer.max_batches:
         print(f"{name}: {run_dir} holds the finished run ({done} batches); kept")
     else:
         print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}", flush=True)
         train(cfg, run_dir, resume=done is not None, overwrite=done is None)
-    return float(load_checkpoint(run_dir / "checkpoint.pt").get("seconds", 0.0))
+    return training_seconds(run_dir)
+
+
+def training_seconds(run_dir: Path) -> float:
+    """A run's training seconds since batch 0, as its checkpoint keeps them; for a checkpoint older than
+    that record, the ``seconds`` column of ``metrics.csv``'s last row (0 when there is none)."""
+    seconds = load_checkpoint(run_dir / "checkpoint.pt").get("seconds")
+    if seconds is None and (run_dir / "metrics.csv").is_file():
+        with (run_dir / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        seconds = rows[-1].get("seconds") if rows else None
+    return float(seconds or 0.0)
 
 
 def device_name(device: torch.device) -> str:

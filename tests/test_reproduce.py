@@ -5,8 +5,10 @@ reruns keep or resume its runs, and the page renders the files deterministically
 import json
 
 import pytest
+import torch
 
 from experiments import reproduce, results_table
+from gram_pyro.checkpoint import FORMAT, REQUIRED
 from gram_pyro.config import compose_config, group_options
 
 TINY = ["task.n=6", "task.removals=[2]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
@@ -69,6 +71,16 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
         assert isinstance(metrics["by_solutions"], dict)
     assert results["wall_seconds"] >= sum(results["seconds"]["train"].values()) > 0
     assert (out / "eval" / "PTRM-test" / "metrics.json").is_file()
+
+
+def test_training_seconds_of_a_checkpoint_older_than_its_record_come_from_metrics_csv(tmp_path):
+    old = {"format": FORMAT, **dict.fromkeys(REQUIRED, 0)}  # the entries a checkpoint needs, no seconds
+    torch.save(old, tmp_path / "checkpoint.pt")
+    assert reproduce.training_seconds(tmp_path) == 0.0
+    (tmp_path / "metrics.csv").write_text("batch,seconds,loss\n1,10.5,1.0\n2,21.25,0.9\n")
+    assert reproduce.training_seconds(tmp_path) == 21.25
+    torch.save({**old, "seconds": 30.0}, tmp_path / "checkpoint.pt")
+    assert reproduce.training_seconds(tmp_path) == 30.0
 
 
 def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
