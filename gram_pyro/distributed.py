@@ -79,7 +79,7 @@ def shard(batch: Batch, world: World) -> tuple[Batch, float]:
     if not world.distributed:
         return batch, 1.0
     rows = slice(world.rank, None, world.size)
-    local = Batch(batch.x[rows], batch.y[rows], None if batch.puzzle is None else batch.puzzle[rows])
+    local = batch.rows(rows)
     return local, world.size * local.x.shape[0] / batch.x.shape[0]
 
 

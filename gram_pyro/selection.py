@@ -1,4 +1,4 @@
-"""Picking one answer out of N candidates, and the width metrics of a candidate set.
+"""Picking one answer out of N candidates.
 
 Candidates are ``answers [N, B, S]`` (N trajectories for each of B inputs) with the LPRM ``value [N, B]``
 and ``halt_logit [N, B]`` of each (the fields of :class:`gram_pyro.inference.Trajectories`). Every
@@ -17,9 +17,9 @@ where ``index`` is the chosen trajectory of each input; ties are broken determin
   are those survivors (``gram-pyro eval select=smc`` draws them instead of independent trajectories).
 
 :data:`SELECTORS` maps the names ``vote``, ``lprm``, ``halt``, ``first``, ``smc`` to them; :func:`select`
-looks one up by name. Width metrics per input: :func:`oracle_pass_at_n` (some candidate is correct) and
-:func:`coverage_at_n` (distinct valid solutions found / valid solutions there are), from the integer
-ids of the matched solutions that a task assigns (``-1`` for an invalid answer).
+looks one up by name. The width of a candidate set is measured by the task: coverage@N from per-answer
+solution ids (:func:`gram_pyro.tasks.base.coverage_at_n`), and pass@N (some candidate correct) in
+:func:`gram_pyro.evaluation.evaluate_run`.
 """
 
 from __future__ import annotations
@@ -114,16 +114,3 @@ def select(name: str, answers: torch.Tensor, value: torch.Tensor | None = None,
         return majority_vote(answers, memory_budget_mb=memory_budget_mb)
     return SELECTORS[name](answers, value, halt_logit)
 
-
-def oracle_pass_at_n(correct: torch.Tensor) -> torch.Tensor:
-    """``[B]`` float: 1 where at least one of the ``N`` candidates is correct (``correct [N, B]`` bool)."""
-    return correct.any(0).float()
-
-
-def coverage_at_n(answer_ids: torch.Tensor, num_solutions: torch.Tensor) -> torch.Tensor:
-    """``[B]`` float: the number of distinct non-negative ids among ``answer_ids [N, B]`` (the matched
-    valid solution of each candidate, ``-1`` for an invalid one) over ``num_solutions [B]``."""
-    ids = answer_ids.sort(0).values
-    new = torch.ones_like(ids, dtype=torch.bool)
-    new[1:] = ids[1:] != ids[:-1]
-    return ((ids >= 0) & new).sum(0) / num_solutions

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 
 from gram_pyro.config import UserError
 from gram_pyro.tasks import arc
-from gram_pyro.tasks.base import IGNORE
-from gram_pyro.tasks.arc import (
+from gram_pyro.tasks.arc import ArcTask, vote
+from gram_pyro.tasks.arc_grids import (
     DIHEDRAL_NAMES,
     EOS,
+    INVERSE_DIHEDRAL,
     PAD,
-    ArcTask,
     canonical,
     decode,
     encode,
@@ -26,8 +26,8 @@ from gram_pyro.tasks.arc import (
     inverse_transform_canvas,
     random_augmentation,
     transform_canvas,
-    vote,
 )
+from gram_pyro.tasks.base import IGNORE
 
 # The reference transforms, on grids, with numpy: what each dihedral id means.
 NUMPY_DIHEDRAL = {
@@ -136,7 +136,7 @@ def test_dihedral_transforms_are_distinct_and_inverses_undo_them():
     out = transform_canvas(canvas, torch.arange(8), identity_palette(8))
     assert len({tuple(row) for row in out.tolist()}) == 8
     for d in range(8):
-        inverse = int(arc.INVERSE_DIHEDRAL[d])
+        inverse = int(INVERSE_DIHEDRAL[d])
         again = transform_canvas(out[d:d + 1], torch.tensor([inverse]), identity_palette(1))
         assert torch.equal(again[0], canvas[0]), DIHEDRAL_NAMES[d]
 
@@ -265,6 +265,6 @@ def test_config_files_build_the_task(name, cache):
                                           ({"eval_augmentations": 0}, "eval_augmentations"),
                                           ({"max_tasks": 0}, "max_tasks")])
 def test_bad_config_is_a_one_line_user_error(kwargs, field, cache):
-    with pytest.raises(UserError, match=field) as error:
+    with pytest.raises(UserError, match=rf"^arc: {field} must be ") as error:
         ArcTask(cache_dir=cache, **kwargs)
     assert "\n" not in str(error.value)

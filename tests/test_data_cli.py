@@ -20,6 +20,6 @@ def test_data_without_stats_or_with_a_bad_value_is_one_line(capsys):
     assert main(["data", "stats", "task=mnist"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["gram-pyro: error: usage: gram-pyro data stats task=<name> [key=value ...]",
-                     "gram-pyro: error: bad task config: n must be an integer in 4..12, got 3",
+                     "gram-pyro: error: nqueens: n must be an integer in 4..12, got 3",
                      "gram-pyro: error: missing required value task.images: set it on the command line, "
                      "e.g. task.images=<value>"]

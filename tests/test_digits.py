@@ -110,7 +110,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, capsys):
                                         ({"threshold": 4.5}, "threshold"), ({"test_fraction": 0.0}, "test_fraction"),
                                         ({"test_fraction": 1.0}, "test_fraction")])
 def test_bad_config_is_a_one_line_error_naming_the_key(tmp_path, kwargs, key):
-    with pytest.raises(UserError, match=rf"^task\.{key}") as error:
+    with pytest.raises(UserError, match=rf"^digits: {key} must be ") as error:
         DigitsTask(cache_dir=str(tmp_path), **kwargs)
     assert "\n" not in str(error.value)
 
@@ -334,7 +334,7 @@ def test_mnist_task_scores_and_keeps_labels(tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("no images", "needs task.images"),
-    ("resolution", "task.resolution must be 14 or 28"),
+    ("resolution", "mnist: resolution must be 14 or 28"),
     ("label count", "expected 40 ubyte labels"),
     ("image shape", "expected ubyte images"),
     ("missing file", "cannot read IDX file"),

@@ -16,12 +16,13 @@ from gram_pyro.tasks.nqueens import (
     all_solutions,
     boards_from_columns,
     build_nqueens,
-    coverage,
     dihedral_permutations,
     format_answer,
     is_valid_completion,
     read_boards,
+    solution_ids,
 )
+from gram_pyro.tasks.base import coverage_at_n
 
 N = 8
 SOLUTIONS_8 = all_solutions(N)
@@ -163,11 +164,13 @@ def test_coverage_counts_distinct_valid_completions_only():
             torch.stack([solutions[5], solutions[7]]),
         ]
     )
-    cov = coverage(completions, num, solutions, answers)
+    ids = solution_ids(completions, solutions, answers)
+    assert ids.tolist() == [[3, -1], [3, -1], [5, 7]]
+    cov = coverage_at_n(ids, num)
     assert torch.allclose(cov, torch.tensor([2 / 3, 1.0]))
     superset = solutions[3].clone()
     superset[superset == EMPTY] = QUEEN
-    cov = coverage(completions, num, solutions, superset.expand(1, 2, -1))
+    cov = coverage_at_n(solution_ids(completions, solutions, superset.expand(1, 2, -1)), num)
     assert torch.equal(cov, torch.zeros(2))
 
 
@@ -183,7 +186,7 @@ def test_coverage_counts_distinct_valid_completions_only():
     ],
 )
 def test_build_rejects_bad_arguments_naming_them(kwargs, arg):
-    with pytest.raises(ValueError, match=rf"^{arg} "):
+    with pytest.raises(UserError, match=rf"^nqueens: {arg} must be "):
         build_nqueens(**kwargs)
 
 

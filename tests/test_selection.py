@@ -1,4 +1,4 @@
-"""Selection rules (vote, LPRM, halt, first) and width metrics on hand-made candidates."""
+"""Selection rules (vote, LPRM, halt, first) on hand-made candidates."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gram_pyro.config import UserError
-from gram_pyro.selection import (SELECTORS, VOTE_BYTES, coverage_at_n, first, halt_best, lprm_best,
-                                 majority_vote, oracle_pass_at_n, select, vote_inputs_per_block)
+from gram_pyro.selection import (SELECTORS, VOTE_BYTES, first, halt_best, lprm_best, majority_vote, select,
+                                 vote_inputs_per_block)
 
 A, B, C = [1, 2, 2], [2, 1, 2], [2, 2, 1]
 
@@ -64,17 +64,6 @@ def test_bad_selector_name_and_missing_scores_are_errors():
         lprm_best(candidates([A]))
 
 
-def test_oracle_pass_at_n_is_any_correct():
-    correct = torch.tensor([[False, True, False], [False, False, False], [True, True, False]])
-    assert oracle_pass_at_n(correct).tolist() == [1.0, 1.0, 0.0]
-
-
-def test_coverage_counts_distinct_valid_solution_ids():
-    ids = torch.tensor([[3, -1, 0], [3, -1, 1], [5, -1, 2], [-1, -1, 1]])
-    coverage = coverage_at_n(ids, torch.tensor([4, 2, 3]))
-    assert coverage.tolist() == [0.5, 0.0, 1.0]
-
-
 @settings(max_examples=50, deadline=None)
 @given(st.data())
 def test_vote_matches_a_counting_reference(data):
@@ -106,12 +95,3 @@ def test_the_vote_counts_as_many_inputs_at_once_as_its_budget_holds():
     assert vote_inputs_per_block(answers, 3 * per_input / 2**20) == 3
     assert vote_inputs_per_block(answers, 1e-9) == 1 and vote_inputs_per_block(answers, None) == 6
     assert torch.equal(select("vote", answers, memory_budget_mb=1e-9)[1], majority_vote(answers)[1])
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.integers(-1, 4), min_size=3, max_size=3), min_size=1, max_size=8))
-def test_coverage_matches_a_set_reference(rows):
-    ids = torch.tensor(rows)
-    num_solutions = torch.tensor([5, 6, 7])
-    expected = [len({r[c] for r in rows} - {-1}) / num_solutions[c].item() for c in range(3)]
-    assert coverage_at_n(ids, num_solutions).tolist() == pytest.approx(expected)

@@ -323,14 +323,19 @@ def test_cache_is_reused_and_a_corrupt_file_rebuilt(tmp_path, monkeypatch):
     "cls,kwargs,message",
     [
         (SudokuTask, {"size": 5}, "size"),
+        (SudokuTask, {"num_train": 0}, "num_train"),
         (SudokuTask, {"num_extreme": 3, "extreme_pool": 2}, "num_extreme"),
         (SudokuTask, {"test_fraction": 1.0}, "test_fraction"),
+        (UnconditionalSudokuTask, {"size": 4.0}, "size"),
         (UnconditionalSudokuTask, {"train_fraction": 0.0}, "train_fraction"),
+        (UnconditionalSudokuTask, {"num_test": 0}, "num_test"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, cls, kwargs, message):
-    with pytest.raises(ValueError, match=rf"^{message}"):
+    family = "sudoku" if cls is SudokuTask else "uncond_sudoku"
+    with pytest.raises(UserError, match=rf"^{family}: {message} must be ") as error:
         cls(cache_dir=str(tmp_path), **kwargs)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["sudoku", "sudoku4", "sudoku6", "uncond_sudoku", "uncond_sudoku4"])

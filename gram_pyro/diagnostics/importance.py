@@ -125,7 +125,7 @@ def guide_particles(model, guide, batch: Batch, num_particles: int, directions: 
     rows_of_chunks, kl_unit_sum = [], 0
     for row in range(0, inputs, inputs_per_chunk):
         rows = slice(row, row + inputs_per_chunk)
-        part = Batch(batch.x[rows], batch.y[rows], None if batch.puzzle is None else batch.puzzle[rows])
+        part = batch.rows(rows)
         chunks = []
         for first in range(0, num_particles, per_chunk):
             traces = run_program(model, guide, part, min(per_chunk, num_particles - first))

@@ -174,7 +174,7 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
     elif options.mcmc_chains:
         with timer.part("mcmc"), torch.enable_grad():
             rows = slice(0, options.mcmc_inputs)
-            few = Batch(batch.x[rows], batch.y[rows], None if batch.puzzle is None else batch.puzzle[rows])
+            few = batch.rows(rows)
             results["mcmc"] = mcmc_diagnostics(model, guide, few, directions, options.mcmc_chains, options.mcmc_samples,
                                                options.mcmc_warmup, input_labels=index[rows].tolist())
     if len(options.checkpoints) >= 2:

@@ -26,7 +26,13 @@ A split holds ``inputs`` (LongTensor ``[M, S]``), ``puzzles`` (LongTensor ``[M]`
 ``num_solutions`` (LongTensor ``[M]``, or ``None`` where it is not a per-input count: one answer per
 input, or every target a solution of every input as in unconditional generation) and
 ``batch(index [B], generator) -> Batch``, which draws the training target (a random valid answer where
-there are several) and applies the task's augmentation per access.
+there are several, :func:`random_slot`) and applies the task's augmentation per access.
+
+What tasks share lives here: :func:`check_arguments` (a bad constructor argument is a one-line
+:class:`UserError` naming the key and what is allowed; :func:`an_integer` and :func:`a_fraction` are its
+common checks), :func:`random_slot` (which of an input's valid
+targets a training access uses), :func:`coverage_at_n` (coverage@N from per-answer solution ids) and
+:meth:`Batch.rows`.
 
 User data files (``task.source=<file>`` for training, ``gram-pyro solve`` for answering) are read line
 by line with :func:`data_lines`; a malformed line raises :func:`data_error` naming the file and line.
@@ -68,6 +74,11 @@ class Batch:
 
         return Batch(move(self.x), move(self.y), move(self.puzzle))
 
+    def rows(self, rows) -> "Batch":
+        """The batch of the rows ``rows`` (a slice or an index tensor) of ``x``, ``y``
+        and ``puzzle``: ``[B', S]``, ``[B', S]``, ``[B']`` (``None`` stays ``None``)."""
+        return Batch(self.x[rows], self.y[rows], None if self.puzzle is None else self.puzzle[rows])
+
 
 class Task:
     """Base class with the defaults of the interface above; subclasses set the attributes and
@@ -103,6 +114,49 @@ class Task:
         raise UserError(f"task {self.name} has no user answer format")
 
 
+def check_arguments(task: str, checks: dict[str, tuple[object, bool, str]]) -> None:
+    """Raise the one-line :class:`UserError` ``<task>: <key> must be <allowed>, got <value!r>`` for the
+    first ``key`` of ``checks`` (``key -> (value, ok, allowed)``) whose ``ok`` is false. The ``ok``
+    flags are evaluated by the caller, so a check that compares with another argument goes in a later
+    call, after that argument's own check."""
+    for key, (value, ok, allowed) in checks.items():
+        if not ok:
+            raise UserError(f"{task}: {key} must be {allowed}, got {value!r}")
+
+
+def an_integer(value, low: int, high: int | None = None) -> tuple[object, bool, str]:
+    """The check of :func:`check_arguments` that ``value`` is an integer in ``low..high`` (``high=None``:
+    ``>= low``)."""
+    ok = is_int(value) and low <= value and (high is None or value <= high)
+    return value, ok, f"an integer {f'>= {low}' if high is None else f'in {low}..{high}'}"
+
+
+def a_fraction(value, one: bool = False) -> tuple[object, bool, str]:
+    """The check of :func:`check_arguments` that ``value`` is a number in ``(0, 1)``, or ``(0, 1]`` where
+    ``one``."""
+    ok = is_number(value) and 0 < value and (value <= 1 if one else value < 1)
+    return value, ok, f"a number in (0, 1{']' if one else ')'}"
+
+
+def random_slot(counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """LongTensor ``[B]``: for each row a uniformly random index in ``0 .. counts[b] - 1`` (which of
+    its ``counts [B]`` valid targets, ``counts >= 1``), from exactly one draw of ``generator``:
+    ``torch.rand(B)``, scaled and floored (clamped below ``counts`` against rounding)."""
+    return torch.minimum((torch.rand(counts.shape, generator=generator) * counts).long(), counts - 1)
+
+
+def coverage_at_n(solution_ids: torch.Tensor, num_solutions: torch.Tensor) -> torch.Tensor:
+    """Coverage@N per input, float ``[M]``: the distinct non-negative ids among ``solution_ids [N, M]``
+    (for each of an input's ``N`` answers, which of that input's valid solutions it is, in any
+    numbering that gives equal solutions equal ids; ``-1`` for an invalid answer) over
+    ``num_solutions [M]``, the number of valid solutions of each input. The division follows torch's
+    type promotion: the default float dtype for integer ``num_solutions``, float64 for float64."""
+    ids = solution_ids.sort(0).values
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[1:] = ids[1:] != ids[:-1]
+    return ((ids >= 0) & new).sum(0) / num_solutions
+
+
 def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
     """``num_inputs`` distinct rows of a split of ``size`` drawn with ``seed``, sorted (splits are stored
     sorted, so a prefix would be a biased sample)."""
@@ -136,6 +190,11 @@ def is_int(value) -> bool:
     """Whether ``value`` (parsed from a data file or a config) is an integer: not a bool, not a float
     such as ``8.0`` or ``0.7`` (truncating one would silently change the puzzle)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number (an integer or a float, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def data_lines(path: str | Path) -> Iterator[tuple[int, str]]:

@@ -11,9 +11,11 @@ cache entry is two files named by a hash of ``(name, version, params)``:
 
 A changed config or generator version is a different hash and so a new build. A file that cannot be
 read, or whose metadata names another task, version or parameters (a foreign file), is reported on one
-line on stderr and rebuilt; it is never silently reused and never crashes the run. Both files are
-written to temporary names and renamed, so an interrupted build leaves no half-written entry; they are
-readable by all who may read the cache directory (:mod:`gram_pyro.files`).
+line on stderr and rebuilt; it is never silently reused and never crashes the run. Each file is
+written whole (:func:`gram_pyro.files.write_whole`: a temporary name, then a rename), the arrays before
+the metadata, so an interrupted build leaves no half-written file and at most arrays without their
+metadata, which the next read reports and rebuilds; they are readable by all who may read the cache
+directory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from gram_pyro.files import temporary_beside
+from gram_pyro.files import write_whole
 
 DEFAULT_CACHE_DIR = "~/.cache/gram-pyro"
 """Used when a task's ``cache_dir`` is empty; ``GRAM_PYRO_CACHE`` overrides it."""
@@ -64,19 +66,18 @@ def _read(npz: Path, meta_file: Path, name: str, params: dict, version: int) -> 
 
 
 def _write(npz: Path, meta_file: Path, arrays: Arrays, record: dict) -> None:
-    """Write both files under temporary names of this call's own, then rename them into place: processes
-    that build the same entry at once (parallel runs on a fresh machine) each rename a whole file."""
+    """Write the arrays, then the metadata, each under a temporary name of this call's own renamed into
+    place (:func:`gram_pyro.files.write_whole`): processes that build the same entry at once (parallel
+    runs on a fresh machine) each rename a whole file."""
     npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp_npz, tmp_meta = (temporary_beside(path) for path in (npz, meta_file))
-    try:
-        with open(tmp_npz, "wb") as handle:
+
+    def save_arrays(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
-        tmp_meta.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-        os.replace(tmp_npz, npz)
-        os.replace(tmp_meta, meta_file)
-    finally:
-        for leftover in (tmp_npz, tmp_meta):
-            leftover.unlink(missing_ok=True)
+
+    write_whole(npz, save_arrays)
+    write_whole(meta_file, lambda temporary: temporary.write_text(json.dumps(record, indent=1, sort_keys=True,
+                                                                             default=str)))
 
 
 def cached(name: str, params: dict, version: int, build: Callable[[], tuple[Arrays, dict]],

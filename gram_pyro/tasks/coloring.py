@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import (IGNORE, Batch, Task, data_error, data_lines, is_int, most_likely,
-                                  solutions_histogram)
+from gram_pyro.tasks.base import (IGNORE, Batch, Task, a_fraction, an_integer, check_arguments, coverage_at_n,
+                                  data_error, data_lines, is_int, most_likely, random_slot, solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 NO_EDGE, EDGE, FIRST_COLOUR = 1, 2, 3
@@ -168,15 +168,13 @@ def is_proper_colouring(x: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return is_colour & (count_conflicts(x, answer) == 0)
 
 
-def count_distinct_colourings(answers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Long ``[M]``: distinct colourings, up to colour permutation, among the valid answers of each input
-    (``answers [N, M, S]``, ``valid`` bool ``[N, M]``)."""
+def colouring_ids(answers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Long ``[N, M]``: the canonical code (:func:`colouring_codes`) of each valid answer, equal for
+    colourings equal up to colour permutation, -1 for an invalid one (``answers [N, M, S]``, ``valid``
+    bool ``[N, M]``): the ids of :func:`coverage_at_n`."""
     n = nodes_of(answers.shape[-1])
     colours = (answers[..., -n:] - FIRST_COLOUR).clamp(0, NUM_COLOURS - 1)
-    codes = torch.where(valid, colouring_codes(colours), -1).sort(0).values
-    new = codes >= 0
-    new[1:] &= codes[1:] != codes[:-1]
-    return new.sum(0)
+    return torch.where(valid, colouring_codes(colours), -1)
 
 
 def first_occurrences(rows: torch.Tensor) -> torch.Tensor:
@@ -305,8 +303,7 @@ class ColoringSplit:
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
         """``x = inputs[index]``; ``y``: a uniformly random canonical colouring of each graph, its colour
         ids permuted at random when ``permute_colours``, ``IGNORE`` on the triangle positions."""
-        counts = self.num_solutions[index]
-        slot = torch.minimum((torch.rand(counts.shape, generator=generator) * counts).long(), counts - 1)
+        slot = random_slot(self.num_solutions[index], generator)
         colours = self.colourings[self.solution_ids[self.solution_starts[index] + slot]]
         if self.permute_colours:
             permutation = torch.rand(len(index), NUM_COLOURS, generator=generator).argsort(-1)
@@ -332,15 +329,9 @@ class ColoringTask(Task):
     def __init__(self, n: int = 8, edge_prob: float = 0.35, num_train: int = 7002, num_test: int = 255,
                  permute_colours: bool = True, source: str | None = None, test_fraction: float = 0.15,
                  cache_dir: str | None = None, seed: int = 0):
-        is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        checks = {"n": (n, is_int(n) and 4 <= n <= 12, "an integer in 4..12"),
-                  "edge_prob": (edge_prob, is_number(edge_prob) and 0 < edge_prob <= 1, "in (0, 1]"),
-                  "num_train": (num_train, is_int(num_train) and num_train >= 1, "an integer >= 1"),
-                  "num_test": (num_test, is_int(num_test) and num_test >= 1, "an integer >= 1"),
-                  "test_fraction": (test_fraction, is_number(test_fraction) and 0 < test_fraction < 1, "in (0, 1)")}
-        for key, (value, ok, allowed) in checks.items():
-            if not ok:
-                raise UserError(f"coloring: {key} must be {allowed}, got {value!r}")
+        check_arguments(self.name, {"n": an_integer(n, 4, 12), "edge_prob": a_fraction(edge_prob, one=True),
+                                    "num_train": an_integer(num_train, 1), "num_test": an_integer(num_test, 1),
+                                    "test_fraction": a_fraction(test_fraction)})
         self.n, self.seq_len, self.source = n, sequence_length(n), source
         self.edge_prob = None if source else edge_prob
         colourings = canonical_colourings(n)
@@ -396,7 +387,7 @@ class ColoringTask(Task):
         valid = is_proper_colouring(x, answers)
         return {"accuracy": valid.float().mean(0),
                 "conflicts": count_conflicts(x, answers).float().mean(0),
-                "coverage": count_distinct_colourings(answers, valid) / data.num_solutions[index]}
+                "coverage": coverage_at_n(colouring_ids(answers, valid), data.num_solutions[index])}
 
     def score(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, float]:
         """Means of :meth:`per_input` and ``conflicts_total``: the sum over inputs of mean conflicts."""

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import Batch, Task, most_likely
+from gram_pyro.tasks.base import Batch, Task, a_fraction, an_integer, check_arguments, is_int, most_likely
 from gram_pyro.tasks.cache import cached
 from gram_pyro.tasks.digits_classifier import NUM_CLASSES, classify, frechet_distance, inception_score
 
@@ -124,9 +124,8 @@ def mnist_bits(pixels: np.ndarray, resolution: int) -> np.ndarray:
 def split_arrays(bits: np.ndarray, labels: np.ndarray | None, test_fraction: float, seed: int) -> dict:
     """``{"train_images", "test_images"}`` uint8 bit arrays (plus ``"train_labels"``, ``"test_labels"``
     when ``labels`` is given): a permutation seeded by ``seed`` cut at ``test_fraction``, each split in
-    original order."""
-    if not 0 < test_fraction < 1:
-        raise UserError(f"task.test_fraction must be in (0, 1), got {test_fraction}")
+    original order. ``test_fraction`` in (0, 1) (the tasks check it); one that leaves a split empty is a
+    one-line :class:`UserError`."""
     n_test = round(test_fraction * len(bits))
     if not 0 < n_test < len(bits):
         raise UserError(f"task.test_fraction={test_fraction} leaves a split empty for {len(bits)} images")
@@ -140,9 +139,8 @@ def split_arrays(bits: np.ndarray, labels: np.ndarray | None, test_fraction: flo
 
 
 def digits_arrays(threshold: int, test_fraction: float, seed: int) -> dict:
-    """The binarized scikit-learn digits split by :func:`split_arrays` (no cache)."""
-    if not (isinstance(threshold, int) and 0 <= threshold < 16):
-        raise UserError(f"task.threshold must be an integer in 0..15 (ON when value > threshold), got {threshold!r}")
+    """The binarized scikit-learn digits split by :func:`split_arrays` (no cache); ``threshold`` in 0..15
+    (:class:`DigitsTask` checks it)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -252,6 +250,8 @@ class DigitsTask(BinaryImageTask):
 
     def __init__(self, threshold: int = 8, test_fraction: float = 0.15, seed: int = 0,
                  cache_dir: str | None = None):
+        check_arguments(self.name, {"threshold": an_integer(threshold, 0, 15),  # ON when value > threshold
+                                    "test_fraction": a_fraction(test_fraction)})
         self.threshold = threshold
         params = {"threshold": threshold, "test_fraction": test_fraction, "seed": seed}
         arrays, _ = cached("digits", params, GENERATOR_VERSION,
@@ -295,8 +295,9 @@ class MnistTask(BinaryImageTask):
         if not images:
             raise UserError("the mnist task needs task.images=<path to an IDX images file, e.g. "
                             "train-images-idx3-ubyte.gz>")
-        if resolution not in (MNIST_SIDE // 2, MNIST_SIDE):
-            raise UserError(f"task.resolution must be 14 or 28, got {resolution!r}")
+        check_arguments(self.name, {
+            "resolution": (resolution, is_int(resolution) and resolution in (MNIST_SIDE // 2, MNIST_SIDE), "14 or 28"),
+            "test_fraction": a_fraction(test_fraction)})
         self.side = resolution
         params = {"images": _file_identity(images), "labels": None if labels is None else _file_identity(labels),
                   "resolution": resolution, "test_fraction": test_fraction, "seed": seed}

@@ -23,7 +23,8 @@ from itertools import combinations
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, is_int, most_likely, solutions_histogram
+from gram_pyro.tasks.base import (Batch, Task, a_fraction, an_integer, check_arguments, coverage_at_n, data_error,
+                                  data_lines, is_int, most_likely, random_slot, solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 EMPTY, QUEEN = 1, 2
@@ -106,12 +107,8 @@ class NQueensSplit:
         or the row's fixed original board, both under one random dihedral symmetry per row when
         ``augment``; all randomness from ``generator``."""
         counts = self.num_completions[index]
-        u = torch.rand(counts.shape, generator=generator)
-        if self.target == "random":
-            slot = torch.minimum((u * counts).long(), counts - 1)
-            choice = self.completions[index, slot]
-        else:
-            choice = self.original[index]
+        slot = random_slot(counts, generator)  # drawn for either target: one generator sequence for both
+        choice = self.completions[index, slot] if self.target == "random" else self.original[index]
         x, y = self.inputs[index], self.solutions[choice]
         if self.augment:
             symmetry = torch.randint(8, counts.shape, generator=generator)
@@ -143,16 +140,13 @@ def _completion_table(inputs: torch.Tensor, solutions: torch.Tensor, chunk: int 
 
 def _check_args(n: int, removals, test_fraction: float) -> tuple[int, ...] | None:
     """The removal set as a tuple (``None`` stays ``None``: no removals to check, the boards come from a
-    file); a bad argument raises ``ValueError`` naming it."""
-    if not (is_int(n) and 4 <= n <= 12):
-        raise ValueError(f"n must be an integer in 4..12, got {n!r}")
+    file); a bad argument is a :class:`UserError` naming it (:func:`check_arguments`)."""
+    check_arguments("nqueens", {"n": an_integer(n, 4, 12)})
     if removals is not None:
         removals = tuple(removals)
-        if not removals or any(not (is_int(k) and 1 <= k <= n) for k in removals):
-            raise ValueError(f"removals must be a non-empty set of integers k in 1..{n}, got {removals}")
-    if not (isinstance(test_fraction, (int, float)) and not isinstance(test_fraction, bool)
-            and 0 < test_fraction < 1):
-        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+        ok = bool(removals) and all(is_int(k) and 1 <= k <= n for k in removals)
+        check_arguments("nqueens", {"removals": (removals, ok, f"a non-empty set of integers k in 1..{n}")})
+    check_arguments("nqueens", {"test_fraction": a_fraction(test_fraction)})
     return removals
 
 
@@ -176,8 +170,7 @@ def _split(n: int, inputs: torch.Tensor, solutions: torch.Tensor, test_fraction:
     table, counts = _completion_table(inputs, solutions)
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(inputs), generator=generator)
-    pick = torch.minimum((torch.rand(len(inputs), generator=generator) * counts).long(), counts - 1)
-    original = table[torch.arange(len(inputs)), pick]
+    original = table[torch.arange(len(inputs)), random_slot(counts, generator)]
     n_test = round(test_fraction * len(inputs))
     splits = {}
     for name, idx in (("train", perm[n_test:]), ("test", perm[:n_test])):
@@ -220,13 +213,11 @@ def is_valid_completion(x: torch.Tensor, answer: torch.Tensor, n: int) -> torch.
     return legal & rows_ok & cols_ok & diags_ok & keeps_input
 
 
-def coverage(
-    x_completions: torch.Tensor, num_completions: torch.Tensor, solutions: torch.Tensor, answers: torch.Tensor
-) -> torch.Tensor:
-    """Float ``[M]``: distinct completions of input m among its N answers (``answers [N, M, n*n]``), over ``num_completions[m]``.
+def solution_ids(x_completions: torch.Tensor, solutions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Long ``[N, M]``: for each answer (``answers [N, M, n*n]``) the index into ``solutions [S, n*n]``
+    of the solution it equals when that solution is one of its input's completions (``x_completions
+    [M, C_max]``, -1 padded indices into ``solutions``), else -1: the ids of :func:`coverage_at_n`.
 
-    An answer counts only if it equals one of that input's completions
-    (``x_completions [M, C_max]``, -1 padded indices into ``solutions [S, n*n]``).
     Each answer is matched to a solution by queen overlap: it equals solution s
     iff all its tokens are EMPTY/QUEEN and its queen set equals that of s.
     """
@@ -236,8 +227,8 @@ def coverage(
     legal = ((answers == EMPTY) | (answers == QUEEN)).all(-1, keepdim=True)
     same = legal & (overlap == q.sum(-1, keepdim=True)) & (overlap == sol_q.sum(-1))
     matched = torch.where(same.any(-1), same.float().argmax(-1), -1)
-    found = (matched[..., None] == x_completions).any(0) & (x_completions >= 0)
-    return found.sum(-1) / num_completions
+    completes = ((matched[..., None] == x_completions) & (x_completions >= 0)).any(-1)
+    return torch.where(completes, matched, -1)
 
 
 BOARD_FORMAT = 'expected {"n": <int>, "queens": [[row, col], ...]}'
@@ -316,8 +307,7 @@ class NQueensTask(Task):
     def __init__(self, n: int = 8, removals=(5, 6, 7), test_fraction: float = 0.15, seed: int = 0,
                  target: str = "random", augment: bool = False, source: str | None = None,
                  cache_dir: str | None = None):
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        check_arguments(self.name, {"target": (target, target in TARGETS, f"one of {', '.join(TARGETS)}")})
         removals = _check_args(n, None if source else removals, test_fraction)
         self.n, self.vocab_size, self.seq_len = n, VOCAB_SIZE, n * n
         solutions = boards_from_columns(all_solutions(n), n)
@@ -353,8 +343,8 @@ class NQueensTask(Task):
     def per_input(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
         data = self.splits[split]
         valid = self.judge(data.inputs[index], answers)
-        covered = coverage(data.completions[index], data.num_completions[index], data.solutions, answers)
-        return {"accuracy": valid.float().mean(0), "coverage": covered}
+        ids = solution_ids(data.completions[index], data.solutions, answers)
+        return {"accuracy": valid.float().mean(0), "coverage": coverage_at_n(ids, data.num_completions[index])}
 
     def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Among all n-queens solutions holding every queen of ``x [B, S]``, the most likely under

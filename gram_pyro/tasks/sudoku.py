@@ -36,7 +36,8 @@ import torch
 
 from gram_pyro.config import UserError
 from gram_pyro.tasks import sudoku_solver as solver
-from gram_pyro.tasks.base import Batch, Task, data_error, data_lines, most_likely, solutions_histogram
+from gram_pyro.tasks.base import (Batch, Task, a_fraction, an_integer, check_arguments, coverage_at_n, data_error,
+                                  data_lines, is_int, most_likely, random_slot, solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 PAD, BLANK, FIRST_DIGIT = 0, 1, 2
@@ -121,8 +122,7 @@ class SudokuSplit:
 
     def batch(self, index: torch.Tensor, generator: torch.Generator) -> Batch:
         """``x = inputs[index]``, ``y`` a uniformly drawn target of each, both augmented alike."""
-        counts = self.target_counts[index]
-        slot = (torch.rand(counts.shape, generator=generator) * counts).long().clamp(max=counts - 1)
+        slot = random_slot(self.target_counts[index], generator)
         x, y = self.inputs[index], self.targets[index, slot]
         if self.augment:
             source, token_map = random_symmetry(len(index), self.size, generator)
@@ -132,11 +132,6 @@ class SudokuSplit:
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
     return {"min": int(values.min()), "median": float(np.median(values.numpy())), "max": int(values.max())}
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def read_puzzle_lines(path: str | Path, size: int) -> tuple[list[int], torch.Tensor]:
@@ -180,9 +175,11 @@ class SudokuRules(Task):
     """What both Sudoku tasks share: sizes, the judge (:func:`is_valid_solution`) and the answer line
     (:func:`format_answer` followed by ``# valid`` or ``# invalid``, a comment the reader skips)."""
 
-    def __init__(self, size: int, name: str):
-        _check(size in solver.BOX_SHAPES, f"size must be one of {sorted(solver.BOX_SHAPES)}, got {size}")
-        self.size, self.name = size, name
+    def __init__(self, size: int, family: str):
+        """``family``: ``sudoku`` or ``uncond_sudoku``, the start of the task's name and of its errors."""
+        check_arguments(family, {"size": (size, is_int(size) and size in solver.BOX_SHAPES,
+                                          f"one of {', '.join(map(str, sorted(solver.BOX_SHAPES)))}")})
+        self.size, self.name = size, f"{family}{size}x{size}"
         self.vocab_size, self.seq_len = size + 2, size * size
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,10 +219,11 @@ class SudokuTask(SudokuRules):
     def __init__(self, size: int = 9, num_train: int = 1000, num_test: int = 1000, extreme_pool: int = 2000,
                  num_extreme: int = 200, augment: bool = True, source: str | None = None,
                  test_fraction: float = 0.15, cache_dir: str | None = None, seed: int = 0):
-        super().__init__(size, f"sudoku{size}x{size}")
-        _check(num_train > 0 and num_test > 0, "num_train and num_test must be positive")
-        _check(0 <= num_extreme <= extreme_pool, "num_extreme must be in 0..extreme_pool")
-        _check(0 < test_fraction < 1, f"test_fraction must be in (0, 1), got {test_fraction}")
+        super().__init__(size, "sudoku")
+        check_arguments("sudoku", {"num_train": an_integer(num_train, 1), "num_test": an_integer(num_test, 1),
+                                   "extreme_pool": an_integer(extreme_pool, 0),
+                                   "test_fraction": a_fraction(test_fraction)})
+        check_arguments("sudoku", {"num_extreme": an_integer(num_extreme, 0, extreme_pool)})
         if source:
             self.splits = self._source_splits(source, augment, test_fraction, cache_dir, seed)
         else:
@@ -301,9 +299,10 @@ class UnconditionalSudokuTask(SudokuRules):
 
     def __init__(self, size: int = 9, num_grids: int = 50000, train_fraction: float = 1.0, num_test: int = 256,
                  augment: bool = True, cache_dir: str | None = None, seed: int = 0):
-        super().__init__(size, f"uncond_sudoku{size}x{size}")
-        _check(0 < train_fraction <= 1, f"train_fraction must be in (0, 1], got {train_fraction}")
-        _check(num_grids > 0 and num_test > 0, "num_grids and num_test must be positive")
+        super().__init__(size, "uncond_sudoku")
+        check_arguments("uncond_sudoku", {"num_grids": an_integer(num_grids, 1),
+                                          "train_fraction": a_fraction(train_fraction, one=True),
+                                          "num_test": an_integer(num_test, 1)})
         enumerated = size == 4
         params = {"size": size, "num_grids": None if enumerated else num_grids, "seed": seed}
 
@@ -333,11 +332,14 @@ class UnconditionalSudokuTask(SudokuRules):
         """``accuracy`` = ``validity`` (share of the N*M answers that are valid grids), ``uniqueness``
         (distinct valid grids / valid answers) and, for 4x4, ``coverage`` (distinct valid grids / 288)."""
         valid = self.judge(self.splits[split].inputs[index], answers)
-        distinct = len(torch.unique(answers[valid], dim=0))
+        ids = torch.full(valid.shape, -1, device=valid.device)  # each valid grid solves the blank input
+        ids[valid] = torch.unique(answers[valid], dim=0, return_inverse=True)[1]  # which distinct grid it is
+        distinct = int(ids.max()) + 1 if ids.numel() else 0
         scores = {"accuracy": valid.float().mean().item(), "validity": valid.float().mean().item(),
                   "uniqueness": distinct / max(int(valid.sum()), 1)}
-        if self.num_all_grids:
-            scores["coverage"] = distinct / self.num_all_grids
+        if self.num_all_grids:  # all N*M answers pooled: one blank input with num_all_grids solutions
+            all_grids = torch.tensor([self.num_all_grids], dtype=torch.float64)
+            scores["coverage"] = coverage_at_n(ids.reshape(-1, 1), all_grids).item()
         return scores
 
     def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
