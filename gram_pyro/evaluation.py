@@ -313,19 +313,19 @@ def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -
     return written
 
 
-def _image_sheet(bits: torch.Tensor, path: Path) -> None:
-    """A PNG grid of binary images ``[n, side, side]`` (white strokes on black)."""
+def _image_sheet(bits: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """A PNG mosaic of binary images ``[n, side, side]``: white strokes on black, ``columns`` a row, each
+    image framed by a one-pixel grey line, every pixel a square of 8 x 8 screen pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = min(len(bits), 8)
-    rows = math.ceil(len(bits) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns, rows), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, image in zip(axes.flat, bits):
-        axis.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
-    figure.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(figure)
+    n, side = len(bits), bits.shape[-1]
+    columns = min(n, columns)
+    rows = math.ceil(n / columns)
+    mosaic = torch.full((rows * (side + 1) + 1, columns * (side + 1) + 1), 0.5)
+    for i, image in enumerate(bits.float()):
+        top, left = 1 + (i // columns) * (side + 1), 1 + (i % columns) * (side + 1)
+        mosaic[top:top + side, left:left + side] = image
+    plt.imsave(path, mosaic.repeat_interleave(8, 0).repeat_interleave(8, 1).numpy(), cmap="gray", vmin=0, vmax=1)

@@ -107,6 +107,20 @@ def test_sample_writes_grids_and_scores_for_an_unconditional_task(tmp_path, caps
     assert "n=0; allowed: an integer >= 1" in capsys.readouterr().err
 
 
+def test_image_sheet_lays_out_the_images_in_framed_tiles(tmp_path):
+    import matplotlib.image
+
+    from gram_pyro.evaluation import _image_sheet
+
+    bits = torch.zeros(3, 2, 2, dtype=torch.bool)
+    bits[1, 0, 1] = True  # image 1, top right pixel
+    _image_sheet(bits, tmp_path / "sheet.png", columns=2)
+    sheet = matplotlib.image.imread(tmp_path / "sheet.png")[::8, ::8, 0]  # one value per image pixel
+    assert sheet.shape == (2 * 3 + 1, 2 * 3 + 1)  # 2 rows x 2 columns of 2x2 tiles, 1-pixel frames
+    assert sheet[1, 5] == 1.0 and sheet[1, 4] == 0.0 and sheet[4, 4] == pytest.approx(0.5, abs=0.01)
+    assert sheet[0].tolist() == pytest.approx([sheet[0, 0]] * 7) and 0.4 < sheet[0, 0] < 0.6
+
+
 def test_sample_on_a_conditional_task_points_to_solve(nqueens_run, capsys):
     assert main(["sample", f"run={nqueens_run}"]) == 2
     assert "use gram-pyro solve" in capsys.readouterr().err
