@@ -143,6 +143,8 @@ def _allowed_keys(config_name: str, overrides: list[str], key: str) -> str:
 
 def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
     message = str(error)
+    if isinstance(error, TypeError):  # OmegaConf: a dotted key that indexes a list by name (train.trainer.x=1)
+        return f"{first_line(error)}: a dotted key cannot reach into a list; give the whole list (key=[a,b])"
     if message.startswith("Ambiguous value for argument"):
         return (f"{first_line(error)}: to sweep over it add --multirun (gram-pyro train only); a list is "
                 f"written key=[a,b], a string with commas key='a,b'")
@@ -159,11 +161,8 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``experiments/configs/<config_name>.yaml`` with command-line ``overrides``."""
     try:
         return _compose(config_name, overrides)
-    except HydraException as error:
+    except (HydraException, TypeError) as error:
         raise UserError(_explain(error, config_name, overrides)) from None
-    except TypeError as error:  # OmegaConf: a dotted key that indexes a list by name (train.trainer.x=1)
-        raise UserError(f"{first_line(error)}: a dotted key cannot reach into a list; give the whole list "
-                        f"(key=[a,b])") from None
 
 
 def compose_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
@@ -171,11 +170,8 @@ def compose_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig,
     "nqueens", "model": "gram", ...}``, Hydra's own groups left out)."""
     try:
         cfg = _compose(config_name, overrides, hydra=True)
-    except HydraException as error:
+    except (HydraException, TypeError) as error:
         raise UserError(_explain(error, config_name, overrides)) from None
-    except TypeError as error:  # OmegaConf: a dotted key that indexes a list by name (train.trainer.x=1)
-        raise UserError(f"{first_line(error)}: a dotted key cannot reach into a list; give the whole list "
-                        f"(key=[a,b])") from None
     choices = {group: choice for group, choice in cfg.hydra.runtime.choices.items()
                if not group.startswith("hydra") and choice is not None}
     with open_dict(cfg):
