@@ -129,7 +129,7 @@ def _eval(overrides: list[str]) -> None:
 
 
 def _solve(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import load_run, solve_file
+    from gram_pyro.evaluation import load_run, solve_file, verdicts_path
 
     cfg = compose_config("solve", overrides)
     sampling = _sampling(cfg)
@@ -140,7 +140,8 @@ def _solve(overrides: list[str]) -> None:
     loaded = load_run(_run_source(cfg)[0], cfg.device)
     make_dir(output.parent, "output")
     solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **sampling)
-    print(f"wrote {solved} answers ({valid} valid) to {output}")
+    verdicts = "" if loaded.task.verdict_in_answer else f", their verdicts to {verdicts_path(output)}"
+    print(f"wrote {solved} answers ({valid} valid) to {output}{verdicts}")
 
 
 def _sample(overrides: list[str]) -> None:

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,26 +252,37 @@ def solve_blocks(total: int, largest: int) -> list[range]:
     return blocks
 
 
+def verdicts_path(output: Path) -> Path:
+    """Where ``solve`` writes the verdicts of a task whose answer lines are bare (``answers.txt`` ->
+    ``answers.valid.txt``): one ``valid`` or ``invalid`` per answer, the same order."""
+    return output.with_suffix(".valid" + output.suffix)
+
+
 def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule: str,
                memory_budget_mb: float | None = None, **sampling) -> tuple[int, int]:
     """Answer every puzzle of the user file ``source`` (the task's format) with the answer ``rule``
-    selects among ``samples`` trajectories; write one line per puzzle, in the same format with a
-    validity flag, to ``output``. The whole file is read (and checked) first; then the puzzles are
-    answered in blocks (:func:`solve_blocks`, each at most what ``memory_budget_mb`` holds of results)
-    whose lines are appended to ``output`` as each block finishes, with a progress bar. Each block
-    samples with its ``first_row``, so the answers are those of the whole file at once. Returns
-    ``(answers written, valid answers)``."""
+    selects among ``samples`` trajectories; write one line per puzzle, in the same format, to
+    ``output``, and the judge's verdict of each either in its line or, where the task's answer lines
+    are bare (``verdict_in_answer`` false: Sudoku grids), to :func:`verdicts_path`. The whole file is
+    read (and checked) first; then the puzzles are answered in blocks (:func:`solve_blocks`, each at
+    most what ``memory_budget_mb`` holds of results) whose lines are appended as each block finishes,
+    with a progress bar. Each block samples with its ``first_row``, so the answers are those of the
+    whole file at once. Returns ``(answers written, valid answers)``."""
     task = loaded.task
     if task.unconditional:
         raise UserError(f"task {task.name} is unconditional: draw samples with gram-pyro sample run=<dir>")
-    if output.resolve() == source.resolve():
-        raise UserError(f"output={output} would overwrite the input file")
+    verdicts = None if task.verdict_in_answer else verdicts_path(output)
+    for path in (output, verdicts):
+        if path is not None and path.resolve() == source.resolve():
+            raise UserError(f"output={output} would overwrite the input file")
     x = task.read_inputs(source)
     budget_mb = memory_budget_mb or default_memory_budget_mb(torch.device("cpu"))
     largest = max(1, min(SOLVE_LARGEST_BLOCK, int(budget_mb * 2**20 // result_bytes(samples, 1, x.shape[1], 0))))
     valid = 0
     try:
-        with output.open("w") as handle, progress(total=len(x), desc=f"solve {source.name}") as bar:
+        with output.open("w") as handle, ExitStack() as stack, \
+                progress(total=len(x), desc=f"solve {source.name}") as bar:
+            verdict_handle = None if verdicts is None else stack.enter_context(verdicts.open("w"))
             for rows in solve_blocks(len(x), largest):
                 block = x[rows.start:rows.stop]
                 paths = _draw(loaded, block, samples, rule=rule, memory_budget_mb=memory_budget_mb,
@@ -280,7 +292,11 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
                 handle.write("".join(task.format_answer(puzzle, answer) + "\n"
                                      for puzzle, answer in zip(block, selected)))
                 handle.flush()
-                valid += int(task.judge(block, selected).sum())
+                judged = task.judge(block, selected)
+                if verdict_handle is not None:
+                    verdict_handle.write("".join("valid\n" if ok else "invalid\n" for ok in judged.tolist()))
+                    verdict_handle.flush()
+                valid += int(judged.sum())
                 bar.update(len(rows))
     except OSError as error:
         raise UserError(f"output={output}: cannot write it ({error.strerror or first_line(error)})") from None

@@ -59,6 +59,30 @@ def test_solve_round_trips_a_user_file(nqueens_run, tmp_path, capsys):
     assert "would overwrite the input" in errors[0] and "boards.jsonl:2: queen (9, 9) is off" in errors[1]
 
 
+def test_solve_writes_bare_sudoku_grids_and_their_verdicts_beside_them(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from gram_pyro.tasks.sudoku import format_answer
+    from tests.test_training import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="train", overrides=["task=sudoku", "task.size=4", "task.num_train=8",
+                                                      "task.num_test=4", "task.extreme_pool=0",
+                                                      "task.num_extreme=0", *TINY_MODEL])
+    run = train(cfg, tmp_path / "sudoku", quiet=True)
+    task = load_run(run).task
+    puzzles = task.splits["test"].inputs[:3]
+    source = tmp_path / "puzzles.txt"
+    source.write_text("".join(format_answer(p) + "\n" for p in puzzles))
+    assert main(["solve", f"run={run}", f"input={source}", "samples=2"]) == 0
+    answers = (tmp_path / "puzzles.answers.txt").read_text().splitlines()
+    verdicts = (tmp_path / "puzzles.answers.valid.txt").read_text().splitlines()
+    assert len(answers) == len(verdicts) == 3 and all(len(line) == 16 for line in answers)
+    tokens = torch.tensor([[int(c) + 1 if c.isdigit() else 0 for c in line] for line in answers])
+    assert verdicts == ["valid" if ok else "invalid" for ok in task.judge(puzzles, tokens).tolist()]
+    assert f"their verdicts to {tmp_path / 'puzzles.answers.valid.txt'}" in capsys.readouterr().out
+
+
 def boards_file(path, count: int):
     """``count`` 6x6 N-Queens boards (of one or no queen) as a JSON Lines file."""
     lines = [json.dumps({"n": 6, "queens": [[i % 6, (i // 6) % 6]] if i % 7 else []}) for i in range(count)]

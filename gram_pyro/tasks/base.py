@@ -90,6 +90,7 @@ class Task:
     num_puzzles: int = 0
     unconditional: bool = False
     image_side: int | None = None
+    verdict_in_answer: bool = True  # False: answer lines are bare, solve writes the verdicts beside them
     splits: dict
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +112,8 @@ class Task:
         raise UserError(f"task {self.name} has no user input format")
 
     def format_answer(self, x: torch.Tensor, answer: torch.Tensor) -> str:
+        """One line of the task's answer format for input ``x [S]`` and answer ``[S]``; it carries the
+        judge's verdict where ``verdict_in_answer`` says so."""
         raise UserError(f"task {self.name} has no user answer format")
 
 

@@ -173,7 +173,10 @@ def format_answer(answer_row: torch.Tensor) -> str:
 
 class SudokuRules(Task):
     """What both Sudoku tasks share: sizes, the judge (:func:`is_valid_solution`) and the answer line
-    (:func:`format_answer` followed by ``# valid`` or ``# invalid``, a comment the reader skips)."""
+    (:func:`format_answer`: the bare grid, so that other tools read it; ``solve`` writes the verdicts
+    to a file of their own)."""
+
+    verdict_in_answer = False
 
     def __init__(self, size: int, family: str):
         """``family``: ``sudoku`` or ``uncond_sudoku``, the start of the task's name and of its errors."""
@@ -186,7 +189,7 @@ class SudokuRules(Task):
         return is_valid_solution(x, answer, self.size)
 
     def format_answer(self, x: torch.Tensor, answer: torch.Tensor) -> str:
-        return f"{format_answer(answer)}  # {'valid' if self.judge(x, answer) else 'invalid'}"
+        return format_answer(answer)
 
 
 def solve_source(path: str | Path, size: int) -> tuple[dict[str, np.ndarray], dict]:
