@@ -4,9 +4,9 @@ One training step = one supervision step of the truncated surrogate: forward, ba
 AdamW update. Path A runs it through the Pyro program and guide (``TruncatedSurrogate.loss``);
 path B computes the identical loss in plain torch on the same modules (``gram_pyro.reference``).
 The two alternate, repeats are timed separately, and the script prints the median time of each and
-the median of the per-repeat ratios A / B. Both run under bf16 autocast on CUDA when ``trainer.bf16``
-(as training does). Targets: at most 1.10 on CPU at D = 256 (the default), at most 1.05 on CUDA at the
-paper's configuration (``--dim 512 --batch 768 --ffn-ratio 1 model=gram_paper``).
+the median of the per-repeat ratios A / B. Both run under training's autocast (``trainer.precision``:
+bf16 on CUDA by default). Targets: at most 1.10 on CPU at D = 256 (the default), at most 1.05 on CUDA
+at the paper's configuration (``--dim 512 --batch 768 --ffn-ratio 1 model=gram_paper``).
 
     python benchmarks/step_overhead.py [--repeats 15] [--batch 128] [--dim 256] [--ffn-ratio 2]
                                        [--threads T] [--device auto] [override ...]
@@ -24,7 +24,8 @@ import torch
 from gram_pyro.config import compose_config
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import supervision_step, surrogate_loss
-from gram_pyro.training import Run, batch_at, resolve_device
+from gram_pyro.nn import autocast_to
+from gram_pyro.training import Run, batch_at, resolve_device, training_dtype
 
 import harness
 
@@ -48,10 +49,11 @@ def main() -> None:
     params = [*model.parameters(), *guide.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     objective = TruncatedSurrogate(beta=1.0)  # exact-match judge, as the reference
-    bf16 = device.type == "cuda" and run.cfg.trainer.bf16
+    dtype = training_dtype(run.cfg.trainer, device)
+    bf16 = dtype is not None
 
     def update(loss_fn):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with autocast_to(dtype, device):
             loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,10 +1,14 @@
 """Training speed on one device: step time, throughput and FLOP utilisation, measured in one run.
 
 Builds a training run from the train config (``experiments/configs``; N-Queens 8x8 and the GRAM model
-unless overridden) for every model width ``D`` in ``--dims`` (``ffn_hidden = --ffn-ratio x D``) and
-global batch in ``--batches``, and times ``Run.train_batch``: one batch of the library's training
-loop, i.e. ``N_sup`` optimizer updates of the objective (forward, backward, clipping, fused AdamW,
-EMA), under bf16 autocast on CUDA when ``trainer.bf16``. Printed per configuration:
+unless overridden) for every model width ``D`` in ``--dims`` (``ffn_hidden = --ffn-ratio x D``),
+global batch in ``--batches``, ``trainer.compile`` mode in ``--compile`` and ``trainer.precision`` in
+``--precision`` (the compiler's caches are cleared between configurations), and times
+``Run.train_batch``: one batch of the library's training loop, i.e. ``N_sup`` optimizer updates of the
+objective (forward, backward, clipping, fused AdamW, EMA), under the autocast of ``trainer.precision``
+(``gram_pyro.training.training_dtype``). The first batch of each
+configuration is the warm-up and, when compiling, the compilation: its seconds are printed apart.
+Printed per configuration:
 
 * ms per optimizer update and training throughput: examples per second through all ``N_sup``
   supervision steps (``batch / time of one batch``);
@@ -14,7 +18,13 @@ EMA), under bf16 autocast on CUDA when ``trainer.bf16``. Printed per configurati
   when autocast is on) measured in the same run on the same device.
 
     python benchmarks/training_speed.py [--dims 128 256] [--batches 64] [--repeats 3]
+                                        [--compile none default max] [--precision fp32 bf16]
+                                        [--json FILE]
                                         [--threads T] [--device auto] [override ...]
+
+``--json FILE`` writes every row (device, config, batch, compile_mode, precision, updates_per_s,
+examples_per_s, utilisation, first_batch_s) as a JSON list. Utilisation is against the fp32 matmul rate
+of the same run, and against the bf16 one for the rows whose step runs in bf16.
 
 The defaults give the utilisation figure at D = 128 and 256; ``--dims 64 --batches 64 256 768`` the
 throughput at the batch sizes of the paper's range (batch 768 at D = 256 needs more than 24 GB on CPU).
@@ -25,13 +35,17 @@ Overrides are Hydra overrides of the train config, e.g. ``model=gram_paper`` (th
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gram_pyro.config import compose_config
-from gram_pyro.training import Run, batch_at, resolve_device
+from gram_pyro.inference import PRECISIONS
+from gram_pyro.nn import COMPILE_MODES
+from gram_pyro.training import Run, batch_at, resolve_device, training_dtype
 
 import harness
 
@@ -45,18 +59,20 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, repe
 
 def measure(overrides: list[str], repeats: int) -> dict:
     """Time and FLOPs of one training batch of the run composed from ``overrides``."""
+    torch._dynamo.reset()  # a compiled forward is cached per function: each configuration compiles its own
     run = Run(compose_config("train", overrides))
     split = run.task.splits["train"]
     batches = [batch_at(split, i, run.cfg.trainer.batch_size, run.cfg.trainer.seed, run.device)
-               for i in range(repeats + 1)]
-    with FlopCounterMode(display=False) as counter:
-        run.train_batch(batches[0])  # also the warm-up
-    times = [harness.seconds(lambda: run.train_batch(batch), run.device) for batch in batches[1:]]
+               for i in range(repeats + 2)]
+    first = harness.seconds(lambda: run.train_batch(batches[0]), run.device)  # warm-up and compilation
+    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+        run.train_batch(batches[1])  # eager: counting under a compiled forward would recompile it
+    times = [harness.seconds(lambda: run.train_batch(batch), run.device) for batch in batches[2:]]
     updates = run.objective.updates_per_batch(run.model)
     seconds = statistics.median(times)
     return {"seconds": seconds, "update_ms": 1000 * seconds / updates, "updates": updates,
             "examples_per_s": run.cfg.trainer.batch_size / seconds, "flops": counter.get_total_flops(),
-            "bf16": run.device.type == "cuda" and run.cfg.trainer.bf16}
+            "first_batch_s": first, "bf16": training_dtype(run.cfg.trainer, run.device) is not None}
 
 
 def main() -> None:
@@ -66,6 +82,11 @@ def main() -> None:
     parser.add_argument("--ffn-ratio", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=None, help="default: 2048 on CPU, 8192 on CUDA")
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_MODES,
+                        help="trainer.compile modes, each measured")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
+                        help="trainer.precision values, each measured")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     harness.add_threads_argument(parser)
     harness.add_config_arguments(parser)
     args = parser.parse_args()
@@ -75,23 +96,38 @@ def main() -> None:
     rows = []
     for dim in args.dims:
         for batch in args.batches:
-            rows.append((dim, batch, measure([*common, *harness.model_width(dim, args.ffn_ratio),
-                                              f"trainer.batch_size={batch}"], args.repeats)))
-    bf16 = rows[0][2]["bf16"]
-    dtype = torch.bfloat16 if bf16 else torch.float32
+            for precision in args.precision:
+                for mode in args.compile:
+                    overrides = [*common, *harness.model_width(dim, args.ffn_ratio), f"trainer.batch_size={batch}",
+                                 f"trainer.compile={mode}", f"trainer.precision={precision}"]
+                    rows.append((dim, batch, mode, measure(overrides, args.repeats)))
     size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    peak = matmul_flops_per_s(device, dtype, size, max(args.repeats, 3))
+    peaks = {dtype: matmul_flops_per_s(device, dtype, size, max(args.repeats, 3))
+             for dtype in {torch.bfloat16 if m["bf16"] else torch.float32 for *_, m in rows}}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, threads {torch.get_num_threads()}, {'bf16 autocast' if bf16 else 'fp32'}, "
-          f"{args.repeats} repeats, overrides {args.overrides or 'none'}")
-    print(f"matmul {size}x{size} {str(dtype).removeprefix('torch.')}: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'D':>5} {'batch':>6} {'ms/update':>10} {'examples/s':>11} {'GFLOP/batch':>12} {'GFLOP/s':>8} "
-          f"{'utilisation':>12}")
-    for dim, batch, m in rows:
+    print(f"device {name}, threads {torch.get_num_threads()}, {args.repeats} repeats, "
+          f"overrides {args.overrides or 'none'}")
+    for dtype, peak in peaks.items():
+        print(f"matmul {size}x{size} {str(dtype).removeprefix('torch.')}: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'D':>5} {'batch':>6} {'compile':>8} {'dtype':>6} {'first s':>8} {'ms/update':>10} {'examples/s':>11} "
+          f"{'GFLOP/batch':>12} {'GFLOP/s':>8} {'utilisation':>12}")
+    records = []
+    for dim, batch, mode, m in rows:
+        dtype = torch.bfloat16 if m["bf16"] else torch.float32
         achieved = m["flops"] / m["seconds"]
-        print(f"{dim:5d} {batch:6d} {m['update_ms']:10.1f} {m['examples_per_s']:11.1f} {m['flops'] / 1e9:12.2f} "
-              f"{achieved / 1e9:8.1f} {achieved / peak:12.3f}")
-    print(f"one batch = {rows[0][2]['updates']} optimizer updates (N_sup); examples/s = batch / time of one batch")
+        print(f"{dim:5d} {batch:6d} {mode:>8} {'bf16' if m['bf16'] else 'fp32':>6} {m['first_batch_s']:8.1f} "
+              f"{m['update_ms']:10.1f} {m['examples_per_s']:11.1f} {m['flops'] / 1e9:12.2f} {achieved / 1e9:8.1f} "
+              f"{achieved / peaks[dtype]:12.3f}")
+        records.append({"device": name, "threads": torch.get_num_threads(),
+                        "config": {"dim": dim, "ffn_hidden": round(args.ffn_ratio * dim), "overrides": args.overrides},
+                        "batch": batch, "compile_mode": mode, "precision": "bf16" if m["bf16"] else "fp32",
+                        "first_batch_s": round(m["first_batch_s"], 2), "updates_per_s": round(1000 / m["update_ms"], 3),
+                        "examples_per_s": round(m["examples_per_s"], 2),
+                        "utilisation": round(achieved / peaks[dtype], 4)})
+    print(f"one batch = {rows[0][3]['updates']} optimizer updates (N_sup); examples/s = batch / time of one batch")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

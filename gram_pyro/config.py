@@ -294,12 +294,25 @@ def _read_yaml(path) -> DictConfig:
 def load_run_config(path) -> DictConfig:
     """A run's saved ``config.yaml``, checked before anything is built from it (the module docstring),
     with trainer keys added to ``trainer/default.yaml`` since the run was written filled in from their
-    defaults (so older runs still load and resume)."""
+    defaults and renamed keys translated (:func:`_translate_trainer`), so older runs still load and resume."""
     saved = _read_yaml(path)
     _check_run_config(saved, str(path))
     defaults = OmegaConf.load(str(resources.files(CONFIG_MODULE) / "trainer" / "default.yaml"))
-    saved.trainer = OmegaConf.merge(defaults, saved.trainer)
+    saved.trainer = OmegaConf.merge(defaults, _translate_trainer(saved.trainer))
     return saved
+
+
+def _translate_trainer(trainer: DictConfig) -> DictConfig:
+    """The trainer section of a run saved before ``precision`` and the compile modes: ``bf16: true``
+    (bf16 on CUDA only) reads as ``precision: auto``, ``false`` as ``fp32``; ``compile: false`` /
+    ``true`` as ``none`` / ``default``."""
+    trainer = trainer.copy()
+    if "bf16" in trainer:
+        bf16 = trainer.pop("bf16")
+        trainer.precision = "auto" if bf16 is True else "fp32" if bf16 is False else bf16
+    if isinstance(trainer.get("compile"), bool):
+        trainer.compile = "default" if trainer.compile else "none"
+    return trainer
 
 
 def save_config(cfg: DictConfig, path) -> None:

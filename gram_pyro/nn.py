@@ -20,6 +20,7 @@ Pieces (docs/paper.md, "The model"):
 - :class:`TokenEncoder`, :class:`GaussianHead`, :class:`TokenDecoder`, :class:`ScalarHead`.
 - :func:`network_precision`: the backbone's and Gaussian heads' matmuls under bf16 autocast (inference),
   their outputs and every density in the model's dtype.
+- :func:`compile_networks`: ``torch.compile`` the same networks (training's ``trainer.compile``).
 """
 
 from __future__ import annotations
@@ -164,6 +165,29 @@ def network_precision(modules: list[nn.Module], dtype: torch.dtype | None):
     finally:
         for net, value in zip(nets, previous):
             net.compute_dtype = value
+
+
+COMPILE_MODES = ("none", "default", "max")
+"""``trainer.compile``: no compilation, ``torch.compile``'s default mode, or its autotuning mode
+(``max-autotune``, without CUDA graphs on CPU)."""
+
+
+def compile_networks(modules: list[nn.Module], mode: str, device: torch.device) -> int:
+    """Compile every :class:`ReasoningNet` and :class:`GaussianHead` in ``modules`` in place
+    (``nn.Module.compile``: each call goes through the compiled ``forward``) under ``mode`` (one of
+    :data:`COMPILE_MODES`). These are where the time goes and hold no Pyro effect: the program around
+    them, its sample sites and the guide's messengers stay eager, so every trace is unchanged. Returns
+    the number of networks compiled."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    if mode == "none":
+        return 0
+    torch_mode = None if mode == "default" else \
+        "max-autotune" if device.type == "cuda" else "max-autotune-no-cudagraphs"
+    nets = {id(m): m for module in modules for m in module.modules() if isinstance(m, (ReasoningNet, GaussianHead))}
+    for net in nets.values():
+        net.compile(mode=torch_mode)
+    return len(nets)
 
 
 class RecursiveCore(nn.Module):

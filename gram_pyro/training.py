@@ -34,7 +34,8 @@ from gram_pyro.distributed import (World, all_finite, average_gradients, barrier
                                    mean_over_ranks, shard)
 from gram_pyro.files import write_whole
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index, is_int
-from gram_pyro.inference import guided_trajectory, sample_trajectories
+from gram_pyro.inference import PRECISIONS, guided_trajectory, native_bf16, sample_trajectories
+from gram_pyro.nn import COMPILE_MODES, autocast_to, compile_networks
 from gram_pyro.objectives import Objective
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,7 +64,7 @@ A learning rate above 1 moves every weight by more than 1 per AdamW step: never 
 TRAINER_INTEGERS = ("seed", "batch_size", "max_batches", "warmup_steps", "log_every", "eval_every", "eval_inputs",
                     "eval_samples", "checkpoint_every", "max_bad_steps", "threads", "shortcut_after")
 """The trainer keys that count or size something: ``batch_size=2.5`` is refused, not rounded."""
-TRAINER_FLAGS = ("bf16", "compile", "keep_checkpoints", "validate_pyro")
+TRAINER_FLAGS = ("keep_checkpoints", "validate_pyro")
 """The trainer keys that are ``true`` or ``false``."""
 
 SHORTCUT_ACTIONS = ("warn", "stop", "off")
@@ -90,6 +91,10 @@ def check_trainer(trainer: DictConfig) -> None:
     for key in TRAINER_FLAGS:
         if not isinstance(trainer[key], bool):
             raise UserError(f"trainer.{key}={trainer[key]!r}; allowed: true, false")
+    if trainer.compile not in COMPILE_MODES:
+        raise UserError(f"unknown trainer.compile {trainer.compile!r}; allowed: {', '.join(COMPILE_MODES)}")
+    if trainer.precision not in PRECISIONS:
+        raise UserError(f"unknown trainer.precision {trainer.precision!r}; allowed: {', '.join(PRECISIONS)}")
     if trainer.shortcut_action not in SHORTCUT_ACTIONS:
         raise UserError(f"unknown trainer.shortcut_action {trainer.shortcut_action!r}; "
                         f"allowed: {', '.join(SHORTCUT_ACTIONS)}")
@@ -97,6 +102,16 @@ def check_trainer(trainer: DictConfig) -> None:
     if not (isinstance(betas, list) and len(betas) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         raise UserError(f"trainer.betas={betas} must be two numbers in [0, 1)")
+
+
+def training_dtype(trainer: DictConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step for ``trainer.precision`` (``None``: no autocast). ``fp32``
+    none; ``bf16`` bf16 where the device runs bf16 matmuls natively
+    (:func:`gram_pyro.inference.native_bf16`: a CUDA GPU, or a CPU with AVX512-BF16 or AMX; elsewhere
+    bf16 would be slower than fp32, so none); ``auto`` that on CUDA and none on CPU (CPU runs stay fp32
+    unless asked)."""
+    wanted = trainer.precision == "bf16" or (trainer.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if wanted and native_bf16(device) else None
 
 
 class EMA:
@@ -241,9 +256,7 @@ class Run:
             raise UserError(f"objective does not fit the model/guide: {error}") from None
         self.model.to(self.device)
         self.guide.to(self.device)
-        if trainer.compile:  # the plain-torch networks only: Pyro's handlers are not worth compiling
-            for module in (self.model.encoder, self.model.core, self.model.decoder):
-                module.compile()
+        compile_networks([self.model, self.guide], trainer.compile, self.device)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
         # fused (CPU and CUDA): it reads ``found_inf`` and skips a whole update on device (train_batch)
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
@@ -355,12 +368,11 @@ class Run:
         over the batch's updates (tensors, this rank's)."""
         trainer = self.cfg.trainer
         batch, scale = shard(batch, self.world)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and trainer.bf16)
         state: dict = {}
         metrics: dict = {}
         updates = self.objective.updates_per_batch(self.model)
         for update in range(updates):
-            with autocast:
+            with autocast_to(training_dtype(trainer, self.device), self.device):
                 loss, step_metrics = self.objective.loss(self.model, self.guide, batch, state, update)
             self.optimizer.zero_grad(set_to_none=True)
             finite = all_finite(loss, self.world)
@@ -531,7 +543,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     start = time.time() - run.seconds
 
     def log_eval() -> None:
-        with run.ema.applied():
+        # eager even where training compiles: evaluation's shapes are not training's, and compiling them
+        # for one evaluation costs more than it saves
+        with run.ema.applied(), torch.compiler.set_stance("force_eager"):
             scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
             if run.model.stochastic and trainer.shortcut_action != "off":
                 scores |= shortcut_scores(run.task, run.model, run.guide, "test", trainer.eval_inputs, run.device)

@@ -184,10 +184,16 @@ def test_a_run_saved_before_newer_trainer_keys_still_loads(nqueens_run, tmp_path
 
     from omegaconf import OmegaConf
 
+    from gram_pyro.config import _translate_trainer
+
     old = tmp_path / "old"
     shutil.copytree(nqueens_run, old)
     cfg = OmegaConf.load(old / "config.yaml")
-    del cfg.trainer["compile"], cfg.trainer["keep_checkpoints"]
+    del cfg.trainer["keep_checkpoints"], cfg.trainer["precision"]
+    cfg.trainer.bf16, cfg.trainer.compile = False, False  # the keys before precision and compile modes
     OmegaConf.save(cfg, old / "config.yaml")
-    assert load_run(old).cfg.trainer.compile is False
+    loaded = load_run(old).cfg.trainer
+    assert (loaded.precision, loaded.compile, "bf16" in loaded) == ("fp32", "none", False)
+    translated = _translate_trainer(OmegaConf.create({"bf16": True, "compile": True}))
+    assert dict(translated) == {"precision": "auto", "compile": "default"}
     assert main(["train", f"resume={old}", "trainer.max_batches=3"]) == 0

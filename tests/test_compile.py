@@ -1,0 +1,63 @@
+"""Training speed switches: ``trainer.compile`` gives the eager step's numbers and the same Pyro sites,
+and ``trainer.precision`` picks the autocast a step runs under."""
+
+import pyro.poutine as poutine
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gram_pyro import training
+from gram_pyro.nn import GaussianHead, ReasoningNet, compile_networks
+from gram_pyro.training import Run, batch_at, training_dtype
+from tests.test_training import tiny_config
+
+
+def first_batch(*overrides):
+    """The run of ``tiny_config(*overrides)`` after one training batch, its metrics and the batch."""
+    run = Run(tiny_config(*overrides))
+    batch = batch_at(run.task.splits["train"], 0, run.cfg.trainer.batch_size, 0, run.device)
+    return run, {k: float(v) for k, v in run.train_batch(batch).items()}, batch
+
+
+def test_compiled_step_matches_the_eager_step_and_keeps_the_sites(one_thread):
+    eager, eager_metrics, batch = first_batch()
+    compiled, compiled_metrics, _ = first_batch("trainer.compile=default")
+    assert compiled_metrics == pytest.approx(eager_metrics, rel=1e-4, abs=1e-5)
+    for name, value in eager.model.state_dict().items():
+        assert torch.allclose(compiled.model.state_dict()[name], value, atol=1e-5), name
+    nets = [m for m in compiled.model.modules() if isinstance(m, ReasoningNet)]
+    assert nets and all(net._compiled_call_impl is not None for net in nets)
+
+    def sites(run):
+        with torch.no_grad():
+            trace = poutine.trace(run.model).get_trace(batch.x, batch.y)
+        return {name: site["type"] for name, site in trace.nodes.items()}
+
+    assert sites(compiled) == sites(eager)
+
+
+def test_compile_networks_takes_the_backbone_and_the_gaussian_heads_once():
+    run = Run(tiny_config())  # shared f_L = f_H: one backbone network; prior and guide heads
+    heads = sum(isinstance(m, GaussianHead) for m in [*run.model.modules(), *run.guide.modules()])
+    assert compile_networks([run.model, run.guide], "none", run.device) == 0
+    assert compile_networks([run.model, run.guide], "default", run.device) == 1 + heads
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'; allowed: none, default, max"):
+        compile_networks([run.model], "fast", run.device)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_picks_bf16_only_where_asked_and_native(monkeypatch, native):
+    monkeypatch.setattr(training, "native_bf16", lambda device: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    expected = torch.bfloat16 if native else None
+    table = {(p, d.type): training_dtype(OmegaConf.create({"precision": p}), d)
+             for p in ("auto", "fp32", "bf16") for d in (cpu, cuda)}
+    assert table == {("auto", "cpu"): None, ("auto", "cuda"): expected, ("fp32", "cpu"): None,
+                     ("fp32", "cuda"): None, ("bf16", "cpu"): expected, ("bf16", "cuda"): expected}
+
+
+def test_a_bf16_step_on_cpu_rounds_but_does_not_change_the_loss(monkeypatch, one_thread):
+    monkeypatch.setattr(training, "native_bf16", lambda device: True)  # bf16 autocast runs on any CPU
+    _, fp32, _ = first_batch()
+    _, bf16, _ = first_batch("trainer.precision=bf16")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05, abs=0.01)
