@@ -84,12 +84,17 @@ DIAGNOSE_RULES = {"inputs": Whole(1), "particles": Whole(2), "trajectories": Who
 def _sampling(cfg: DictConfig) -> dict:
     """The keyword arguments of ``sample_trajectories`` that a sampling config sets (checked first:
     :data:`SAMPLING_RULES`)."""
+    from gram_pyro.inference import PRECISIONS
+    from gram_pyro.nn import COMPILE_MODES
     from gram_pyro.selection import SELECTORS
     from gram_pyro.test_time_smc import SMCOptions, as_smc_options
 
     check_values(cfg, SAMPLING_RULES)
     if cfg.select not in SELECTORS:
         raise UserError(f"unknown selector select={cfg.select!r}; allowed: {', '.join(SELECTORS)}")
+    for key, allowed in (("precision", PRECISIONS), ("compile", COMPILE_MODES)):
+        if cfg[key] not in allowed:
+            raise UserError(f"unknown {key}={cfg[key]!r}; allowed: {', '.join(allowed)}")
     smc = as_smc_options(OmegaConf.to_container(cfg.smc))
     if cfg.select != "smc" and smc != SMCOptions():
         raise UserError(f"the smc.* options apply to select=smc, not select={cfg.select}")
@@ -112,7 +117,7 @@ def _run_source(cfg) -> tuple[Path, Path]:
 
 
 def _eval(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import evaluate_run, format_table, load_run, write_evaluation
+    from gram_pyro.evaluation import evaluate_run, format_table, inference_speed, load_run, write_evaluation
 
     cfg = compose_config("eval", overrides)
     sampling = _sampling(cfg)
@@ -122,14 +127,15 @@ def _eval(overrides: list[str]) -> None:
     tag = f"{cfg.split}-N{cfg.samples}-d{cfg.depth or loaded.model.n_sup}-{cfg.select}" + \
         ("-halt" if cfg.halting else "") + (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
     out = make_dir(Path(cfg.out or home / "eval" / tag), "out")  # before the work: a bad out fails fast
-    report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **sampling)
+    with inference_speed(loaded, cfg.precision, cfg.compile):
+        report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **sampling)
     write_evaluation(report, arrays, out)
     print(format_table(report))
     print(f"wrote {out / 'metrics.json'} and {out / 'samples.npz'}")
 
 
 def _solve(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import load_run, solve_file, verdicts_path
+    from gram_pyro.evaluation import inference_speed, load_run, solve_file, verdicts_path
 
     cfg = compose_config("solve", overrides)
     sampling = _sampling(cfg)
@@ -139,13 +145,14 @@ def _solve(overrides: list[str]) -> None:
         raise UserError(f"output={output} is a directory; allowed: a file to write the answers to")
     loaded = load_run(_run_source(cfg)[0], cfg.device)
     make_dir(output.parent, "output")
-    solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **sampling)
+    with inference_speed(loaded, cfg.precision, cfg.compile):
+        solved, valid = solve_file(loaded, source, output, cfg.samples, cfg.select, **sampling)
     verdicts = "" if loaded.task.verdict_in_answer else f", their verdicts to {verdicts_path(output)}"
     print(f"wrote {solved} answers ({valid} valid) to {output}{verdicts}")
 
 
 def _sample(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import load_run, sample_unconditional
+    from gram_pyro.evaluation import inference_speed, load_run, sample_unconditional
 
     cfg = compose_config("sample", overrides)
     sampling = _sampling(cfg)
@@ -153,7 +160,9 @@ def _sample(overrides: list[str]) -> None:
     source, home = _run_source(cfg)
     loaded = load_run(source, cfg.device)
     out = make_dir(Path(cfg.out or home / "samples"), "out")
-    for path in sample_unconditional(loaded, cfg.n, out, **sampling):
+    with inference_speed(loaded, cfg.precision, cfg.compile):
+        written = sample_unconditional(loaded, cfg.n, out, **sampling)
+    for path in written:
         print(f"wrote {path}")
 
 

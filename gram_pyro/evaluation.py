@@ -30,7 +30,7 @@ import dataclasses
 import json
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,9 @@ from omegaconf import DictConfig
 
 from gram_pyro.checkpoint import WEIGHTS, load_checkpoint
 from gram_pyro.config import UserError, first_line, load_run_config
-from gram_pyro.inference import Trajectories, default_memory_budget_mb, result_bytes, sample_trajectories
+from gram_pyro.inference import (Trajectories, default_memory_budget_mb, network_dtype, result_bytes,
+                                  sample_trajectories)
+from gram_pyro.nn import compile_networks, network_precision
 from gram_pyro.selection import select
 from gram_pyro.test_time_smc import SMCResult, as_smc_options, smc_trajectories
 from gram_pyro.tasks.base import held_out_index
@@ -227,6 +229,17 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def inference_speed(loaded: LoadedRun, precision: str, compile_mode: str):
+    """Within the block the run's networks are compiled (``compile_mode``, one of
+    :data:`gram_pyro.nn.COMPILE_MODES`; once, in place) and run their matmuls in the dtype of
+    ``precision`` (:func:`gram_pyro.inference.network_dtype`; densities stay in the model's dtype)."""
+    dtype = network_dtype(precision, loaded.device)
+    compile_networks([loaded.model], compile_mode, loaded.device)
+    with network_precision([loaded.model], dtype):
+        yield
+
+
 def _draw(loaded: LoadedRun, x: torch.Tensor, samples: int, rule: str = "vote", **sampling) -> Trajectories:
     """The ``samples`` candidates of selection rule ``rule`` (:func:`draw`) for inputs ``x [B, S]``."""
     if loaded.task.num_puzzles:
@@ -306,7 +319,8 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
 def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -> list[Path]:
     """Draw ``n`` answers to the blank input of an unconditional task; write ``samples.txt`` (one
     answer per line in the task's format, or ``#``/``.`` rows for images), ``scores.json`` (the task's
-    set-level scores of the samples) and, for images, ``samples.png``. Returns the written paths."""
+    set-level scores of the samples) and, for images and grids (``task.box``), ``samples.png``. Returns
+    the written paths."""
     task = loaded.task
     if not task.unconditional:
         raise UserError(f"task {task.name} answers inputs: use gram-pyro solve run=<dir> input=<file>")
@@ -323,10 +337,48 @@ def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -
         _image_sheet(bits, written[-1])
     else:
         text = "\n".join(task.format_answer(x[0], answer) for answer in answers[:, 0])
+        if task.box:
+            written.append(out_dir / "samples.png")
+            _grid_sheet(text.splitlines(), task.box, task.judge(x.expand(n, -1), answers[:, 0]), written[-1])
     written[0].write_text(text + "\n")
     scores = task.score("test", torch.zeros(1, dtype=torch.long), answers)
     written[1].write_text(json.dumps(json_ready({"samples": n, **scores}), indent=1))
     return written
+
+
+GRID_SHEET_MAX = 16
+"""Grids drawn on a ``samples.png`` sheet (the first ones drawn; ``samples.txt`` holds all)."""
+
+
+def _grid_sheet(lines: list[str], box: tuple[int, int], valid: torch.Tensor, path: Path, columns: int = 4) -> None:
+    """A PNG sheet of the first :data:`GRID_SHEET_MAX` grids given as answer lines (one character per
+    cell, row by row), ``columns`` a row: the digits in their cells, box borders thick, each grid titled
+    ``valid`` (black) or ``invalid`` (red) by ``valid [n]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines, side = lines[:GRID_SHEET_MAX], box[0] * box[1]
+    columns = min(len(lines), columns)
+    rows = math.ceil(len(lines) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(0.3 * side * columns + 0.4, (0.3 * side + 0.4) * rows),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, line in enumerate(lines):
+        ax = axes.flat[i]
+        ax.set_xlim(0, side), ax.set_ylim(side, 0), ax.set_aspect("equal")
+        for k in range(side + 1):
+            ax.axhline(k, color="black", linewidth=1.6 if k % box[0] == 0 else 0.4)
+            ax.axvline(k, color="black", linewidth=1.6 if k % box[1] == 0 else 0.4)
+        for cell, char in enumerate(line):
+            ax.text(cell % side + 0.5, cell // side + 0.5, char, ha="center", va="center", fontsize=7)
+        ok = bool(valid[i])
+        ax.set_title("valid" if ok else "invalid", fontsize=7, color="black" if ok else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _image_sheet(bits: torch.Tensor, path: Path, columns: int = 8) -> None:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from gram_pyro.cli import COMMANDS, main
-from tests.test_training import TINY
+from tests.helpers import TINY
 
 SWEEP = ["--multirun", *TINY, "trainer.max_batches=1", "trainer.threads=1", "objective.beta=0.05,0.5",
          "trainer.seed=0,1"]

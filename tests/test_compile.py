@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from gram_pyro import training
 from gram_pyro.nn import GaussianHead, ReasoningNet, compile_networks
 from gram_pyro.training import Run, batch_at, training_dtype
-from tests.test_training import tiny_config
+from tests.helpers import tiny_config
 
 
 def first_batch(*overrides):

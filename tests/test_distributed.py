@@ -11,7 +11,7 @@ from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.config import UserError
 from gram_pyro.distributed import World, join
 from gram_pyro.training import Run, train
-from tests.test_training import TINY, tiny_config
+from tests.helpers import TINY, tiny_config
 
 # a deterministic model (TRM), so that one process and two ranks draw no different noise; 7 rows per
 # global batch, so the two ranks hold 4 and 3 (an uneven split); gloo ranks on the CPU, also where a GPU is

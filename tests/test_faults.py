@@ -25,7 +25,7 @@ from gram_pyro.config import SEED_RANGE
 from gram_pyro.tasks.base import data_lines
 from gram_pyro.tasks.sudoku import read_puzzles
 from gram_pyro.training import Run, RunLog, train
-from tests.test_training import TINY, tiny_config
+from tests.helpers import TINY, tiny_config
 
 TRAIN = [*TINY, "trainer.threads=1", "trainer.max_batches=2"]
 BOARD = '{"n": 6, "queens": [[0, 1]]}\n'
@@ -197,6 +197,8 @@ CASES = {
     "depth_zero": (lambda p, m: p.eval("depth=0"), "depth=0; allowed: an integer >= 1 or null"),
     "sampling_seed_overflow": (lambda p, m: p.eval("seed=1e400"), "seed=inf; allowed: an integer"),
     "budget_negative": (lambda p, m: p.eval("memory_budget_mb=-1"), "memory_budget_mb=-1; allowed: a finite number"),
+    "sampling_precision": (lambda p, m: p.eval("precision=fp16"), "unknown precision='fp16'; allowed: auto, fp32, bf16"),
+    "sampling_compile": (lambda p, m: p.eval("compile=fast"), "unknown compile='fast'; allowed: none, default, max"),
     "halting_maybe": (lambda p, m: p.eval("halting=maybe"), "halting='maybe'; allowed: true, false"),
     "select_unknown": (lambda p, m: p.eval("select=best"), "unknown selector select='best'"),
     "split_unknown": (lambda p, m: p.eval("split=dev"), "unknown split 'dev'"),

@@ -315,6 +315,48 @@ def test_schemes_train_the_recursive_model_and_report_their_cost(data, name):
     assert metrics["transitions"] >= model.transitions and metrics["forward_seconds"] > 0
 
 
+SMOOTH = {  # scheme, T: on a fixed seed the loss of update 0 is a smooth function of every parameter
+    "iwae": (lambda: ImportanceWeighted(3, halt_weight=0, value_weight=0), 1),
+    "iwae_whole": (lambda: ImportanceWeighted(3, truncate=False, halt_weight=0, value_weight=0), 2),
+    "surrogate_mc": (lambda: TruncatedSurrogateMC(halt_weight=0, value_weight=0), 1),
+}
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+def test_scheme_gradient_is_the_finite_difference_of_its_loss(data, name):
+    """The gradient of the loss along a random direction in the model's, then the guide's parameters
+    against the central difference of the same seeded loss (float64; measured: agree to 1e-6 relative).
+    Head losses off (the heads read a detached state: with them iwae_whole gives 309.40 against 308.33)
+    and, truncated, T = 1 (with T = 2 the first transition runs without gradient by design: iwae gives
+    129.4 against 161.1)."""
+    x, y = data
+    make, transitions = SMOOTH[name]
+    model = tiny_model(transitions=transitions).double()
+    guide = tiny_guide(model).double()
+
+    def loss():
+        torch.manual_seed(11)
+        return make().loss(model, guide, Batch(x, y), {}, 0)[0]
+
+    def loss_moved(params, direction, step):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+            value = loss()
+            for p, d in zip(params, direction):
+                p.sub_(step * d)
+        return value
+
+    generative = [p for key, p in model.named_parameters() if not key.startswith(("halt_head", "value_head"))]
+    for params in (generative, list(guide.parameters())):
+        torch.manual_seed(5)
+        direction = [torch.randn_like(p) for p in params]
+        analytic = sum((g * d).sum() for g, d in zip(torch.autograd.grad(loss(), params), direction)).item()
+        h = 1e-5
+        difference = ((loss_moved(params, direction, h) - loss_moved(params, direction, -h)) / (2 * h)).item()
+        assert abs(analytic) > 1 and math.isclose(analytic, difference, rel_tol=1e-4), (analytic, difference)
+
+
 def test_particle_schemes_count_the_transitions_of_all_particles(data):
     x, y = data
     model = tiny_model(transitions=2)

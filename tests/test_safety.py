@@ -15,7 +15,7 @@ from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.cli import main
 from gram_pyro.config import UserError, allowed_targets
 from gram_pyro.training import Run, train
-from tests.test_training import TINY, tiny_config
+from tests.helpers import TINY, tiny_config
 
 VICTIM_TEXT = "precious data\n"
 PAYLOAD_MODULE = "gram_pyro_safety_payload"

@@ -15,7 +15,7 @@ from gram_pyro.tasks.sudoku import SudokuTask, UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
 from guides import PriorGuide
 from tests.conftest import tiny_guide, tiny_model
-from tests.test_training import tiny_config
+from tests.helpers import tiny_config
 
 
 def start(model, batch_size):

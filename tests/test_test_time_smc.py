@@ -16,7 +16,7 @@ from gram_pyro.selection import SELECTORS, lprm_best, majority_vote, select
 from gram_pyro.test_time_smc import SMCOptions, as_smc_options, smc_sweep, smc_trajectories
 from gram_pyro.training import train
 from tests.conftest import tiny_model
-from tests.test_training import tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

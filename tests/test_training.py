@@ -1,28 +1,18 @@
 """Training runs end to end: config composition, exact resume, and one-line errors for bad input."""
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import experiments.configs
 from gram_pyro.cli import main
 from gram_pyro.config import group_options
 from gram_pyro.training import train
-
-CONFIG_DIR = str(Path(experiments.configs.__file__).parent)
-TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
-        "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=8", "trainer.log_every=1",
-        "trainer.eval_every=0", "trainer.eval_inputs=4", "trainer.eval_samples=2", "trainer.warmup_steps=2"]
-
-
-def tiny_config(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="train", overrides=[*TINY, *overrides])
+from tests.helpers import TINY, tiny_config
 
 
 def losses(run_dir: Path) -> list[str]:
@@ -58,8 +48,25 @@ def test_resuming_a_finished_run_changes_none_of_its_rows(tmp_path):
 
 
 def test_trace_elbo_objective_trains(tmp_path):
-    run = train(tiny_config("trainer.max_batches=2", "objective=trace_elbo"), tmp_path / "elbo", quiet=True)
-    assert len(losses(run)) == 2 and (run / "checkpoint.pt").is_file()
+    """Pyro's Trace_ELBO through the trainer, seed 0, lr 0.01, 4 batches. Measured: loss 3.371 -> 2.431
+    (x 0.72; with lr=0 it ends at 3.413, x 1.01), halt and value losses falling at every batch (constant
+    with lr=0: they do not depend on the data here), the logged loss the sum of its parts, and the guide
+    off the prior (eval KL 0.18 nats per token; 0 untrained, the guide starts at the prior)."""
+    run = train(tiny_config("trainer.max_batches=4", "trainer.lr=0.01", "objective=trace_elbo"), tmp_path / "elbo",
+                quiet=True)
+    with (run / "metrics.csv").open() as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert [row["batch"] for row in rows] == [1, 2, 3, 4] and (run / "checkpoint.pt").is_file()
+    for row in rows:  # halt_weight = value_weight = 1
+        assert math.isclose(row["loss"], row["neg_elbo"] + row["halt"] + row["value"], abs_tol=1e-5), row
+        assert row["halt"] > 0 and 0 <= row["value"] <= 1 and 0 <= row["acc"] <= 1  # BCE, squared error, share
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], rows
+    for key in ("halt", "value"):
+        assert all(a[key] > b[key] for a, b in zip(rows, rows[1:])), [row[key] for row in rows]
+    with (run / "eval.csv").open() as f:
+        (scores,) = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["coverage"] <= 1
+    assert 0.05 < scores["kl_per_token"] < 1, scores
 
 
 @pytest.mark.parametrize("override, message", [

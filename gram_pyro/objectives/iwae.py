@@ -5,9 +5,9 @@ For each input ``b`` with particles ``eps^(k) ~ q`` (reparameterized):
     L_K(b) = log (1/K) sum_k w_k(b),   log w_k = log p(y, eps^(k) | x) - log q(eps^(k) | x, y)
 
 ``L_1`` is the ELBO, ``L_K <= log p(y | x)`` and rises to it as ``K`` grows. The log-mean-exp is per
-example (Pyro's ``RenyiELBO(alpha=0)`` takes it over the sum of the batch's weights, a bound on the
-whole batch's evidence that is far looser for ``B > 1``; the two agree at ``B = 1``). Gradients: the
-plain reparameterized IWAE estimator.
+example, as in Pyro's ``RenyiELBO(alpha=0)``, which keeps the sites' independent plate dims (here the
+``data`` plate) apart when it averages over particles (``tests/test_model.py`` pins this). Gradients:
+the plain reparameterized IWAE estimator.
 
 ``truncate=True`` (default): one bound per supervision step, as the GRAM surrogate is run: each
 particle carries its own state, step ``n`` weighs only its own sites (``y/n`` and the eps sites of

@@ -90,6 +90,7 @@ class Task:
     num_puzzles: int = 0
     unconditional: bool = False
     image_side: int | None = None
+    box: tuple[int, int] | None = None  # a grid task's box shape (rows, columns): its answers draw as grids
     verdict_in_answer: bool = True  # False: answer lines are bare, solve writes the verdicts beside them
     splits: dict
 

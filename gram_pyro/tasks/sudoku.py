@@ -182,7 +182,7 @@ class SudokuRules(Task):
         """``family``: ``sudoku`` or ``uncond_sudoku``, the start of the task's name and of its errors."""
         check_arguments(family, {"size": (size, is_int(size) and size in solver.BOX_SHAPES,
                                           f"one of {', '.join(map(str, sorted(solver.BOX_SHAPES)))}")})
-        self.size, self.name = size, f"{family}{size}x{size}"
+        self.size, self.name, self.box = size, f"{family}{size}x{size}", solver.BOX_SHAPES[size]
         self.vocab_size, self.seq_len = size + 2, size * size
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
