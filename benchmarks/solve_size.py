@@ -8,7 +8,8 @@ it as a child process while watching the output file. Printed: the seconds to re
 and the child's peak RSS.
 
     python benchmarks/solve_size.py [--boards 100000] [--samples 1] [--select first] [--threads T]
-                                    [--run DIR] [--out DIR] [override ...]
+                                    [--precision fp32] [--compile none] [--run DIR] [--out DIR]
+                                    [override ...]
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def solve(run: Path, source: Path, output: Path, args: argparse.Namespace) -> di
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     command = [sys.executable, "-m", "gram_pyro.cli", "solve", f"run={run}", f"input={source}",
-               f"output={output}", f"samples={args.samples}", f"select={args.select}"]
+               f"output={output}", f"samples={args.samples}", f"select={args.select}",
+               f"precision={args.precision}", f"compile={args.compile}"]
     start = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = None
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--boards", type=int, default=100_000)
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--select", default="first")
+    parser.add_argument("--precision", default="fp32", help="solve's precision: fp32 | bf16 | auto")
+    parser.add_argument("--compile", default="none", help="solve's compile mode: none | default | max")
     parser.add_argument("--run", type=Path, default=None, help="a trained run (default: an untrained one)")
     parser.add_argument("--out", type=Path, default=None, help="where the files go (default: a temporary folder)")
     harness.add_threads_argument(parser)
@@ -95,7 +99,8 @@ def main() -> None:
         result = solve(run, source, output, args)
         answered = len(output.read_text().splitlines())
     print(f"solve of {args.boards} boards, samples={args.samples}, select={args.select}, "
-          f"threads={args.threads or 'default'}: {result['said']}")
+          f"precision={args.precision}, compile={args.compile}, threads={args.threads or 'default'}: "
+          f"{result['said']}")
     rows = [(f"read and check the file ({len(boards)} boards)", f"{parse:8.2f} s"),
             ("first answer on disk", f"{result['first']:8.2f} s"),
             (f"all {answered} answers", f"{result['total']:8.2f} s ({answered / result['total']:.0f} boards/s)"),

@@ -75,7 +75,7 @@ def _train_multirun(overrides: list[str]) -> None:
 SAMPLING_RULES = {"samples": Whole(1), "depth": Whole(1, null=True), "halting": Flag(), "seed": Whole(*SEED_RANGE),
                   "memory_budget_mb": Number(null=True)}
 """What the keys of ``sampling.yaml`` (eval, solve, sample) may be."""
-DIAGNOSE_RULES = {"inputs": Whole(1), "particles": Whole(2), "trajectories": Whole(1), "mcmc_chains": Whole(0),
+DIAGNOSE_RULES = {"inputs": Whole(1), "particles": Whole(2), "samples": Whole(1), "mcmc_chains": Whole(0),
                   "mcmc_inputs": Whole(1), "mcmc_samples": Whole(1), "mcmc_warmup": Whole(0),
                   "shortcut_threshold": Number(0, 1, closed=True), "seed": Whole(*SEED_RANGE)}
 """What the numeric keys of ``diagnose.yaml`` may be."""
@@ -156,12 +156,11 @@ def _sample(overrides: list[str]) -> None:
 
     cfg = compose_config("sample", overrides)
     sampling = _sampling(cfg)
-    check_values(cfg, {"n": Whole(1)})
     source, home = _run_source(cfg)
     loaded = load_run(source, cfg.device)
     out = make_dir(Path(cfg.out or home / "samples"), "out")
     with inference_speed(loaded, cfg.precision, cfg.compile):
-        written = sample_unconditional(loaded, cfg.n, out, **sampling)
+        written = sample_unconditional(loaded, cfg.samples, out, **sampling)
     for path in written:
         print(f"wrote {path}")
 
@@ -176,7 +175,7 @@ def _diagnose(overrides: list[str]) -> None:
     out = make_dir(Path(cfg.out or Path(cfg.run) / "diagnostics"), "out")
     checkpoints = sorted((Path(cfg.run) / "checkpoints").glob("batch_*.pt"))
     summary = diagnose(loaded.task, loaded.model, loaded.guide, out, run_dir=cfg.run, split=cfg.split,
-                       num_inputs=cfg.inputs, num_particles=cfg.particles, num_trajectories=cfg.trajectories,
+                       num_inputs=cfg.inputs, num_particles=cfg.particles, num_trajectories=cfg.samples,
                        seed=cfg.seed, mcmc_chains=cfg.mcmc_chains, checkpoints=checkpoints,
                        shortcut_threshold=cfg.shortcut_threshold, mcmc_inputs=cfg.mcmc_inputs,
                        mcmc_samples=cfg.mcmc_samples, mcmc_warmup=cfg.mcmc_warmup, precision=cfg.precision)

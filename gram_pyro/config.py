@@ -157,8 +157,23 @@ def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
     return first_line(error)
 
 
+RENAMED_KEYS = {"sample": {"n": "samples"}, "diagnose": {"trajectories": "samples"}}
+"""Per config, keys that have a new name (``samples`` is the number of trajectories per input in every
+command): an override of the old key is a one-line error that names the new one."""
+
+
+def _check_renamed(config_name: str, overrides: list[str]) -> None:
+    renamed = RENAMED_KEYS.get(config_name, {})
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in renamed:
+            raise UserError(f"{key}= is now called {renamed[key]}=: use {renamed[key]}={value or '<N>'}")
+
+
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``experiments/configs/<config_name>.yaml`` with command-line ``overrides``."""
+    """Compose ``experiments/configs/<config_name>.yaml`` with command-line ``overrides`` (an old key
+    of :data:`RENAMED_KEYS` is a one-line error naming the new one)."""
+    _check_renamed(config_name, overrides)
     try:
         return _compose(config_name, overrides)
     except (HydraException, TypeError) as error:

@@ -20,7 +20,8 @@ Pieces (docs/paper.md, "The model"):
 - :class:`TokenEncoder`, :class:`GaussianHead`, :class:`TokenDecoder`, :class:`ScalarHead`.
 - :func:`network_precision`: the backbone's and Gaussian heads' matmuls under bf16 autocast (inference),
   their outputs and every density in the model's dtype.
-- :func:`compile_networks`: ``torch.compile`` the same networks (training's ``trainer.compile``).
+- :func:`compile_networks`: ``torch.compile`` the same networks (``trainer.compile``, and ``compile`` of
+  eval / solve / sample).
 """
 
 from __future__ import annotations
@@ -168,8 +169,8 @@ def network_precision(modules: list[nn.Module], dtype: torch.dtype | None):
 
 
 COMPILE_MODES = ("none", "default", "max")
-"""``trainer.compile``: no compilation, ``torch.compile``'s default mode, or its autotuning mode
-(``max-autotune``, without CUDA graphs on CPU)."""
+"""``trainer.compile`` and the sampling commands' ``compile``: no compilation, ``torch.compile``'s
+default mode, or its autotuning mode (``max-autotune``, without CUDA graphs on CPU)."""
 
 
 def compile_networks(modules: list[nn.Module], mode: str, device: torch.device) -> int:

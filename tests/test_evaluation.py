@@ -133,13 +133,16 @@ def test_sample_writes_grids_and_scores_for_an_unconditional_task(tmp_path, caps
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(config_name="train", overrides=["task=uncond_sudoku4", "task.num_test=4", *TINY_MODEL])
     run = train(cfg, tmp_path / "uncond", quiet=True)
-    assert main(["sample", f"run={run}", "n=5"]) == 0
+    assert main(["sample", f"run={run}", "samples=5"]) == 0
     lines = (run / "samples" / "samples.txt").read_text().splitlines()
     assert len(lines) == 5 and all(len(line) == 16 for line in lines)  # bare 4x4 grids, one a line
     assert (run / "samples" / "samples.png").stat().st_size > 1000
     assert set(json.loads((run / "samples" / "scores.json").read_text())) >= {"validity", "uniqueness"}
-    assert main(["sample", f"run={tmp_path / 'uncond'}", "n=0"]) == 2
-    assert "n=0; allowed: an integer >= 1" in capsys.readouterr().err
+    assert main(["sample", f"run={tmp_path / 'uncond'}", "samples=0"]) == 2
+    assert main(["sample", f"run={tmp_path / 'uncond'}", "n=5"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert "samples=0; allowed: an integer >= 1" in errors[0]
+    assert "n= is now called samples=: use samples=5" in errors[1]
 
 
 def test_image_sheet_lays_out_the_images_in_framed_tiles(tmp_path):
@@ -182,7 +185,7 @@ def test_scaling_sweep_reads_every_point_off_one_recorded_run(nqueens_run, tmp_p
 def test_diagnose_writes_the_inference_data_report_and_figures(tmp_path, capsys):
     run = train(tiny_config("trainer.max_batches=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=true"),
                 tmp_path / "kept", quiet=True)
-    assert main(["diagnose", f"run={run}", "inputs=4", "particles=4", "trajectories=2"]) == 0
+    assert main(["diagnose", f"run={run}", "inputs=4", "particles=4", "samples=2"]) == 0
     out = run / "diagnostics"
     assert (out / "diagnostics.nc").is_file() and (out / "report.md").is_file()
     assert any(out.glob("*.png")) and "wrote" in capsys.readouterr().out

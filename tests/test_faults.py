@@ -207,7 +207,9 @@ CASES = {
     "temperature_inf": (lambda p, m: p.eval("perturbation.kind=decoder", "perturbation.temperature=inf"),
                         "perturbation temperature must be a positive finite number"),
     "sample_count_text": (lambda p, m: ["sample", f"run={p.run}", "n=abc"], "n='abc'; allowed: an integer >= 1"),
-    "diagnose_trajectories": (lambda p, m: ["diagnose", f"run={p.run}", "trajectories=abc"], "trajectories='abc'"),
+    "diagnose_samples": (lambda p, m: ["diagnose", f"run={p.run}", "samples=abc"], "samples='abc'"),
+    "diagnose_old_key": (lambda p, m: ["diagnose", f"run={p.run}", "trajectories=8"],
+                         "trajectories= is now called samples=: use samples=8"),
     "diagnose_threshold": (lambda p, m: ["diagnose", f"run={p.run}", "shortcut_threshold=2"],
                            "shortcut_threshold=2; allowed: a finite number in [0, 1]"),
     # data files

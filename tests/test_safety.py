@@ -70,7 +70,7 @@ COMMANDS = {
     "resume": lambda run, place: ["train", f"resume={run}", "trainer.max_batches=2"],
     "solve": lambda run, place: ["solve", f"run={run}", f"input={place / 'boards.txt'}"],
     "sample": lambda run, place: ["sample", f"run={run}", "n=2"],
-    "diagnose": lambda run, place: ["diagnose", f"run={run}", "inputs=2", "particles=2", "trajectories=2"],
+    "diagnose": lambda run, place: ["diagnose", f"run={run}", "inputs=2", "particles=2", "samples=2"],
 }
 
 
