@@ -57,10 +57,18 @@ DECIMALS = {"conflicts": 2, "conflicts_total": 1, "grids": 0, "inception_score":
 REQUIRED = ("task", "budget", "device", "wall_seconds", "test_inputs", "samples", "models")
 
 
+THROUGHPUT_PREFIX = "throughput-"
+"""Speed figures (``throughput-<cpu|gpu>.json``, benchmarks/training_speed.py) sit beside the results
+files but are not results: docs/performance.md reports them."""
+
+
 def load_results(folder: Path) -> list[dict]:
-    """Every ``*.json`` in ``folder`` (sorted by name), checked for the keys a table needs."""
+    """Every ``*.json`` in ``folder`` (sorted by name) but the throughput files, checked for the keys a
+    table needs."""
     results = []
     for path in sorted(folder.glob("*.json")):
+        if path.name.startswith(THROUGHPUT_PREFIX):
+            continue
         try:
             result = json.loads(path.read_text())
         except json.JSONDecodeError as error:

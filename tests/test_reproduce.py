@@ -134,7 +134,9 @@ def test_results_table_renders_a_fixture_deterministically(tmp_path, capsys):
     assert "is not the rendering" in capsys.readouterr().err
 
 
-def test_results_table_rejects_a_foreign_file(tmp_path, capsys):
+def test_results_table_rejects_a_foreign_file_and_leaves_throughput_files_out(tmp_path, capsys):
+    (tmp_path / "throughput-cpu.json").write_text(json.dumps({"updates_per_s": 4.7, "rows": []}))
+    assert results_table.load_results(tmp_path) == []
     (tmp_path / "x.json").write_text(json.dumps({"task": "nqueens"}))
     assert results_table.main(["--results", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
     assert "not a results file (no 'budget')" in capsys.readouterr().err
