@@ -223,7 +223,7 @@ COMMANDS = {
                      "gram-pyro solve run=<dir> | pretrained=<name> input=<file> [key=value ...]", "solve", _solve,
                      _composer("solve")),
     "sample": Command("unconditional samples of a generative task, as text grids (and a PNG sheet for images)",
-                      "gram-pyro sample run=<dir> | pretrained=<name> n=<N> [key=value ...]", "sample", _sample,
+                      "gram-pyro sample run=<dir> | pretrained=<name> samples=<N> [key=value ...]", "sample", _sample,
                       _composer("sample")),
     "diagnose": Command("posterior diagnostics of a run: the shortcut check, PSIS k-hat and ESS, diversity, ELBO "
                         "curves (ArviZ InferenceData, report.md, figures)",

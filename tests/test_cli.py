@@ -40,7 +40,7 @@ def test_main_help_lists_every_command_and_option(capsys):
     (["train"], ["trainer.seed=0", "model.dim=64", "objective.beta=1.0", "run_dir=null"]),
     (["eval"], ["samples=20", "inputs=256", "perturbation.sigma=0.1"]),
     (["solve"], ["input=???", "samples=20"]),
-    (["sample"], ["n=64", "select=vote"]),
+    (["sample"], ["samples=64", "select=vote"]),
     (["diagnose"], ["run=???", "particles=64"]),
     (["data", "stats"], ["task.n=8"]),
 ])

@@ -206,7 +206,7 @@ CASES = {
                    "perturbation sigma must be a positive finite number, got 'abc'"),
     "temperature_inf": (lambda p, m: p.eval("perturbation.kind=decoder", "perturbation.temperature=inf"),
                         "perturbation temperature must be a positive finite number"),
-    "sample_count_text": (lambda p, m: ["sample", f"run={p.run}", "n=abc"], "n='abc'; allowed: an integer >= 1"),
+    "sample_count_text": (lambda p, m: ["sample", f"run={p.run}", "samples=abc"], "samples='abc'; allowed: an integer >= 1"),
     "diagnose_samples": (lambda p, m: ["diagnose", f"run={p.run}", "samples=abc"], "samples='abc'"),
     "diagnose_old_key": (lambda p, m: ["diagnose", f"run={p.run}", "trajectories=8"],
                          "trajectories= is now called samples=: use samples=8"),

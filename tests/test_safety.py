@@ -69,7 +69,7 @@ COMMANDS = {
     "eval": lambda run, place: ["eval", f"run={run}", "samples=2", "inputs=2"],
     "resume": lambda run, place: ["train", f"resume={run}", "trainer.max_batches=2"],
     "solve": lambda run, place: ["solve", f"run={run}", f"input={place / 'boards.txt'}"],
-    "sample": lambda run, place: ["sample", f"run={run}", "n=2"],
+    "sample": lambda run, place: ["sample", f"run={run}", "samples=2"],
     "diagnose": lambda run, place: ["diagnose", f"run={run}", "inputs=2", "particles=2", "samples=2"],
 }
 
@@ -167,7 +167,7 @@ def test_a_zero_byte_checkpoint_is_one_line(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", [
     lambda run, blocked: ["eval", f"run={run}", "samples=2", "inputs=2", f"out={blocked}"],
-    lambda run, blocked: ["sample", f"run={run}", "n=2", f"out={blocked}"],
+    lambda run, blocked: ["sample", f"run={run}", "samples=2", f"out={blocked}"],
     lambda run, blocked: ["solve", f"run={run}", f"input={run / 'config.yaml'}", f"output={blocked / 'a.txt'}"],
     lambda run, blocked: ["diagnose", f"run={run}", f"out={blocked}"],
 ])
