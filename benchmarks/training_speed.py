@@ -6,9 +6,8 @@ global batch in ``--batches``, ``trainer.compile`` mode in ``--compile`` and ``t
 ``--precision`` (the compiler's caches are cleared between configurations), and times
 ``Run.train_batch``: one batch of the library's training loop, i.e. ``N_sup`` optimizer updates of the
 objective (forward, backward, clipping, fused AdamW, EMA), under the autocast of ``trainer.precision``
-(``gram_pyro.training.training_dtype``). The first batch of each
-configuration is the warm-up and, when compiling, the compilation: its seconds are printed apart.
-Printed per configuration:
+(``gram_pyro.training.training_dtype``). The first batch of each configuration is the warm-up and,
+when compiling, the compilation: its seconds are printed apart. Printed per configuration:
 
 * ms per optimizer update and training throughput: examples per second through all ``N_sup``
   supervision steps (``batch / time of one batch``);
@@ -25,8 +24,8 @@ Printed per configuration:
 ``--json FILE`` writes every row (device, config, batch, compile_mode, precision, updates_per_s,
 examples_per_s, utilisation, first_batch_s) under ``rows``, the fastest row's fields at the top level
 (the headline figure) and ``demo_seconds`` where ``--demo-seconds`` gives the wall time of ``make demo``
-measured on the same machine. Utilisation is against the fp32 matmul rate
-of the same run, and against the bf16 one for the rows whose step runs in bf16.
+measured on the same machine. Utilisation is against the fp32 matmul rate of the same run, and against
+the bf16 one for the rows whose step runs in bf16.
 
 The defaults give the utilisation figure at D = 128 and 256; ``--dims 64 --batches 64 256 768`` the
 throughput at the batch sizes of the paper's range (batch 768 at D = 256 needs more than 24 GB on CPU).
@@ -74,7 +73,7 @@ def measure(overrides: list[str], repeats: int) -> dict:
     seconds = statistics.median(times)
     return {"seconds": seconds, "update_ms": 1000 * seconds / updates, "updates": updates,
             "examples_per_s": run.cfg.trainer.batch_size / seconds, "flops": counter.get_total_flops(),
-            "first_batch_s": first, "bf16": training_dtype(run.cfg.trainer, run.device) is not None}
+            "first_batch_s": first, "dtype": training_dtype(run.cfg.trainer, run.device) or torch.float32}
 
 
 def main() -> None:
@@ -106,7 +105,7 @@ def main() -> None:
                     rows.append((dim, batch, mode, measure(overrides, args.repeats)))
     size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     peaks = {dtype: matmul_flops_per_s(device, dtype, size, max(args.repeats, 3))
-             for dtype in {torch.bfloat16 if m["bf16"] else torch.float32 for *_, m in rows}}
+             for dtype in {m["dtype"] for *_, m in rows}}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, threads {torch.get_num_threads()}, {args.repeats} repeats, "
           f"overrides {args.overrides or 'none'}")
@@ -116,14 +115,14 @@ def main() -> None:
           f"{'GFLOP/batch':>12} {'GFLOP/s':>8} {'utilisation':>12}")
     records = []
     for dim, batch, mode, m in rows:
-        dtype = torch.bfloat16 if m["bf16"] else torch.float32
+        dtype, precision = m["dtype"], "bf16" if m["dtype"] == torch.bfloat16 else "fp32"
         achieved = m["flops"] / m["seconds"]
-        print(f"{dim:5d} {batch:6d} {mode:>8} {'bf16' if m['bf16'] else 'fp32':>6} {m['first_batch_s']:8.1f} "
+        print(f"{dim:5d} {batch:6d} {mode:>8} {precision:>6} {m['first_batch_s']:8.1f} "
               f"{m['update_ms']:10.1f} {m['examples_per_s']:11.1f} {m['flops'] / 1e9:12.2f} {achieved / 1e9:8.1f} "
               f"{achieved / peaks[dtype]:12.3f}")
         records.append({"device": name, "threads": torch.get_num_threads(),
                         "config": {"dim": dim, "ffn_hidden": round(args.ffn_ratio * dim), "overrides": args.overrides},
-                        "batch": batch, "compile_mode": mode, "precision": "bf16" if m["bf16"] else "fp32",
+                        "batch": batch, "compile_mode": mode, "precision": precision,
                         "first_batch_s": round(m["first_batch_s"], 2), "updates_per_s": round(1000 / m["update_ms"], 3),
                         "examples_per_s": round(m["examples_per_s"], 2),
                         "utilisation": round(achieved / peaks[dtype], 4)})
