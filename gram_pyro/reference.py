@@ -31,6 +31,9 @@ class StepResult:
     log_p: torch.Tensor   # [B] sum of log p(eps) over the sites drawn from the posterior
     log_q: torch.Tensor   # [B] sum of log q(eps) over the same sites
     kl_last: torch.Tensor  # [B] balanced KL of the final transition
+    u: torch.Tensor        # [B, L, D] the final transition's proposal
+    loc_q: torch.Tensor    # [B, L, D] its posterior's mean and scale
+    scale_q: torch.Tensor
 
 
 def supervision_step(model, guide, x, y, h, l, truncate: bool, posterior_everywhere: bool,
@@ -56,7 +59,7 @@ def supervision_step(model, guide, x, y, h, l, truncate: bool, posterior_everywh
     a = kl_balance
     kl_last = (a * gaussian_kl(mq.detach(), sq.detach(), mp, sp)
                + (1 - a) * gaussian_kl(mq, sq, mp.detach(), sp.detach())).sum((-1, -2))
-    return StepResult(model.decoder(h), h, l, log_p, log_q, kl_last)
+    return StepResult(model.decoder(h), h, l, log_p, log_q, kl_last, u, mq, sq)
 
 
 def token_log_likelihood(logits, y):

@@ -20,6 +20,7 @@ N_SUP, T = 2, 2
     ("truncated", [], N_SUP * T),
     ("truncated", ["objective.prior_weight=0.5"], 2 * N_SUP * T),  # the prior rollouts' chain
     ("truncated", ["objective.prior_weight=0.5", "objective.prior_target=nearest"], 2 * N_SUP * T),
+    ("truncated", ["objective.overshoot_weight=1"], 2 * N_SUP * T),  # overshooting runs the same chain
     ("truncated_mc", [], N_SUP * T),
     ("iwae", [], 3 * N_SUP * T),
     ("smc", [], 3 * N_SUP * T),

@@ -23,7 +23,7 @@ def mcmc_em_programs(o) -> int:
 
 
 PROGRAMS = {  # config: whole programs (N_sup T transitions) one batch runs per example, from its options
-    "truncated": lambda o: 2 if o.prior_weight else 1,
+    "truncated": lambda o: 2 if o.prior_weight or o.overshoot_weight else 1,
     "truncated_mc": lambda o: 1,
     "trace_elbo": lambda o: o.num_particles,
     "tracemeanfield_elbo": lambda o: o.num_particles,
@@ -35,6 +35,7 @@ PROGRAMS = {  # config: whole programs (N_sup T transitions) one batch runs per 
 }
 CASES = [(name, []) for name in group_options("objective")] + [
     ("truncated", ["objective.prior_weight=0.5"]),
+    ("truncated", ["objective.overshoot_weight=1"]),
     ("trace_elbo", ["objective.num_particles=3"]),
     ("iwae", ["objective.truncate=false"]),
     ("smc", ["objective.truncate=false"]),

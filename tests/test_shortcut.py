@@ -1,13 +1,15 @@
 """The levers against the posterior shortcut (KL cap, prior rollouts, posterior steps, target dropout)
 against hand computations, and the training-time shortcut check."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from gram_pyro.config import UserError
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
-from gram_pyro.reference import supervision_step, surrogate_loss, token_log_likelihood
+from gram_pyro.reference import gaussian_kl, supervision_step, surrogate_loss, token_log_likelihood
 from gram_pyro.tasks.base import IGNORE, Batch, most_likely
 from gram_pyro.tasks.coloring import FIRST_COLOUR, ColoringTask, canonicalize
 from gram_pyro.tasks.nqueens import NQueensTask
@@ -23,14 +25,16 @@ def start(model, batch_size):
 
 
 def prior_step(model, x, h, l):
-    """One supervision step with every eps drawn from the prior, truncated; returns (logits, h, l)."""
+    """One supervision step with every eps drawn from the prior, truncated: the decoder's logits, the
+    detached state ``h, l`` and the final transition's proposal ``u`` and prior ``loc, scale``."""
     e_x = model.encoder(x)
     for t in range(model.transitions):
         with torch.no_grad() if t < model.transitions - 1 else torch.enable_grad():
             l = model.core.refine_low(l, h, e_x)
             u = model.core.propose_high(h, l)
-            h = u + torch.distributions.Normal(*model.noise_heads["eps"](u)).rsample()
-    return model.decoder(h), h.detach(), l.detach()
+            loc, scale = model.noise_heads["eps"](u)
+            h = u + torch.distributions.Normal(loc, scale).rsample()
+    return SimpleNamespace(logits=model.decoder(h), h=h.detach(), l=l.detach(), u=u, loc=loc, scale=scale)
 
 
 @pytest.mark.parametrize("cap_share", [0.5, 2.0])
@@ -61,15 +65,46 @@ def test_prior_rollouts_score_a_prior_chain_against_the_target(data):
     torch.manual_seed(5)  # by hand: at each step the prior chain draws first, then the guided chain
     (h, l), (hp, lp) = start(model, x.shape[0]), start(model, x.shape[0])
     for loss, metrics in ours:
-        prior_logits, hp, lp = prior_step(model, x, hp, lp)
+        prior = prior_step(model, x, hp, lp)
+        hp, lp = prior.h, prior.l
         step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
         h, l = step.h.detach(), step.l.detach()
-        prior_nll = -token_log_likelihood(prior_logits, y).sum() / tokens
+        prior_nll = -token_log_likelihood(prior.logits, y).sum() / tokens
         guided = (-token_log_likelihood(step.logits, y).sum() + beta * step.kl_last.sum()) / tokens
         heads = surrogate_loss(model, step, x, y, beta) - guided
         expected = (1 - weight) * guided + weight * prior_nll + heads
         assert torch.allclose(metrics["prior_nll"], prior_nll, atol=1e-5, rtol=0)
         assert torch.allclose(loss, expected, atol=1e-5, rtol=0), (loss, expected)
+
+
+def test_latent_overshooting_pays_the_kl_from_the_guided_state_to_the_prior_chain_state(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    weight, tokens = 0.5, y.numel()
+    torch.manual_seed(3)
+    objective, state = TruncatedSurrogate(overshoot_weight=weight), {}
+    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
+    torch.manual_seed(3)  # by hand, in the order of the prior rollouts' test
+    (h, l), (hp, lp) = start(model, x.shape[0]), start(model, x.shape[0])
+    for loss, metrics in ours:
+        prior = prior_step(model, x, hp, lp)
+        hp, lp = prior.h, prior.l
+        step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
+        h, l = step.h.detach(), step.l.detach()
+        overshoot = gaussian_kl(step.u + step.loc_q, step.scale_q, prior.u + prior.loc, prior.scale).sum() / tokens
+        expected = surrogate_loss(model, step, x, y, beta=1.0) + weight * overshoot
+        assert "prior_nll" not in metrics
+        assert torch.allclose(metrics["overshoot"], overshoot, atol=1e-5, rtol=1e-6)
+        assert torch.allclose(loss, expected, atol=1e-5, rtol=1e-6), (loss, expected)
+    _, metrics = TruncatedSurrogate(overshoot_weight=weight).loss(model, guide, Batch(x, y), {}, 0)
+    to_guide = torch.autograd.grad(metrics["overshoot"], list(guide.parameters()), allow_unused=True)
+    to_prior = torch.autograd.grad(metrics["overshoot"], list(model.noise_heads.parameters()))
+    assert all(g is None or not g.any() for g in to_guide)  # the guided chain is the fixed target
+    assert sum(g.abs().sum() for g in to_prior) > 0
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="overshoot_weight"):
+            TruncatedSurrogate(overshoot_weight=bad)
 
 
 def test_posterior_steps_leave_later_steps_to_the_prior(data):
@@ -207,7 +242,7 @@ def test_prior_rollouts_against_the_nearest_solution(tmp_path):
     torch.manual_seed(4)
     _, metrics = objective.loss(model, guide, batch, {}, 0)
     torch.manual_seed(4)
-    prior_logits, _, _ = prior_step(model, batch.x, *start(model, len(batch.x)))
+    prior_logits = prior_step(model, batch.x, *start(model, len(batch.x))).logits
     target = task.nearest_solution(batch.x, prior_logits)
     expected = -token_log_likelihood(prior_logits, target).sum() / batch.y.numel()
     assert torch.allclose(metrics["prior_nll"], expected, atol=1e-5, rtol=0)

@@ -82,6 +82,16 @@ def balanced_kl(q, p, balance: float) -> torch.Tensor:
     return kl.flatten(-2).sum(-1)
 
 
+def overshooting_kl(q, u_q: torch.Tensor, p, u_p: torch.Tensor) -> torch.Tensor:
+    """``KL(sg(N(u_q + mu_q, s_q^2)) || N(u_p + mu_p, s_p^2))`` summed over event dims ``[L, D]``; shape
+    ``[..., B]``. The distributions of the states ``h = u + eps`` two chains reach at one transition:
+    ``q`` (the eps distribution used at proposal ``u_q``, held fixed) and ``p`` (at proposal ``u_p``,
+    trained): the gradient moves ``p`` and ``u_p`` only."""
+    q, p = gaussian_of(q), gaussian_of(p)
+    target = Normal((u_q + q.loc).detach(), q.scale.detach())
+    return kl_divergence(target, Normal(u_p + p.loc, p.scale)).flatten(-2).sum(-1)
+
+
 def head_losses(model_trace: Trace, x: torch.Tensor, y: torch.Tensor, n: int, judge: Judge
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halt BCE and LPRM squared error at supervision step ``n`` (batch means), and the correctness

@@ -23,16 +23,31 @@ supervision step (``updates_per_batch = N_sup``); the KL is analytic, so the gui
   *some* solution, the posterior chain keeps every solution reachable. The prior chain joins after
   ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
 
+A third option runs on the same prior chain: **latent overshooting** (Hafner et al., 2019, PlaNet).
+The prior chain has drawn every eps from the prior since ``z0``, so its state at step ``n`` is an
+``(n + 1) T``-transition prediction of the prior alone; it pays
+
+    + overshoot_weight * KL(sg(q(h_T^(n))) || p(h'_T^(n))) / S
+
+between the distribution of the guided chain's final state, ``h_T^(n) = u + eps`` with eps from the
+posterior (or from the prior at steps the posterior does not steer), and that of the prior chain's,
+``h'_T^(n) = u' + eps'`` with ``eps' ~ p(eps | u')`` (:func:`~gram_pyro.objectives.base.overshooting_kl`).
+The guided chain is the fixed target; the gradient reaches the prior head and the prior chain's
+final transition. PlaNet averages over every distance from every posterior state; this term uses
+one distance per step, the whole rollout from ``z0``.
+
 Cost: ``N_sup T`` transitions per example and batch; ``2 N_sup T`` once the prior chain has joined
-(``prior_weight > 0``: its own ``T`` transitions per supervision step).
+(``prior_weight > 0`` or ``overshoot_weight > 0``: its own ``T`` transitions per supervision step).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, exact_match, head_losses, per_token,
-                                       token_nll)
+import pyro.poutine as poutine
+
+from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, exact_match, head_losses,
+                                       overshooting_kl, per_token, token_nll)
 from gram_pyro.tasks.base import Batch
 
 PRIOR_TARGETS = ("target", "nearest")
@@ -43,7 +58,7 @@ class TruncatedSurrogate(Objective):
 
     def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
                  kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
-                 prior_start: int = 0, halt_weight: float = 1.0, value_weight: float = 1.0,
+                 prior_start: int = 0, overshoot_weight: float = 0.0, halt_weight: float = 1.0, value_weight: float = 1.0,
                  judge: Judge = exact_match, nearest: Nearest | None = None):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
@@ -54,11 +69,15 @@ class TruncatedSurrogate(Objective):
             raise ValueError(f"unknown prior_target {prior_target!r}; allowed: {', '.join(PRIOR_TARGETS)}")
         if prior_target == "nearest" and nearest is None:
             raise ValueError("prior_target=nearest needs the task's nearest_solution")
+        if isinstance(overshoot_weight, bool) or not isinstance(overshoot_weight, (int, float)) or \
+                not 0 <= overshoot_weight < float("inf"):
+            raise ValueError(f"overshoot_weight must be a finite number >= 0, got {overshoot_weight!r}")
         if isinstance(prior_start, bool) or not isinstance(prior_start, int) or prior_start < 0:
             raise ValueError(f"prior_start must be a whole number >= 0, got {prior_start!r}")
         self.beta, self.kl_balance = beta, kl_balance
         self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
         self.prior_target, self.nearest, self.prior_start = prior_target, nearest, prior_start
+        self.overshoot_weight = overshoot_weight
         self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
         self.batches = 0  # batches seen, for prior_start (checkpointed)
 
@@ -68,13 +87,18 @@ class TruncatedSurrogate(Objective):
     def load_state_dict(self, state: dict) -> None:
         self.batches = state.get("batches", 0)
 
+    @property
+    def prior_chain(self) -> bool:
+        """Whether a chain of prior rollouts runs (once ``prior_start`` batches have passed)."""
+        return bool(self.prior_weight or self.overshoot_weight)
+
     def updates_per_batch(self, model) -> int:
         return model.n_sup
 
     def cost(self, model) -> int:
         """``N_sup T``, twice that with the prior chain (module docstring; the batches before
         ``prior_start`` run the posterior chain alone)."""
-        return (2 if self.prior_weight else 1) * model.n_sup * model.transitions
+        return (2 if self.prior_chain else 1) * model.n_sup * model.transitions
 
     def check(self, model, guide) -> None:
         """A one-line ``ValueError`` if the guide's KL has no closed form (the surrogate needs one)."""
@@ -94,13 +118,15 @@ class TruncatedSurrogate(Objective):
             state.clear()
             model.init(state, batch.x)
             self.batches += 1
-            if self.prior_weight and self.batches > self.prior_start:
+            if self.prior_chain and self.batches > self.prior_start:
                 state["prior"] = {}
                 model.init(state["prior"], batch.x)
         n, last = update, model.transitions - 1
         prior_chain = "prior" in state
         if prior_chain:  # the prior chain's step n, before the guided one (both are site-named n)
-            prior_logits = model.step(state["prior"], batch.x, truncate=True, puzzle=batch.puzzle)
+            prior_trace = poutine.trace(model.step).get_trace(state["prior"], batch.x, truncate=True,
+                                                              puzzle=batch.puzzle)
+            prior_logits = prior_trace.nodes["_RETURN"]["value"]
             model._step_index = n
         model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True,
                                              puzzle=batch.puzzle)
@@ -114,12 +140,23 @@ class TruncatedSurrogate(Objective):
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
         loss = nll + self.kl_penalty(kl)
         metrics = {"nll": nll, "kl": kl}
-        if prior_chain:
-            target = batch.y if self.prior_target == "target" else self.nearest(batch.x, prior_logits.detach())
-            prior_nll = per_token(token_nll(prior_logits, target), batch.y)
-            loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
-            metrics["prior_nll"] = prior_nll
-        elif self.prior_weight:  # the same columns in every row of metrics.csv; NaN before prior_start
-            metrics["prior_nll"] = torch.full((), float("nan"), device=loss.device)
+        nan = torch.full((), float("nan"), device=loss.device)  # a column's value before prior_start
+        if self.prior_weight:
+            if prior_chain:
+                target = batch.y if self.prior_target == "target" else self.nearest(batch.x, prior_logits.detach())
+                prior_nll = per_token(token_nll(prior_logits, target), batch.y)
+                loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
+            metrics["prior_nll"] = prior_nll if prior_chain else nan
+        if self.overshoot_weight:
+            if prior_chain:
+                overshoot = torch.zeros_like(log_lik)
+                for kind in model.noise_sites:
+                    site, proposal = f"{kind}/{n}/{last}", f"u{kind[3:]}/{n}/{last}"
+                    overshoot = overshoot + overshooting_kl(
+                        guide_trace.nodes[site]["fn"], model_trace.nodes[proposal]["value"],
+                        prior_trace.nodes[site]["fn"], prior_trace.nodes[proposal]["value"])
+                overshoot = per_token(overshoot, batch.y)
+                loss = loss + self.overshoot_weight * overshoot
+            metrics["overshoot"] = overshoot if prior_chain else nan
         loss = loss + self.halt_weight * halt + self.value_weight * value
         return loss, {"loss": loss, **metrics, "halt": halt, "value": value, "acc": correct.mean()}
