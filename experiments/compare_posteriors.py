@@ -149,7 +149,7 @@ def measure(run_dir: Path, compare: DictConfig) -> dict:
     """The held-out scores and costs of a finished run, read from its directory (module docstring)."""
     start = time.perf_counter()
     loaded = load_run(run_dir)
-    report, _ = evaluate_run(loaded, inputs=compare.eval_inputs, samples=compare.eval_samples)
+    report, _ = evaluate_run(loaded, num_inputs=compare.eval_inputs, num_samples=compare.eval_samples)
     metrics = report["metrics"]
     data = loaded.task.splits["test"]
     index = held_out_index(len(data), compare.evidence_inputs, 0)
@@ -207,10 +207,10 @@ def write_markdown(rows: list[dict], settings: DictConfig, command: str, path: P
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], samples: int, path: Path) -> None:
+def plot(rows: list[dict], num_samples: int, path: Path) -> None:
     """Bars of accuracy, coverage (with 95% intervals) and log p(y | x) per pair."""
     labels = [f"{r['guide']}\n{r['objective']}" for r in rows]
-    panels = [("accuracy", "accuracy %", 100), ("coverage", f"coverage@{samples} %", 100),
+    panels = [("accuracy", "accuracy %", 100), ("coverage", f"coverage@{num_samples} %", 100),
               ("log_evidence", "log p(y|x), nats", 1)]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for axis, (key, title, scale) in zip(axes, panels):

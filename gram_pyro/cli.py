@@ -175,7 +175,7 @@ def _diagnose(overrides: list[str]) -> None:
     out = make_dir(Path(cfg.out or Path(cfg.run) / "diagnostics"), "out")
     checkpoints = sorted((Path(cfg.run) / "checkpoints").glob("batch_*.pt"))
     summary = diagnose(loaded.task, loaded.model, loaded.guide, out, run_dir=cfg.run, split=cfg.split,
-                       num_inputs=cfg.inputs, num_particles=cfg.particles, num_trajectories=cfg.samples,
+                       num_inputs=cfg.inputs, num_particles=cfg.particles, num_samples=cfg.samples,
                        seed=cfg.seed, mcmc_chains=cfg.mcmc_chains, checkpoints=checkpoints,
                        shortcut_threshold=cfg.shortcut_threshold, mcmc_inputs=cfg.mcmc_inputs,
                        mcmc_samples=cfg.mcmc_samples, mcmc_warmup=cfg.mcmc_warmup, precision=cfg.precision)

@@ -122,23 +122,23 @@ def breakdown(per_input: dict[str, torch.Tensor], num_solutions: torch.Tensor) -
     return groups
 
 
-def draw(model, x: torch.Tensor, samples: int, rule: str = "vote", smc=None, halting: bool = False,
+def draw(model, x: torch.Tensor, num_samples: int, rule: str = "vote", smc=None, halting: bool = False,
          perturbation=None, **sampling) -> Trajectories | SMCResult:
     """The candidates of selection rule ``rule`` for inputs ``x [B, S]``: the survivors of test-time SMC
-    (options ``smc``) for ``smc``, else ``samples`` independent trajectories; ``sampling`` as
+    (options ``smc``) for ``smc``, else ``num_samples`` independent trajectories; ``sampling`` as
     :func:`gram_pyro.inference.sample_trajectories`. SMC runs every trajectory to the full depth on the
     model's own noise: halting and perturbations are refused."""
     if rule != "smc":
         if smc is not None:
             raise UserError(f"smc options apply to select=smc, not select={rule}")
-        return sample_trajectories(model, x, samples, halting=halting, perturbation=perturbation, **sampling)
+        return sample_trajectories(model, x, num_samples, halting=halting, perturbation=perturbation, **sampling)
     if halting or perturbation is not None:
         raise UserError("select=smc runs every trajectory to the full depth on the model's own noise: "
                         "it takes neither halting=true nor a perturbation")
-    return smc_trajectories(model, x, samples, smc, **sampling)
+    return smc_trajectories(model, x, num_samples, smc, **sampling)
 
 
-def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samples: int = 20,
+def evaluate_run(loaded: LoadedRun, split: str = "test", num_inputs: int = 256, num_samples: int = 20,
                  depth: int | None = None, rule: str = "vote", halting: bool = False, seed: int = 0,
                  memory_budget_mb: float | None = None, perturbation=None, smc=None) -> tuple[dict, dict]:
     """``(report, arrays)``: the metrics (see the module docstring) and what ``samples.npz`` holds;
@@ -148,11 +148,11 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     if split not in task.splits:
         raise UserError(f"unknown split {split!r}; this task has: {', '.join(task.splits)}")
     data = task.splits[split]
-    index = held_out_index(len(data), inputs, seed)
+    index = held_out_index(len(data), num_inputs, seed)
     x = data.inputs[index].to(loaded.device)
     puzzle = None if data.puzzles is None else data.puzzles[index].to(loaded.device)
     start = time.perf_counter()
-    drawn = draw(model, x, samples, rule, smc, halting, perturbation, depth=depth, puzzle=puzzle,
+    drawn = draw(model, x, num_samples, rule, smc, halting, perturbation, depth=depth, puzzle=puzzle,
                  memory_budget_mb=memory_budget_mb, seed=seed)
     seconds = time.perf_counter() - start
     paths = drawn.trajectories if isinstance(drawn, SMCResult) else drawn
@@ -166,14 +166,14 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     metrics = {k: interval(v) for k, v in chosen_answer.items() if k != "coverage"}
     metrics.update({f"sample_{k}": interval(v) for k, v in all_answers.items() if k != "coverage"})
     if "coverage" in all_answers:
-        metrics[f"coverage@{samples}"] = interval(all_answers["coverage"])
+        metrics[f"coverage@{num_samples}"] = interval(all_answers["coverage"])
     if not task.unconditional:  # some answer correct (the oracle selector); accuracy is the share correct
-        metrics[f"pass@{samples}"] = interval((all_answers["accuracy"] > 0).double())
+        metrics[f"pass@{num_samples}"] = interval((all_answers["accuracy"] > 0).double())
     for key, score in task.score(split, index, answers).items():
         if key not in all_answers:
             metrics[key] = score
     report = {"run": str(loaded.run_dir), "task": task.name, "split": split, "inputs": len(index),
-              "samples": samples, "depth": depth or model.n_sup, "select": rule, "halting": halting,
+              "samples": num_samples, "depth": depth or model.n_sup, "select": rule, "halting": halting,
               "seed": seed, "perturbation": None if perturbation is None else dict(perturbation),
               "sampling_seconds": round(seconds, 3), "metrics": metrics}
     if isinstance(drawn, SMCResult):
@@ -182,7 +182,7 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", inputs: int = 256, samp
     num_solutions = getattr(data, "num_solutions", None)
     if num_solutions is not None and len(torch.unique(num_solutions[index])) > 1:
         per_input = {**{k: v for k, v in chosen_answer.items() if k != "coverage"},
-                     **({f"coverage@{samples}": all_answers["coverage"]} if "coverage" in all_answers else {})}
+                     **({f"coverage@{num_samples}": all_answers["coverage"]} if "coverage" in all_answers else {})}
         report["by_num_solutions"] = breakdown(per_input, num_solutions[index])
     arrays = {"index": index.numpy(), "inputs": data.inputs[index].numpy(), "answers": answers.numpy(),
               "selected": selected.numpy(), "chosen": chosen.numpy(), "value": value.numpy(),
@@ -240,11 +240,11 @@ def inference_speed(loaded: LoadedRun, precision: str, compile_mode: str):
         yield
 
 
-def _draw(loaded: LoadedRun, x: torch.Tensor, samples: int, rule: str = "vote", **sampling) -> Trajectories:
-    """The ``samples`` candidates of selection rule ``rule`` (:func:`draw`) for inputs ``x [B, S]``."""
+def _draw(loaded: LoadedRun, x: torch.Tensor, num_samples: int, rule: str = "vote", **sampling) -> Trajectories:
+    """The ``num_samples`` candidates of selection rule ``rule`` (:func:`draw`) for inputs ``x [B, S]``."""
     if loaded.task.num_puzzles:
         raise UserError(f"task {loaded.task.name} needs puzzle identifiers, which user inputs do not carry")
-    drawn = draw(loaded.model, x.to(loaded.device), samples, rule, **sampling)
+    drawn = draw(loaded.model, x.to(loaded.device), num_samples, rule, **sampling)
     return drawn.trajectories if isinstance(drawn, SMCResult) else drawn
 
 
@@ -271,10 +271,10 @@ def verdicts_path(output: Path) -> Path:
     return output.with_suffix(".valid" + output.suffix)
 
 
-def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule: str,
+def solve_file(loaded: LoadedRun, source: Path, output: Path, num_samples: int, rule: str,
                memory_budget_mb: float | None = None, **sampling) -> tuple[int, int]:
     """Answer every puzzle of the user file ``source`` (the task's format) with the answer ``rule``
-    selects among ``samples`` trajectories; write one line per puzzle, in the same format, to
+    selects among ``num_samples`` trajectories; write one line per puzzle, in the same format, to
     ``output``, and the judge's verdict of each either in its line or, where the task's answer lines
     are bare (``verdict_in_answer`` false: Sudoku grids), to :func:`verdicts_path`. The whole file is
     read (and checked) first; then the puzzles are answered in blocks (:func:`solve_blocks`, each at
@@ -290,7 +290,7 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
             raise UserError(f"output={output} would overwrite the input file")
     x = task.read_inputs(source)
     budget_mb = memory_budget_mb or default_memory_budget_mb(torch.device("cpu"))
-    largest = max(1, min(SOLVE_LARGEST_BLOCK, int(budget_mb * 2**20 // result_bytes(samples, 1, x.shape[1], 0))))
+    largest = max(1, min(SOLVE_LARGEST_BLOCK, int(budget_mb * 2**20 // result_bytes(num_samples, 1, x.shape[1], 0))))
     valid = 0
     try:
         with output.open("w") as handle, ExitStack() as stack, \
@@ -298,7 +298,7 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
             verdict_handle = None if verdicts is None else stack.enter_context(verdicts.open("w"))
             for rows in solve_blocks(len(x), largest):
                 block = x[rows.start:rows.stop]
-                paths = _draw(loaded, block, samples, rule=rule, memory_budget_mb=memory_budget_mb,
+                paths = _draw(loaded, block, num_samples, rule=rule, memory_budget_mb=memory_budget_mb,
                               first_row=rows.start, **sampling)
                 selected, _ = select(rule, paths.answers.cpu(), paths.value.cpu(), paths.halt_logit.cpu(),
                                      memory_budget_mb=budget_mb)
@@ -316,8 +316,8 @@ def solve_file(loaded: LoadedRun, source: Path, output: Path, samples: int, rule
     return len(x), valid
 
 
-def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -> list[Path]:
-    """Draw ``n`` answers to the blank input of an unconditional task; write ``samples.txt`` (one
+def sample_unconditional(loaded: LoadedRun, num_samples: int, out_dir: Path, **sampling) -> list[Path]:
+    """Draw ``num_samples`` answers to the blank input of an unconditional task; write ``samples.txt`` (one
     answer per line in the task's format, or ``#``/``.`` rows for images), ``scores.json`` (the task's
     set-level scores of the samples) and, for images and grids (``task.box``), ``samples.png``. Returns
     the written paths."""
@@ -325,12 +325,12 @@ def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -
     if not task.unconditional:
         raise UserError(f"task {task.name} answers inputs: use gram-pyro solve run=<dir> input=<file>")
     x = task.splits["test"].inputs[:1]
-    answers = _draw(loaded, x, n, **sampling).answers.cpu()  # [n, 1, S]
+    answers = _draw(loaded, x, num_samples, **sampling).answers.cpu()  # [num_samples, 1, S]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "samples.txt", out_dir / "scores.json"]
     if task.image_side:
         side = task.image_side
-        bits = (answers[:, 0] == answers.new_tensor(2)).view(n, side, side)
+        bits = (answers[:, 0] == answers.new_tensor(2)).view(num_samples, side, side)
         text = "\n\n".join("\n".join("".join("#" if b else "." for b in row) for row in image.tolist())
                            for image in bits)
         written.append(out_dir / "samples.png")
@@ -339,10 +339,10 @@ def sample_unconditional(loaded: LoadedRun, n: int, out_dir: Path, **sampling) -
         text = "\n".join(task.format_answer(x[0], answer) for answer in answers[:, 0])
         if task.box:
             written.append(out_dir / "samples.png")
-            _grid_sheet(text.splitlines(), task.box, task.judge(x.expand(n, -1), answers[:, 0]), written[-1])
+            _grid_sheet(text.splitlines(), task.box, task.judge(x.expand(num_samples, -1), answers[:, 0]), written[-1])
     written[0].write_text(text + "\n")
     scores = task.score("test", torch.zeros(1, dtype=torch.long), answers)
-    written[1].write_text(json.dumps(json_ready({"samples": n, **scores}), indent=1))
+    written[1].write_text(json.dumps(json_ready({"samples": num_samples, **scores}), indent=1))
     return written
 
 

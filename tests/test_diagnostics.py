@@ -181,7 +181,7 @@ def reports(nqueens5, tmp_path_factory):
     for name, guide, precision in (("copying", TargetCopyingGuide(model), "bf16"), ("prior", PriorGuide(model), "fp32")):
         out_dir = tmp_path_factory.mktemp(name)
         summary = diagnose(nqueens5, model, guide, out_dir, run_dir=run_dir, num_inputs=8, num_particles=16,
-                           num_trajectories=5, seed=3, num_projections=3, pca_inputs=2, precision=precision)
+                           num_samples=5, seed=3, num_projections=3, pca_inputs=2, precision=precision)
         out[name] = (summary, out_dir)
     return out
 

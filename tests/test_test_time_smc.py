@@ -212,12 +212,12 @@ def test_eval_select_smc_reports_the_survivors_and_the_ess_trace(nqueens_run, tm
     assert report["select"] == "smc" and report["smc"]["tempering"] == 1.0
     assert len(report["smc"]["ess_by_step"]) == report["depth"] and report["smc"]["resampled_by_step"][-1] == 1.0
     loaded = load_run(nqueens_run)
-    again, arrays = evaluate_run(loaded, inputs=6, samples=4, rule="smc", smc={"tempering": 1.0})
+    again, arrays = evaluate_run(loaded, num_inputs=6, num_samples=4, rule="smc", smc={"tempering": 1.0})
     assert again["metrics"] == report["metrics"] and arrays["ess"].shape == (report["depth"], 6)
     for rule, options, message in [("smc", {"tempering": -2}, "smc tempering must be"),
                                    ("vote", {"tempering": 2}, "smc options apply to select=smc, not select=vote")]:
         with pytest.raises(UserError, match=message):
-            evaluate_run(loaded, inputs=6, samples=4, rule=rule, smc=options)
+            evaluate_run(loaded, num_inputs=6, num_samples=4, rule=rule, smc=options)
     assert main(["eval", f"run={nqueens_run}", "samples=4", "inputs=6", "select=smc", "halting=true",
                  f"out={tmp_path / 'halting'}"]) == 2
     err = capsys.readouterr().err

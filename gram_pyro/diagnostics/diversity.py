@@ -66,12 +66,12 @@ def distinct_answers(answers: torch.Tensor, valid: torch.Tensor | None = None) -
 
 
 @torch.no_grad()
-def prior_trajectories(model, x: torch.Tensor, num_trajectories: int, puzzle: torch.Tensor | None = None,
+def prior_trajectories(model, x: torch.Tensor, num_samples: int, puzzle: torch.Tensor | None = None,
                        pca_inputs: int = 4, memory_budget_mb: float | None = None) -> PriorTrajectories:
-    """:class:`PriorTrajectories` of ``num_trajectories`` prior trajectories for each input of
+    """:class:`PriorTrajectories` of ``num_samples`` prior trajectories for each input of
     ``x [M, S]`` (random draws from torch's global generator). A deterministic model runs one
     trajectory, repeated."""
-    inputs, lanes = x.shape[0], num_trajectories if model.stochastic else 1
+    inputs, lanes = x.shape[0], num_samples if model.stochastic else 1
     budget_mb = default_memory_budget_mb(x.device) if memory_budget_mb is None else memory_budget_mb
     _, per_chunk = plan_chunks(1, inputs, lanes * trajectory_bytes(model, 1), budget_mb * 2**20)
     answers, spreads, states = [], [], []
@@ -90,7 +90,7 @@ def prior_trajectories(model, x: torch.Tensor, num_trajectories: int, puzzle: to
         answers.append(torch.stack(chunk_answers))
         spreads.append(torch.stack(chunk_spread))
         states.append(torch.stack(chunk_states))
-    step_answers = torch.cat(answers, 2).expand(-1, num_trajectories, -1, -1)
+    step_answers = torch.cat(answers, 2).expand(-1, num_samples, -1, -1)
     kept = torch.cat(states, 2).permute(2, 0, 1, 3)  # [P, N_sup, lanes, L D]
     paths = principal_plane(kept.flatten(1, 2)).view(*kept.shape[:3], 2)
-    return PriorTrajectories(step_answers, torch.cat(spreads, 1), paths.expand(-1, -1, num_trajectories, -1))
+    return PriorTrajectories(step_answers, torch.cat(spreads, 1), paths.expand(-1, -1, num_samples, -1))

@@ -91,14 +91,14 @@ def importance(khat: torch.Tensor, ess: torch.Tensor, num_particles: int, path: 
     _save(figure, path)
 
 
-def diversity(distinct: torch.Tensor, distinct_valid: torch.Tensor, spread: torch.Tensor, num_trajectories: int,
+def diversity(distinct: torch.Tensor, distinct_valid: torch.Tensor, spread: torch.Tensor, num_samples: int,
               path: Path) -> None:
     """Distinct answers per input among N prior trajectories, and the spread of h per step."""
     figure = _figure(9, 3.5)
     left, right = figure.subplots(1, 2)
-    bins = torch.arange(0.5, num_trajectories + 1.5).tolist()
+    bins = torch.arange(0.5, num_samples + 1.5).tolist()
     left.hist([distinct.tolist(), distinct_valid.tolist()], bins=bins, label=["all", "valid"])
-    left.set(xlabel=f"distinct answers among {num_trajectories}", ylabel="inputs", title="Answer diversity")
+    left.set(xlabel=f"distinct answers among {num_samples}", ylabel="inputs", title="Answer diversity")
     left.legend()
     steps = torch.arange(1, spread.shape[0] + 1).tolist()
     low, mid, high = torch.quantile(spread.float(), torch.tensor([0.1, 0.5, 0.9]), dim=1).tolist()

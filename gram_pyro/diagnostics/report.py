@@ -66,7 +66,7 @@ class Options:
     split: str
     num_inputs: int
     num_particles: int
-    num_trajectories: int
+    num_samples: int
     seed: int
     mcmc_chains: int
     checkpoints: Sequence[str | Path]
@@ -84,7 +84,7 @@ class Options:
 def _check(task, options: Options) -> None:
     if options.split not in task.splits:
         raise UserError(f"task {task.name} has no split {options.split!r}; allowed: {', '.join(task.splits)}")
-    sizes = {name: getattr(options, name) for name in ("num_inputs", "num_particles", "num_trajectories",
+    sizes = {name: getattr(options, name) for name in ("num_inputs", "num_particles", "num_samples",
                                                          "num_projections", "mcmc_inputs", "mcmc_samples",
                                                          "elbo_particles")}
     too_small = [f"{name}={value}" for name, value in sizes.items() if value < (2 if name == "num_particles" else 1)]
@@ -104,7 +104,7 @@ def _scores(task, split: str, index: torch.Tensor, step_answers: torch.Tensor) -
 
 @torch.no_grad()
 def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None = None, split: str = "test",
-             num_inputs: int = 256, num_particles: int = 64, num_trajectories: int = 20, seed: int = 0,
+             num_inputs: int = 256, num_particles: int = 64, num_samples: int = 20, seed: int = 0,
              mcmc_chains: int = 0, checkpoints: Sequence[str | Path] = (), *, shortcut_threshold: float = 0.2,
              unit_threshold: float = 0.01, num_projections: int = 4, pca_inputs: int = 4, mcmc_inputs: int = 2,
              mcmc_samples: int = 100, mcmc_warmup: int = 100, elbo_particles: int = 8,
@@ -113,7 +113,7 @@ def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None
     ``summary.json``). ``precision`` (:data:`gram_pyro.inference.PRECISIONS`) is that of the networks'
     matmuls (:func:`gram_pyro.nn.network_precision`) for the prior trajectories, guide particles and
     ELBO curves; MCMC always runs in the model's dtype (its gradients)."""
-    options = Options(run_dir, split, num_inputs, num_particles, num_trajectories, seed, mcmc_chains,
+    options = Options(run_dir, split, num_inputs, num_particles, num_samples, seed, mcmc_chains,
                       list(checkpoints), shortcut_threshold, unit_threshold, num_projections, pca_inputs, mcmc_inputs,
                       mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb)
     _check(task, options)
@@ -150,7 +150,7 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
         directions = random_directions(options.num_projections, model.h0.numel(), options.seed).to(model.h0.device)
     results["precision"] = "fp32" if dtype is None else "bf16"
     with timer.part("prior trajectories"), network_precision([model, guide], dtype):
-        results["prior"] = prior_trajectories(model, batch.x, options.num_trajectories, batch.puzzle,
+        results["prior"] = prior_trajectories(model, batch.x, options.num_samples, batch.puzzle,
                                               options.pca_inputs, options.memory_budget_mb)
     with timer.part("guide particles"), network_precision([model, guide], dtype):
         results["particles"] = particles = guide_particles(model, guide, batch, options.num_particles, directions,
@@ -241,7 +241,7 @@ def _write(out_dir: Path, task, model, guide, options: Options, index: torch.Ten
     files["importance"] = "importance.png"
     figures.importance(khat, ess, options.num_particles, out_dir / files["importance"])
     files["diversity"] = "diversity.png"
-    figures.diversity(results["distinct"], results["distinct_valid"], prior.spread.cpu(), options.num_trajectories,
+    figures.diversity(results["distinct"], results["distinct_valid"], prior.spread.cpu(), options.num_samples,
                       out_dir / files["diversity"])
     if prior.paths.shape[0]:
         files["trajectories"] = "trajectories.png"
@@ -267,7 +267,7 @@ def _write(out_dir: Path, task, model, guide, options: Options, index: torch.Ten
         figures.elbo_curves(results["elbo_curves"], out_dir / files["elbo_curves"])
     return {
         "task": task.name, "split": options.split, "inputs": len(index), "num_particles": options.num_particles,
-        "num_trajectories": options.num_trajectories, "seed": options.seed, "precision": results["precision"],
+        "num_samples": options.num_samples, "seed": options.seed, "precision": results["precision"],
         "model": {"noise": getattr(model, "noise", "learned"), "n_sup": model.n_sup, "transitions": model.transitions},
         "guide": {"family": type(guide).__name__, "posterior_transitions": guide.posterior_transitions},
         "shortcut": {**asdict(check), "prior_accuracy_by_step": prior_by_step,
@@ -301,7 +301,7 @@ def _write_report(out_dir: Path, summary: dict) -> None:
     lines = [
         "# Posterior diagnostics", "",
         f"Task `{summary['task']}`, split `{summary['split']}`: {summary['inputs']} held-out inputs, "
-        f"K = {summary['num_particles']} guide particles, N = {summary['num_trajectories']} prior trajectories, "
+        f"K = {summary['num_particles']} guide particles, N = {summary['num_samples']} prior trajectories, "
         f"seed {summary['seed']}. Model noise `{summary['model']['noise']}`, N_sup = {summary['model']['n_sup']}, "
         f"T = {summary['model']['transitions']}; guide `{summary['guide']['family']}` "
         f"(posterior_transitions = `{summary['guide']['posterior_transitions']}`).", "",
@@ -338,7 +338,7 @@ def _write_report(out_dir: Path, summary: dict) -> None:
                   f"{_number(mcmc['mcse_mean_max'])}. Draws in `{files['mcmc']}`.", "",
                   f"![trace]({files['mcmc_trace']})", "", f"![rank]({files['mcmc_rank']})", ""]
     lines += ["## Trajectory diversity (prior)", "",
-              f"Distinct answers among N = {summary['num_trajectories']}: {_number(div['distinct_answers_mean'])} "
+              f"Distinct answers among N = {summary['num_samples']}: {_number(div['distinct_answers_mean'])} "
               f"on average, {_number(div['distinct_valid_answers_mean'])} of them valid. Pairwise RMS distance of h "
               f"per step: {', '.join(_number(value) for value in div['spread_by_step'])}.", "",
               f"![diversity]({files['diversity']})", "",
