@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m experiments.demo
+	$(BIN)/python -m gram_pyro.experiments.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

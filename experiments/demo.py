@@ -6,7 +6,7 @@ scored on held-out inputs with 20 trajectories drawn from the **prior**: accurac
 that are valid completions) and coverage@20 (distinct valid completions found / all valid
 completions of the input). Writes ``results.json`` and ``results.png`` into the demo directory.
 
-    python -m experiments.demo [out=runs/demo] [key=value overrides for both runs]
+    python -m gram_pyro.experiments.demo [out=runs/demo] [key=value overrides for both runs]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python experiments/program_graph.py [out=docs/method/program.png]
 
-:func:`pyro.infer.inspect.get_dependencies` traces a small :class:`models.RecursiveReasoningModel`
+:func:`pyro.infer.inspect.get_dependencies` traces a small :class:`gram_pyro.models.RecursiveReasoningModel`
 (``N_sup = 2`` supervision steps of ``T = 2`` transitions) with ``y`` observed and reports, for every
 sample site, the sites its distribution depends on. Through the deterministic recursion every eps
 site depends on all earlier ones, so the figure draws the transitive reduction of those
@@ -22,7 +22,7 @@ import matplotlib
 import torch
 from pyro.infer.inspect import get_dependencies
 
-from models import RecursiveReasoningModel
+from gram_pyro.models import RecursiveReasoningModel
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.results_table import markdown_table
+from gram_pyro.experiments.results_table import markdown_table
 from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.config import UserError, compose_config, group_options, load_run_config
 from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, load_run, write_evaluation

@@ -1,6 +1,6 @@
 """Config composition with one-line errors.
 
-Configs live in ``experiments/configs`` (package data, found as ``pkg://experiments.configs``), so the
+Configs live in ``experiments/configs`` (package data, found as ``pkg://gram_pyro.experiments.configs``), so the
 command works from any directory and from a non-editable install. Composition uses Hydra's compose
 API; any failure becomes a :class:`UserError` naming the key or option and what is allowed.
 
@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-CONFIG_MODULE = "experiments.configs"
+CONFIG_MODULE = "gram_pyro.experiments.configs"
 RUN_SECTIONS = ("task", "model", "guide", "objective", "trainer")
 """The mappings every run's ``config.yaml`` holds."""
 
@@ -309,12 +309,28 @@ def _read_yaml(path) -> DictConfig:
 def load_run_config(path) -> DictConfig:
     """A run's saved ``config.yaml``, checked before anything is built from it (the module docstring),
     with trainer keys added to ``trainer/default.yaml`` since the run was written filled in from their
-    defaults and renamed keys translated (:func:`_translate_trainer`), so older runs still load and resume."""
+    defaults and renamed keys and moved classes translated (:func:`_translate_trainer`,
+    :func:`_translate_targets`), so older runs still load and resume."""
     saved = _read_yaml(path)
+    _translate_targets(saved)
     _check_run_config(saved, str(path))
     defaults = OmegaConf.load(str(resources.files(CONFIG_MODULE) / "trainer" / "default.yaml"))
     saved.trainer = OmegaConf.merge(defaults, _translate_trainer(saved.trainer))
     return saved
+
+
+MOVED_PACKAGES = ("models.", "guides.")
+"""Packages installed inside ``gram_pyro`` since: a run saved before names their classes without the prefix."""
+
+
+def _translate_targets(saved: DictConfig) -> None:
+    """In place: the ``model`` and ``guide`` targets of a run saved before the move of
+    :data:`MOVED_PACKAGES` (``models.RecursiveReasoningModel``) read as ``gram_pyro.models...``."""
+    for section in ("model", "guide"):
+        node = saved.get(section)
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if isinstance(target, str) and target.startswith(MOVED_PACKAGES):
+            node._target_ = "gram_pyro." + target
 
 
 def _translate_trainer(trainer: DictConfig) -> DictConfig:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gram_pyro.nn import SwiGLU, TokenEncoder
-from guides.base import EpsGuide
+from gram_pyro.guides.base import EpsGuide
 
 
 class TargetContext(nn.Module):

@@ -1,7 +1,7 @@
 """Conditional normalizing-flow posterior, built from ``pyro.distributions.transforms``.
 
     eps = mu_p(u) + sigma_p(u) * f_depth(... f_1(xi; a) ...; a),   xi ~ N(0, I_D) per position,
-    a = [u ; E(y)]  (:mod:`guides.context`)
+    a = [u ; E(y)]  (:mod:`gram_pyro.guides.context`)
 
 ``f_j`` are conditional affine transforms over the ``D`` hidden units of a position with context
 ``a`` of that position: ``coupling`` (:func:`~pyro.distributions.transforms.conditional_affine_coupling`,
@@ -20,7 +20,7 @@ import pyro.distributions.transforms as T
 import torch
 from torch import nn
 
-from guides.context import ContextGuide, prior_normal
+from gram_pyro.guides.context import ContextGuide, prior_normal
 
 FLOW_KINDS = ("coupling", "autoregressive")
 

@@ -1,4 +1,4 @@
-"""The exact posterior of the linear-Gaussian toy (:mod:`models.linear_gaussian`) as a guide.
+"""The exact posterior of the linear-Gaussian toy (:mod:`gram_pyro.models.linear_gaussian`) as a guide.
 
 At site ``eps/{n}/{t}`` (transition ``k = n T + t``) the posterior given everything upstream is
 
@@ -6,7 +6,7 @@ At site ``eps/{n}/{t}`` (transition ``k = n T + t``) the posterior given everyth
                          = N(P^-1 (mu / s^2 + eta_k - J_k u_k), P^-1),   P = I / s^2 + J_k,
 
 with ``mu = W u_k + w`` the prior mean and ``(J_k, eta_k)`` the model's backward information filter
-(:meth:`~models.linear_gaussian.LinearGaussianModel.future_information`). It depends on the past only
+(:meth:`~gram_pyro.models.linear_gaussian.LinearGaussianModel.future_information`). It depends on the past only
 through ``u_k`` (the chain is Markov in ``h``), so with ``posterior_transitions="all"`` the product of
 these conditionals is the exact joint posterior: every importance weight ``p(x, y, eps) / q(eps)``
 equals ``p(y | x)``. With ``"last"`` the earlier transitions follow the prior and each covered site is
@@ -18,14 +18,14 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
-from guides.base import EpsGuide, proposal_site
+from gram_pyro.guides.base import EpsGuide, proposal_site
 
 
 class ExactLinearGaussianPosterior(EpsGuide):
     def __init__(self, model, posterior_transitions: str = "all"):
         super().__init__(model, posterior_transitions)
         if not hasattr(model, "future_information"):
-            raise ValueError("the exact posterior guide needs models.linear_gaussian.LinearGaussianModel")
+            raise ValueError("the exact posterior guide needs gram_pyro.models.linear_gaussian.LinearGaussianModel")
 
     def get_posterior(self, name: str, prior):
         if not self.covers(name):

@@ -2,7 +2,7 @@
 
     q(eps_i | u, y) = N(mu_p + d_mu,  diag((sigma_p exp(d_s))^2) + V V^T)   per position i
 
-with ``(d_mu, d_s, V) = Correction(a)``, ``a = [u ; E(y)]`` (:mod:`guides.context`) and
+with ``(d_mu, d_s, V) = Correction(a)``, ``a = [u ; E(y)]`` (:mod:`gram_pyro.guides.context`) and
 ``V [..., L, D, rank]``: correlations between the ``D`` hidden units of a position, positions
 independent given ``(u, y)``. ``pyro.distributions.LowRankMultivariateNormal`` over ``D`` (event dim
 1), ``.to_event(1)`` over ``L``: event dims ``[L, D]``. The mean and diagonal start at the prior; the
@@ -17,7 +17,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from guides.context import ContextGuide, Correction, prior_normal
+from gram_pyro.guides.context import ContextGuide, Correction, prior_normal
 
 
 class LowRankGaussian(ContextGuide):

@@ -2,7 +2,7 @@
 
     q(eps | u, y) = N(mu_q(a), s^2 I),   a = [u ; E(y)],   s = 1e-3 by default
 
-``mu_q = Correction(a)`` (:mod:`guides.context`), zero at initialisation. Nearly deterministic
+``mu_q = Correction(a)`` (:mod:`gram_pyro.guides.context`), zero at initialisation. Nearly deterministic
 guidance that sees the target: the paper reports 0% with it (docs/paper.md, "Reference figures": "mean-only
 guidance"), since eps can carry the answer at a KL cost that the learned prior scale can make small
 relative to the likelihood. Event dims ``[L, D]``; a Normal, so the analytic KL applies.
@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from guides.context import ContextGuide, Correction
+from gram_pyro.guides.context import ContextGuide, Correction
 
 
 class MeanOnlyGaussian(ContextGuide):

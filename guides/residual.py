@@ -2,7 +2,7 @@
 
     q(eps | u, y) = N(mu_p(u) + d_mu(a), sigma_p(u) * exp(d_s(a))),   a = [u ; E(y)]
 
-``(d_mu, d_s) = Correction(a)`` (:mod:`guides.context`), zero at initialisation, so q starts equal to
+``(d_mu, d_s) = Correction(a)`` (:mod:`gram_pyro.guides.context`), zero at initialisation, so q starts equal to
 the prior and KL(q || p) = sum (d_mu^2 / sigma_p^2 + exp(2 d_s) - 1 - 2 d_s) / 2 depends on the prior
 only through ``sigma_p`` (the residual form of NVAE). The prior's parameters are not detached: q moves
 with the prior and the correction learns what the target adds. Event dims ``[L, D]``; a Normal, so
@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from guides.context import ContextGuide, Correction, prior_normal
+from gram_pyro.guides.context import ContextGuide, Correction, prior_normal
 
 
 class ResidualGaussian(ContextGuide):

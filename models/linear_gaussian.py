@@ -1,4 +1,4 @@
-"""A linear-Gaussian toy in the model contract of :mod:`models.recursive`, with exact answers.
+"""A linear-Gaussian toy in the model contract of :mod:`gram_pyro.models.recursive`, with exact answers.
 
 The program (supervision step ``n``, transition ``t``, global transition index ``k = n T + t``)::
 
@@ -26,7 +26,7 @@ hence ``log p(Y | x) = log N(Y; g, G G^T + r^2 I)`` (:meth:`exact_log_evidence`)
 ``xi | Y ~ N(G^T S^-1 (Y - g), I - G^T S^-1 G)``, ``S = G G^T + r^2 I``, mapped to eps by ``(E, e)``
 (:meth:`exact_posterior`). :meth:`future_information` is the backward information filter
 ``log p(observations at transitions >= k | h_k) = -h^T J_k h / 2 + h^T eta_k + const`` that the exact
-posterior guide (:mod:`guides.linear_gaussian`) conditions each eps site on.
+posterior guide (:mod:`gram_pyro.guides.linear_gaussian`) conditions each eps site on.
 
 The toy has no decoder over tokens, no halt/value heads and no ``vocab_size``; guides read
 ``target_dim`` to embed its real-valued targets.
@@ -41,11 +41,11 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from models.recursive import plates_shape
+from gram_pyro.models.recursive import plates_shape
 
 
 class LinearGaussianModel(nn.Module):
-    """The toy above; ``init``/``step``/``forward`` as :class:`models.RecursiveReasoningModel`.
+    """The toy above; ``init``/``step``/``forward`` as :class:`gram_pyro.models.RecursiveReasoningModel`.
     Parameters are drawn from ``seed`` (contractive ``A``) and are all trainable."""
 
     noise_sites = ("eps",)

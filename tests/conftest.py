@@ -7,8 +7,8 @@ import pyro
 import pytest
 import torch
 
-from guides import TargetConditionedGaussian
-from models import RecursiveReasoningModel
+from gram_pyro.guides import TargetConditionedGaussian
+from gram_pyro.models import RecursiveReasoningModel
 
 VOCAB, SEQ, BATCH = 3, 6, 5
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-import experiments.configs
+import gram_pyro.experiments.configs
 
-CONFIG_DIR = str(Path(experiments.configs.__file__).parent)
+CONFIG_DIR = str(Path(gram_pyro.experiments.configs.__file__).parent)
 TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
         "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=8", "trainer.log_every=1",
         "trainer.eval_every=0", "trainer.eval_inputs=4", "trainer.eval_samples=2", "trainer.warmup_steps=2"]

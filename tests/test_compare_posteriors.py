@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from experiments.compare_posteriors import compare_posteriors, main, pair_config, transitions_per_batch
+from gram_pyro.experiments.compare_posteriors import compare_posteriors, main, pair_config, transitions_per_batch
 
 TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
         "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=8", "trainer.eval_inputs=2",
@@ -121,7 +121,7 @@ def write_comparison(directory, rows):
 
 
 def test_seed_summary_gives_mean_and_sample_sd_per_pair(tmp_path, capsys):
-    from experiments.compare_seeds import main as seeds_main
+    from gram_pyro.experiments.compare_seeds import main as seeds_main
 
     write_comparison(tmp_path / "a", [("gaussian", "truncated", 240, 0.6, 0.05), ("gaussian", "iwae", 60, 0.1, "")])
     write_comparison(tmp_path / "b", [("gaussian", "iwae", 60, 0.3, ""), ("gaussian", "truncated", 240, 0.8, 0.07)])
@@ -138,7 +138,7 @@ def test_seed_summary_gives_mean_and_sample_sd_per_pair(tmp_path, capsys):
 
 
 def test_seed_summary_rejects_a_missing_file_and_a_different_comparison(tmp_path, capsys):
-    from experiments.compare_seeds import main as seeds_main
+    from gram_pyro.experiments.compare_seeds import main as seeds_main
 
     write_comparison(tmp_path / "a", [("gaussian", "truncated", 240, 0.6, 0.05)])
     write_comparison(tmp_path / "b", [("gaussian", "truncated", 120, 0.8, 0.07)])

@@ -27,10 +27,10 @@ from gram_pyro.nn import network_precision
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.tasks.base import Batch
 from gram_pyro.tasks.nqueens import NQueensTask
-from guides import PriorGuide, TargetConditionedGaussian
-from guides.base import EpsGuide
-from guides.linear_gaussian import ExactLinearGaussianPosterior
-from models.linear_gaussian import LinearGaussianModel
+from gram_pyro.guides import PriorGuide, TargetConditionedGaussian
+from gram_pyro.guides.base import EpsGuide
+from gram_pyro.guides.linear_gaussian import ExactLinearGaussianPosterior
+from gram_pyro.models.linear_gaussian import LinearGaussianModel
 from tests.conftest import tiny_guide, tiny_model
 
 with warnings.catch_warnings():

@@ -167,7 +167,7 @@ def test_sample_on_a_conditional_task_points_to_solve(nqueens_run, capsys):
 def test_scaling_sweep_reads_every_point_off_one_recorded_run(nqueens_run, tmp_path):
     import csv
 
-    from experiments.scaling import main as scaling
+    from gram_pyro.experiments.scaling import main as scaling
 
     trm = train(tiny_config("trainer.max_batches=1", "model=trm", "guide=prior"), tmp_path / "trm", quiet=True)
     scaling([f"runs.GRAM={nqueens_run}", f"runs.TRM={trm}", "baselines=[ptrm]", "inputs=4", "samples=[1,3]",
@@ -205,9 +205,14 @@ def test_a_run_saved_before_newer_trainer_keys_still_loads(nqueens_run, tmp_path
     cfg = OmegaConf.load(old / "config.yaml")
     del cfg.trainer["keep_checkpoints"], cfg.trainer["precision"]
     cfg.trainer.bf16, cfg.trainer.compile = False, False  # the keys before precision and compile modes
+    cfg.model._target_ = "models.RecursiveReasoningModel"  # the classes before the gram_pyro namespace
+    cfg.guide._target_ = cfg.guide._target_.removeprefix("gram_pyro.")
     OmegaConf.save(cfg, old / "config.yaml")
-    loaded = load_run(old).cfg.trainer
+    run = load_run(old)
+    loaded = run.cfg.trainer
     assert (loaded.precision, loaded.compile, "bf16" in loaded) == ("fp32", "none", False)
+    assert (run.cfg.model._target_, run.cfg.guide._target_) == ("gram_pyro.models.RecursiveReasoningModel",
+                                                                "gram_pyro.guides.TargetConditionedGaussian")
     translated = _translate_trainer(OmegaConf.create({"bf16": True, "compile": True}))
     assert dict(translated) == {"precision": "auto", "compile": "default"}
     assert main(["train", f"resume={old}", "trainer.max_batches=3"]) == 0

@@ -9,11 +9,11 @@ import torch
 from gram_pyro.config import build, compose_config
 from gram_pyro.objectives import TruncatedSurrogate, TruncatedSurrogateMC
 from gram_pyro.tasks.base import Batch
-from guides.flow import ConditionalFlow
-from guides.lowrank import LowRankGaussian
-from guides.mean_only import MeanOnlyGaussian
-from guides.residual import ResidualGaussian
-from models.linear_gaussian import LinearGaussianModel
+from gram_pyro.guides.flow import ConditionalFlow
+from gram_pyro.guides.lowrank import LowRankGaussian
+from gram_pyro.guides.mean_only import MeanOnlyGaussian
+from gram_pyro.guides.residual import ResidualGaussian
+from gram_pyro.models.linear_gaussian import LinearGaussianModel
 from tests.conftest import BATCH, SEQ, tiny_model
 
 FAMILIES = {

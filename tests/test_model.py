@@ -12,7 +12,7 @@ from pyro.infer import SMCFilter, SVI, RenyiELBO, Trace_ELBO, TraceMeanField_ELB
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.tasks.base import Batch
 from gram_pyro.inference import sample_trajectories
-from guides import PriorGuide, TargetConditionedGaussian
+from gram_pyro.guides import PriorGuide, TargetConditionedGaussian
 from tests.conftest import BATCH, SEQ, VOCAB, BootstrapGuide, tiny_guide, tiny_model
 
 

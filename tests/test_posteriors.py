@@ -18,10 +18,10 @@ from gram_pyro.objectives.base import exact_match
 from gram_pyro.objectives.mcmc_em import sample_posterior, short_hmc
 from gram_pyro.objectives.smc import systematic_ancestors
 from gram_pyro.tasks.base import Batch
-from guides import PriorGuide
-from guides.linear_gaussian import ExactLinearGaussianPosterior
-from guides.residual import ResidualGaussian
-from models.linear_gaussian import LinearGaussianModel
+from gram_pyro.guides import PriorGuide
+from gram_pyro.guides.linear_gaussian import ExactLinearGaussianPosterior
+from gram_pyro.guides.residual import ResidualGaussian
+from gram_pyro.models.linear_gaussian import LinearGaussianModel
 from tests.conftest import tiny_guide, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

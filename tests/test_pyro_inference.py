@@ -14,14 +14,14 @@ from pyro.infer import HMC, MCMC, NUTS, SVI, Predictive, RenyiELBO, SMCFilter, T
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.ops.stats import effective_sample_size
 
-from experiments.program_graph import program_edges
+from gram_pyro.experiments.program_graph import program_edges
 from gram_pyro.cli import main
 from gram_pyro.evaluation import load_run, pretrained_dir
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.predictive import keyed_noise
 from gram_pyro.tasks.base import held_out_index
-from guides.linear_gaussian import ExactLinearGaussianPosterior
-from models.linear_gaussian import LinearGaussianModel
+from gram_pyro.guides.linear_gaussian import ExactLinearGaussianPosterior
+from gram_pyro.models.linear_gaussian import LinearGaussianModel
 from tests.conftest import BATCH, SEQ, VOCAB, BootstrapGuide, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

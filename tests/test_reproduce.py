@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from experiments import reproduce, results_table
+from gram_pyro.experiments import reproduce, results_table
 from gram_pyro.checkpoint import FORMAT, REQUIRED
 from gram_pyro.config import compose_config, group_options
 

@@ -127,8 +127,8 @@ def test_the_allow_list_is_what_the_configs_name():
     allowed = allowed_targets()
     assert set(allowed) == {"task", "model", "guide", "objective"}
     assert "gram_pyro.tasks.nqueens.NQueensTask" in allowed["task"]
-    assert allowed["model"] == {"models.RecursiveReasoningModel"}
-    assert "guides.PriorGuide" in allowed["guide"] and "gram_pyro.objectives.PyroELBO" in allowed["objective"]
+    assert allowed["model"] == {"gram_pyro.models.RecursiveReasoningModel"}
+    assert "gram_pyro.guides.PriorGuide" in allowed["guide"] and "gram_pyro.objectives.PyroELBO" in allowed["objective"]
 
 
 def test_a_command_line_target_is_refused_before_anything_is_built(place, capsys):
@@ -207,7 +207,7 @@ def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path, capsys):
 
 
 def test_the_demo_reruns_into_its_directory(tmp_path):
-    from experiments.demo import main as demo
+    from gram_pyro.experiments.demo import main as demo
 
     tiny = [*TINY, "trainer.max_batches=1", "trainer.checkpoint_every=1", "trainer.threads=1"]
     assert demo([f"out={tmp_path}", *tiny]) == 0

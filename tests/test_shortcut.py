@@ -15,7 +15,7 @@ from gram_pyro.tasks.coloring import FIRST_COLOUR, ColoringTask, canonicalize
 from gram_pyro.tasks.nqueens import NQueensTask
 from gram_pyro.tasks.sudoku import SudokuTask, UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
-from guides import PriorGuide
+from gram_pyro.guides import PriorGuide
 from tests.conftest import tiny_guide, tiny_model
 from tests.helpers import tiny_config
 

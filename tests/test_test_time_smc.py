@@ -246,15 +246,15 @@ def test_the_smc_options_on_the_command_line(nqueens_run, tmp_path, capsys):
 
 
 def test_the_scaling_sweep_refuses_smc(nqueens_run, tmp_path):
-    from experiments.scaling import main as scaling
+    from gram_pyro.experiments.scaling import main as scaling
 
     with pytest.raises(UserError, match="select=smc resamples while it samples"):
         scaling([f"runs.GRAM={nqueens_run}", "select=smc", f"out={tmp_path}"])
 
 
 def test_the_experiment_compares_at_equal_compute_and_tau_zero_is_the_vote(nqueens_run, tmp_path):
-    from experiments.test_time_smc import auc
-    from experiments.test_time_smc import main as experiment
+    from gram_pyro.experiments.test_time_smc import auc
+    from gram_pyro.experiments.test_time_smc import main as experiment
 
     out = tmp_path / "smc"
     settings = "smc=[{potential:value,tempering:0.0,threshold:0.5},{potential:halt,tempering:5.0,threshold:1.0}]"

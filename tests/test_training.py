@@ -24,7 +24,7 @@ def test_configs_compose_for_every_model_guide_and_objective():
     for model in ("gram", "trm", "zero_mean", "fixed_noise"):
         assert tiny_config(f"model={model}").model.noise in ("learned", "none", "zero_mean", "fixed")
     assert tiny_config("objective=tracemeanfield_elbo").objective.elbo == "TraceMeanField_ELBO"
-    assert tiny_config("guide=prior").guide._target_ == "guides.PriorGuide"
+    assert tiny_config("guide=prior").guide._target_ == "gram_pyro.guides.PriorGuide"
 
 
 def test_resume_continues_exactly(tmp_path):

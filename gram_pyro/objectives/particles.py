@@ -36,8 +36,8 @@ from pyro.poutine.trace_struct import Trace
 
 from gram_pyro.objectives.base import Judge, Objective, exact_match, gaussian_of, head_losses
 from gram_pyro.tasks.base import Batch
-from guides.base import proposal_site
-from models.recursive import MAX_PLATE_NESTING
+from gram_pyro.guides.base import proposal_site
+from gram_pyro.models.recursive import MAX_PLATE_NESTING
 
 PARTICLE_DIM = -(MAX_PLATE_NESTING + 1)
 

@@ -16,7 +16,7 @@ import torch
 
 from gram_pyro.objectives.base import Judge, Objective, exact_match, head_losses
 from gram_pyro.tasks.base import IGNORE, Batch
-from models.recursive import MAX_PLATE_NESTING
+from gram_pyro.models.recursive import MAX_PLATE_NESTING
 
 ELBOS = {"Trace_ELBO": pyro.infer.Trace_ELBO, "TraceMeanField_ELBO": pyro.infer.TraceMeanField_ELBO}
 
