@@ -29,7 +29,8 @@ import statistics
 import torch
 
 from gram_pyro.config import compose_config, group_options
-from gram_pyro.training import Run, batch_at
+from gram_pyro.run import Run
+from gram_pyro.training import batch_at, train_batch
 
 import harness
 
@@ -47,10 +48,10 @@ def time_scheme(scheme: str, overrides: list[str], batch_size: int, repeats: int
     state_size = run.model.h0.numel()
     hooks = [net.register_forward_pre_hook(lambda module, args: rows.append(args[0].numel() // state_size))
              for net in {id(n): n for n in (run.model.core.f_low, run.model.core.f_high)}.values()]
-    run.train_batch(batch)  # warm-up, counting backbone passes
+    train_batch(run, batch)  # warm-up, counting backbone passes
     for hook in hooks:
         hook.remove()
-    times = [harness.seconds(lambda: run.train_batch(batch), run.device)
+    times = [harness.seconds(lambda: train_batch(run, batch), run.device)
              for _ in range(1 if scheme == "mcmc_em" else repeats)]
     steps = run.objective.updates_per_batch(run.model)
     seconds = statistics.median(times)

@@ -31,7 +31,7 @@ import torch
 from gram_pyro.config import build, compose_config
 from gram_pyro.inference import (ACTIVATION_FACTOR, default_memory_budget_mb, plan_chunks, sample_trajectories,
                                  trajectory_bytes)
-from gram_pyro.training import resolve_device
+from gram_pyro.run import resolve_device
 
 import harness
 

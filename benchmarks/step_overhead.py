@@ -25,7 +25,9 @@ from gram_pyro.config import compose_config
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import supervision_step, surrogate_loss
 from gram_pyro.nn import autocast_to
-from gram_pyro.training import Run, batch_at, resolve_device, training_dtype
+from gram_pyro.nn import training_dtype
+from gram_pyro.run import Run, resolve_device
+from gram_pyro.training import batch_at
 
 import harness
 
@@ -49,7 +51,7 @@ def main() -> None:
     params = [*model.parameters(), *guide.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     objective = TruncatedSurrogate(beta=1.0)  # exact-match judge, as the reference
-    dtype = training_dtype(run.cfg.trainer, device)
+    dtype = training_dtype(run.cfg.trainer.precision, device)
     bf16 = dtype is not None
 
     def update(loss_fn):

@@ -6,7 +6,7 @@ global batch in ``--batches``, ``trainer.compile`` mode in ``--compile`` and ``t
 ``--precision`` (the compiler's caches are cleared between configurations), and times
 ``Run.train_batch``: one batch of the library's training loop, i.e. ``N_sup`` optimizer updates of the
 objective (forward, backward, clipping, fused AdamW, EMA), under the autocast of ``trainer.precision``
-(``gram_pyro.training.training_dtype``). The first batch of each configuration is the warm-up and,
+(``gram_pyro.nn.training_dtype``). The first batch of each configuration is the warm-up and,
 when compiling, the compilation: its seconds are printed apart. Printed per configuration:
 
 * ms per optimizer update and training throughput: examples per second through all ``N_sup``
@@ -44,9 +44,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gram_pyro.config import compose_config
-from gram_pyro.inference import PRECISIONS
+from gram_pyro.nn import PRECISIONS
 from gram_pyro.nn import COMPILE_MODES
-from gram_pyro.training import Run, batch_at, resolve_device, training_dtype
+from gram_pyro.nn import training_dtype
+from gram_pyro.run import Run, resolve_device
+from gram_pyro.training import batch_at, train_batch
 
 import harness
 
@@ -65,15 +67,15 @@ def measure(overrides: list[str], repeats: int) -> dict:
     split = run.task.splits["train"]
     batches = [batch_at(split, i, run.cfg.trainer.batch_size, run.cfg.trainer.seed, run.device)
                for i in range(repeats + 2)]
-    first = harness.seconds(lambda: run.train_batch(batches[0]), run.device)  # warm-up and compilation
+    first = harness.seconds(lambda: train_batch(run, batches[0]), run.device)  # warm-up and compilation
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-        run.train_batch(batches[1])  # eager: counting under a compiled forward would recompile it
-    times = [harness.seconds(lambda: run.train_batch(batch), run.device) for batch in batches[2:]]
+        train_batch(run, batches[1])  # eager: counting under a compiled forward would recompile it
+    times = [harness.seconds(lambda: train_batch(run, batch), run.device) for batch in batches[2:]]
     updates = run.objective.updates_per_batch(run.model)
     seconds = statistics.median(times)
     return {"seconds": seconds, "update_ms": 1000 * seconds / updates, "updates": updates,
             "examples_per_s": run.cfg.trainer.batch_size / seconds, "flops": counter.get_total_flops(),
-            "first_batch_s": first, "dtype": training_dtype(run.cfg.trainer, run.device) or torch.float32}
+            "first_batch_s": first, "dtype": training_dtype(run.cfg.trainer.precision, run.device) or torch.float32}
 
 
 def main() -> None:

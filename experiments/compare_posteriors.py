@@ -79,7 +79,8 @@ from gram_pyro.checkpoint import load_checkpoint  # noqa: E402
 from gram_pyro.config import UserError, build, compose_config  # noqa: E402
 from gram_pyro.diagnostics.evidence import importance_log_evidence  # noqa: E402
 from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa: E402
-from gram_pyro.evaluation import evaluate_run, load_run  # noqa: E402
+from gram_pyro.evaluation import evaluate_run  # noqa: E402
+from gram_pyro.run import load_run  # noqa: E402
 from gram_pyro.tasks.base import held_out_index  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 from gram_pyro.checkpoint import save_checkpoint
 from gram_pyro.config import UserError, save_config
-from gram_pyro.evaluation import PRETRAINED, evaluate_run, load_run
+from gram_pyro.evaluation import evaluate_run
+from gram_pyro.run import PRETRAINED, load_run
 
 CHECK_INPUTS, CHECK_SAMPLES = 20, 20
 MAX_BYTES = 5 * 2**20

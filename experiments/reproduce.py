@@ -55,7 +55,8 @@ from omegaconf import DictConfig, OmegaConf
 from gram_pyro.experiments.results_table import markdown_table
 from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.config import UserError, compose_config, group_options, load_run_config
-from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, load_run, write_evaluation
+from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, write_evaluation
+from gram_pyro.run import load_run
 from gram_pyro.selection import SELECTORS, select
 from gram_pyro.training import train
 

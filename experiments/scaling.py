@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gram_pyro.config import UserError, compose_config
-from gram_pyro.evaluation import load_run
+from gram_pyro.run import load_run
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import select
 from gram_pyro.tasks.base import held_out_index

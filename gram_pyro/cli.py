@@ -84,7 +84,7 @@ DIAGNOSE_RULES = {"inputs": Whole(1), "particles": Whole(2), "samples": Whole(1)
 def _sampling(cfg: DictConfig) -> dict:
     """The keyword arguments of ``sample_trajectories`` that a sampling config sets (checked first:
     :data:`SAMPLING_RULES`)."""
-    from gram_pyro.inference import PRECISIONS
+    from gram_pyro.nn import PRECISIONS
     from gram_pyro.nn import COMPILE_MODES
     from gram_pyro.selection import SELECTORS
     from gram_pyro.test_time_smc import SMCOptions, as_smc_options
@@ -107,7 +107,7 @@ def _run_source(cfg) -> tuple[Path, Path]:
     """``(directory to load, directory under which default outputs go)`` from ``run=<dir>`` or
     ``pretrained=<name>`` (exactly one of them; shipped weights write their outputs under
     ``runs/pretrained/<name>``, never into the package)."""
-    from gram_pyro.evaluation import pretrained_dir
+    from gram_pyro.run import pretrained_dir
 
     if (cfg.run is None) == (cfg.pretrained is None):
         raise UserError("give either run=<run directory> or pretrained=<name>")
@@ -117,7 +117,8 @@ def _run_source(cfg) -> tuple[Path, Path]:
 
 
 def _eval(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import evaluate_run, format_table, inference_speed, load_run, write_evaluation
+    from gram_pyro.evaluation import evaluate_run, format_table, inference_speed, write_evaluation
+    from gram_pyro.run import load_run
 
     cfg = compose_config("eval", overrides)
     sampling = _sampling(cfg)
@@ -135,7 +136,8 @@ def _eval(overrides: list[str]) -> None:
 
 
 def _solve(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import inference_speed, load_run, solve_file, verdicts_path
+    from gram_pyro.evaluation import inference_speed, solve_file, verdicts_path
+    from gram_pyro.run import load_run
 
     cfg = compose_config("solve", overrides)
     sampling = _sampling(cfg)
@@ -152,7 +154,8 @@ def _solve(overrides: list[str]) -> None:
 
 
 def _sample(overrides: list[str]) -> None:
-    from gram_pyro.evaluation import inference_speed, load_run, sample_unconditional
+    from gram_pyro.evaluation import inference_speed, sample_unconditional
+    from gram_pyro.run import load_run
 
     cfg = compose_config("sample", overrides)
     sampling = _sampling(cfg)
@@ -168,17 +171,13 @@ def _sample(overrides: list[str]) -> None:
 def _diagnose(overrides: list[str]) -> None:
     cfg = compose_config("diagnose", overrides)
     check_values(cfg, DIAGNOSE_RULES)
-    from gram_pyro.diagnostics import diagnose  # imports ArviZ: slow, so only here, once the values are checked
-    from gram_pyro.evaluation import load_run
+    from gram_pyro.diagnostics import Options, diagnose  # imports ArviZ: slow, so only once the values are checked
+    from gram_pyro.run import load_run
 
     loaded = load_run(cfg.run, cfg.device)
     out = make_dir(Path(cfg.out or Path(cfg.run) / "diagnostics"), "out")
     checkpoints = sorted((Path(cfg.run) / "checkpoints").glob("batch_*.pt"))
-    summary = diagnose(loaded.task, loaded.model, loaded.guide, out, run_dir=cfg.run, split=cfg.split,
-                       num_inputs=cfg.inputs, num_particles=cfg.particles, num_samples=cfg.samples,
-                       seed=cfg.seed, mcmc_chains=cfg.mcmc_chains, checkpoints=checkpoints,
-                       shortcut_threshold=cfg.shortcut_threshold, mcmc_inputs=cfg.mcmc_inputs,
-                       mcmc_samples=cfg.mcmc_samples, mcmc_warmup=cfg.mcmc_warmup, precision=cfg.precision)
+    summary = diagnose(loaded.task, loaded.model, loaded.guide, out, Options.from_config(cfg, checkpoints))
     print(f"{summary['shortcut']['verdict']}\nwrote {out / 'report.md'}, {out / 'diagnostics.nc'} and figures")
 
 

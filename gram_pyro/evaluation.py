@@ -1,7 +1,7 @@
 """Evaluating a trained run: N prior trajectories per held-out input, one answer selected, the task's
 metrics with 95% confidence intervals, and the files that let any other tool recompute them.
 
-``load_run(run_dir)`` rebuilds task, model and guide from the run's ``config.yaml`` and loads the EMA
+``load_run(run_dir)`` (:mod:`gram_pyro.run`) rebuilds task, model and guide from the run's ``config.yaml`` and loads the EMA
 weights of its checkpoint (what training evaluates with). ``evaluate_run`` then samples with
 :func:`gram_pyro.inference.sample_trajectories` and reports, for ``M`` inputs:
 
@@ -31,77 +31,19 @@ import json
 import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
-from gram_pyro.checkpoint import WEIGHTS, load_checkpoint
-from gram_pyro.config import UserError, first_line, load_run_config
-from gram_pyro.inference import (Trajectories, default_memory_budget_mb, network_dtype, result_bytes,
-                                  sample_trajectories)
-from gram_pyro.nn import compile_networks, network_precision
+from gram_pyro.config import UserError, first_line
+from gram_pyro.inference import Trajectories, default_memory_budget_mb, result_bytes, sample_trajectories
+from gram_pyro.nn import compile_networks, network_dtype, network_precision
+from gram_pyro.run import LoadedRun
 from gram_pyro.selection import select
 from gram_pyro.test_time_smc import SMCResult, as_smc_options, smc_trajectories
 from gram_pyro.tasks.base import held_out_index
 from gram_pyro.tasks.cache import progress
-
-
-@dataclass
-class LoadedRun:
-    """A trained run ready for inference: its config, task, model and guide (EMA weights, eval mode)."""
-
-    run_dir: Path
-    cfg: DictConfig
-    task: object
-    model: torch.nn.Module
-    guide: torch.nn.Module
-    device: torch.device
-
-
-PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
-"""Shipped weights: ``pretrained/<name>/`` holds ``config.yaml`` and ``weights.pt`` (EMA weights only)."""
-
-
-def pretrained_dir(name: str) -> Path:
-    """The directory of the shipped weights ``name``; an unknown name is a one-line :class:`UserError`."""
-    available = sorted(p.name for p in PRETRAINED.iterdir() if (p / "weights.pt").is_file()) \
-        if PRETRAINED.is_dir() else []
-    if name not in available:
-        raise UserError(f"unknown pretrained={name!r}; allowed: {', '.join(available) or 'none shipped'}")
-    return PRETRAINED / name
-
-
-def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
-    """Rebuild the run in ``run_dir`` from its ``config.yaml`` and load its EMA weights: from a training
-    checkpoint (``checkpoint.pt``) or from shipped weights (``weights.pt``: model and guide state dicts
-    that already are the EMA weights)."""
-    from gram_pyro.training import Run  # the trainer's builder, so both build exactly the same objects
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"run={run_dir}: not a run directory (no config.yaml)")
-    cfg = load_run_config(run_dir / "config.yaml")
-    if device is not None:
-        cfg.trainer.device = device
-    run = Run(cfg)
-    if (run_dir / "weights.pt").is_file() and not (run_dir / "checkpoint.pt").is_file():
-        weights = load_checkpoint(run_dir / "weights.pt", WEIGHTS)
-        try:
-            run.model.load_state_dict(weights["model"])
-            run.guide.load_state_dict(weights["guide"])
-        except (RuntimeError, KeyError, TypeError) as error:
-            raise UserError(f"{run_dir / 'weights.pt'} does not match its config.yaml: {first_line(error)}") from None
-    else:
-        run.load(load_checkpoint(run_dir / "checkpoint.pt"), run_dir / "checkpoint.pt")
-        with torch.no_grad():
-            for param, shadow in zip(run.ema.params, run.ema.shadow):
-                param.copy_(shadow)
-    run.model.eval()
-    run.guide.eval()
-    return LoadedRun(run_dir, cfg, run.task, run.model, run.guide, run.device)
 
 
 def interval(values: torch.Tensor) -> dict:
@@ -233,7 +175,7 @@ def format_table(report: dict) -> str:
 def inference_speed(loaded: LoadedRun, precision: str, compile_mode: str):
     """Within the block the run's networks are compiled (``compile_mode``, one of
     :data:`gram_pyro.nn.COMPILE_MODES`; once, in place) and run their matmuls in the dtype of
-    ``precision`` (:func:`gram_pyro.inference.network_dtype`; densities stay in the model's dtype)."""
+    ``precision`` (:func:`gram_pyro.nn.network_dtype`; densities stay in the model's dtype)."""
     dtype = network_dtype(precision, loaded.device)
     compile_networks([loaded.model], compile_mode, loaded.device)
     with network_precision([loaded.model], dtype):

@@ -303,28 +303,6 @@ def default_memory_budget_mb(device: torch.device) -> float:
     return last_level_cache_mb()
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively on ``device``: a CUDA GPU with bf16 support, or a CPU with
-    AVX512-BF16 or AMX tiles (where oneDNN's bf16 kernels are about 3x its fp32 ones)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-def network_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of :func:`gram_pyro.nn.network_precision` for ``precision`` (one of
-    :data:`PRECISIONS`; ``auto`` is bf16 where :func:`native_bf16`, else fp32); ``None`` for fp32."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if native_bf16(device) else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 def plan_chunks(num_samples: int, batch: int, bytes_per_input: int, budget_bytes: float) -> tuple[int, int]:
     """``(trajectories, inputs)`` per chunk such that ``trajectories * inputs * bytes_per_input`` fits
     ``budget_bytes``: all inputs and as many trajectories as fit, or one trajectory and as many inputs

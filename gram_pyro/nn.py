@@ -18,8 +18,10 @@ Pieces (docs/paper.md, "The model"):
   ``l <- f_L(l, h + e_x)`` K times, then ``u = f_H(h, l)``. TRM-style uses one shared network for both
   levels, HRM-style two.
 - :class:`TokenEncoder`, :class:`GaussianHead`, :class:`TokenDecoder`, :class:`ScalarHead`.
-- :func:`network_precision`: the backbone's and Gaussian heads' matmuls under bf16 autocast (inference),
-  their outputs and every density in the model's dtype.
+- Precision: :data:`PRECISIONS` and what each means where (:func:`native_bf16`: whether a device runs
+  bf16 matmuls natively; :func:`network_dtype` for inference, :func:`training_dtype` for a training
+  step); :func:`network_precision`: the backbone's and Gaussian heads' matmuls under bf16 autocast
+  (inference), their outputs and every density in the model's dtype.
 - :func:`compile_networks`: ``torch.compile`` the same networks (``trainer.compile``, and ``compile`` of
   eval / solve / sample).
 """
@@ -32,6 +34,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gram_pyro.config import UserError
 
 NORM_EPS = 1e-5
 
@@ -142,6 +146,37 @@ class ReasoningNet(nn.Module):
             for block in self.blocks:
                 z = block(z)
         return z.to(dtype)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on ``device``: a CUDA GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX tiles (where oneDNN's bf16 kernels are about 3x its fp32 ones)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def network_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of :func:`network_precision` for ``precision`` (one of
+    :data:`PRECISIONS`; ``auto`` is bf16 where :func:`native_bf16`, else fp32); ``None`` for fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step for ``trainer.precision`` (``None``: no autocast). ``fp32``
+    none; ``bf16`` bf16 where the device runs bf16 matmuls natively (:func:`native_bf16`: a CUDA GPU,
+    or a CPU with AVX512-BF16 or AMX; elsewhere bf16 would be slower than fp32, so none); ``auto`` that
+    on CUDA and none on CPU (CPU runs stay fp32 unless asked)."""
+    wanted = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if wanted and native_bf16(device) else None
 
 
 def autocast_to(dtype: torch.dtype | None, device: torch.device):

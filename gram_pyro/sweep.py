@@ -8,7 +8,7 @@ the sweep itself: ``hydra.sweep.dir`` (default ``runs/sweep-<date>-<time>``) and
 (``hydra/launcher``, default ``basic``: the jobs one after the other in this process; another Hydra
 launcher plugin, once installed, runs them its way, e.g. ``hydra/launcher=joblib``).
 
-Every job's config is composed and built (:class:`gram_pyro.training.Run`) before the first job
+Every job's config is composed and built (:class:`gram_pyro.run.Run`) before the first job
 starts, so a bad value in any job is the usual one-line error and nothing runs. Job ``i`` trains into
 ``<sweep dir>/<i>`` (a run directory like any other: ``resume=<sweep dir>/<i>`` continues it).
 When the jobs have finished, ``<sweep dir>/summary.csv`` holds one row per job: its number, status
@@ -88,7 +88,7 @@ def sweep_settings(overrides: list[Override]) -> tuple[list[str], Path]:
 def check_job(job: list[str], run_dir: Path) -> None:
     """Compose and build the run of a job that trains into ``run_dir`` (every check a single run makes
     before training), so that a bad value stops the sweep before anything runs."""
-    from gram_pyro.training import Run, check_run_dir
+    from gram_pyro.run import Run, check_run_dir
 
     cfg = compose_config("train", job)
     for key in PER_JOB_KEYS:

@@ -4,11 +4,11 @@ and ``trainer.precision`` picks the autocast a step runs under."""
 import pyro.poutine as poutine
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from gram_pyro import training
-from gram_pyro.nn import GaussianHead, ReasoningNet, compile_networks
-from gram_pyro.training import Run, batch_at, training_dtype
+from gram_pyro import nn
+from gram_pyro.nn import GaussianHead, ReasoningNet, compile_networks, training_dtype
+from gram_pyro.run import Run
+from gram_pyro.training import batch_at, train_batch
 from tests.helpers import tiny_config
 
 
@@ -16,7 +16,7 @@ def first_batch(*overrides):
     """The run of ``tiny_config(*overrides)`` after one training batch, its metrics and the batch."""
     run = Run(tiny_config(*overrides))
     batch = batch_at(run.task.splits["train"], 0, run.cfg.trainer.batch_size, 0, run.device)
-    return run, {k: float(v) for k, v in run.train_batch(batch).items()}, batch
+    return run, {k: float(v) for k, v in train_batch(run, batch).items()}, batch
 
 
 def test_compiled_step_matches_the_eager_step_and_keeps_the_sites(one_thread):
@@ -47,17 +47,17 @@ def test_compile_networks_takes_the_backbone_and_the_gaussian_heads_once():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_picks_bf16_only_where_asked_and_native(monkeypatch, native):
-    monkeypatch.setattr(training, "native_bf16", lambda device: native)
+    monkeypatch.setattr(nn, "native_bf16", lambda device: native)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     expected = torch.bfloat16 if native else None
-    table = {(p, d.type): training_dtype(OmegaConf.create({"precision": p}), d)
+    table = {(p, d.type): training_dtype(p, d)
              for p in ("auto", "fp32", "bf16") for d in (cpu, cuda)}
     assert table == {("auto", "cpu"): None, ("auto", "cuda"): expected, ("fp32", "cpu"): None,
                      ("fp32", "cuda"): None, ("bf16", "cpu"): expected, ("bf16", "cuda"): expected}
 
 
 def test_a_bf16_step_on_cpu_rounds_but_does_not_change_the_loss(monkeypatch, one_thread):
-    monkeypatch.setattr(training, "native_bf16", lambda device: True)  # bf16 autocast runs on any CPU
+    monkeypatch.setattr(nn, "native_bf16", lambda device: True)  # bf16 autocast runs on any CPU
     _, fp32, _ = first_batch()
     _, bf16, _ = first_batch("trainer.precision=bf16")
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05, abs=0.01)

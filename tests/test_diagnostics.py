@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gram_pyro.checkpoint import save_checkpoint
-from gram_pyro.config import UserError
-from gram_pyro.diagnostics import diagnose
+from gram_pyro.config import UserError, compose_config
+from gram_pyro.diagnostics import Options, diagnose
 from gram_pyro.diagnostics.diversity import distinct_answers, pairwise_spread, prior_trajectories, principal_plane
 from gram_pyro.diagnostics.elbo_curves import checkpoint_elbos, elbo_terms
 from gram_pyro.diagnostics.importance import (guide_particles, importance_ess, importance_khat, random_directions,
@@ -400,3 +400,13 @@ def test_principal_plane_keeps_the_distances_of_planar_points(num, seed):
     points = coords @ plane.T + torch.randn(6, generator=g, dtype=torch.float64)
     projected = principal_plane(points)
     assert torch.allclose(torch.cdist(projected, projected), torch.cdist(coords, coords), atol=1e-8)
+
+
+def test_options_from_the_diagnose_config_rename_its_count_keys_and_keep_the_other_defaults():
+    cfg = compose_config("diagnose", ["run=runs/x", "inputs=7", "particles=5", "samples=3", "mcmc_chains=2",
+                                      "precision=fp32", "seed=4"])
+    options = Options.from_config(cfg, ["a.pt", "b.pt"])
+    assert (options.run_dir, options.num_inputs, options.num_particles, options.num_samples) == ("runs/x", 7, 5, 3)
+    assert (options.mcmc_chains, options.precision, options.seed, options.checkpoints) == (2, "fp32", 4, ["a.pt", "b.pt"])
+    assert (options.split, options.unit_threshold, options.elbo_particles) == ("test", Options.unit_threshold, 8)
+

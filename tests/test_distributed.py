@@ -10,7 +10,8 @@ import torch
 from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.config import UserError
 from gram_pyro.distributed import World, join
-from gram_pyro.training import Run, train
+from gram_pyro.run import Run
+from gram_pyro.training import train
 from tests.helpers import TINY, tiny_config
 
 # a deterministic model (TRM), so that one process and two ranks draw no different noise; 7 rows per

@@ -8,7 +8,8 @@ import torch
 
 from gram_pyro import evaluation
 from gram_pyro.cli import main
-from gram_pyro.evaluation import interval, load_run
+from gram_pyro.evaluation import interval
+from gram_pyro.run import load_run
 from gram_pyro.training import train
 from tests.helpers import TINY_MODEL, tiny_config
 

@@ -18,13 +18,14 @@ import pytest
 import torch
 import yaml
 
-from gram_pyro import files, training
+from gram_pyro import checkpoint, files, training
 from gram_pyro.checkpoint import FORMAT, load_checkpoint
 from gram_pyro.cli import main
 from gram_pyro.config import SEED_RANGE
 from gram_pyro.tasks.base import data_lines
 from gram_pyro.tasks.sudoku import read_puzzles
-from gram_pyro.training import Run, RunLog, train
+from gram_pyro.run import Run
+from gram_pyro.training import RunLog, train
 from tests.helpers import TINY, tiny_config
 
 TRAIN = [*TINY, "trainer.threads=1", "trainer.max_batches=2"]
@@ -114,21 +115,22 @@ def short_ema(p: Place) -> dict:
 
 
 def inf_learning_rate(p: Place, monkeypatch) -> list[str]:
-    monkeypatch.setattr("gram_pyro.training.check_trainer", lambda trainer: None)  # past the up-front check
+    for where in ("gram_pyro.training", "gram_pyro.run"):  # past the up-front checks
+        monkeypatch.setattr(f"{where}.check_trainer", lambda trainer: None)
     return p.train("trainer.lr=inf")
 
 
 def nan_after_first_checkpoint(p: Place, monkeypatch) -> list[str]:
-    real = Run.train_batch
+    real = training.train_batch
 
-    def poisoned(self, batch):
-        metrics = real(self, batch)
-        if self.batches_done == 1:
+    def poisoned(run, batch):
+        metrics = real(run, batch)
+        if run.batches_done == 1:
             with torch.no_grad():
-                self.params[0].view(-1)[0] = float("nan")
+                run.params[0].view(-1)[0] = float("nan")
         return metrics
 
-    monkeypatch.setattr(Run, "train_batch", poisoned)
+    monkeypatch.setattr(training, "train_batch", poisoned)
     return p.train("trainer.checkpoint_every=1", "trainer.max_batches=3")
 
 
@@ -396,7 +398,7 @@ def kill_after_metrics_row(monkeypatch, batch: int) -> None:
 
 def kill_inside_checkpoint_write(monkeypatch, batch: int) -> None:
     """Die while the checkpoint of ``batch`` is being written: its temporary file is whole, not yet renamed."""
-    real = training.save_checkpoint
+    real = checkpoint.save_checkpoint
 
     def save_checkpoint(path, payload):
         if payload["batches_done"] == batch:
@@ -404,7 +406,7 @@ def kill_inside_checkpoint_write(monkeypatch, batch: int) -> None:
             raise Killed
         real(path, payload)
 
-    monkeypatch.setattr(training, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr("gram_pyro.run.save_checkpoint", save_checkpoint)
 
 
 def kill_after_checkpoint(monkeypatch, batch: int) -> None:

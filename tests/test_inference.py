@@ -6,8 +6,9 @@ import torch
 from pyro import poutine
 
 from gram_pyro.config import UserError
-from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, int64, mix64, network_dtype,
-                                 plan_chunks, sample_trajectories, trajectory_bytes)
+from gram_pyro.inference import (KeyedNoise, KeyedRandom, Perturbation, int64, mix64, plan_chunks, sample_trajectories,
+                                 trajectory_bytes)
+from gram_pyro.nn import network_dtype
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
 
 N = 4
@@ -299,7 +300,7 @@ def test_network_dtype_resolves_auto_from_the_hardware_and_rejects_unknown_names
     cpu = torch.device("cpu")
     assert network_dtype("fp32", cpu) is None and network_dtype("bf16", cpu) is torch.bfloat16
     for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr("gram_pyro.inference.native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr("gram_pyro.nn.native_bf16", lambda device, native=native: native)
         assert network_dtype("auto", cpu) is expected
     with pytest.raises(UserError, match="unknown precision 'fp16'; allowed: auto, fp32, bf16"):
         network_dtype("fp16", cpu)

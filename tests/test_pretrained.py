@@ -6,7 +6,8 @@ import json
 import pytest
 
 from gram_pyro.cli import main
-from gram_pyro.evaluation import PRETRAINED, evaluate_run, load_run, pretrained_dir
+from gram_pyro.evaluation import evaluate_run
+from gram_pyro.run import PRETRAINED, load_run, pretrained_dir
 
 SHIPPED = sorted(p.name for p in PRETRAINED.iterdir() if (p / "weights.pt").is_file())
 

@@ -16,7 +16,7 @@ from pyro.ops.stats import effective_sample_size
 
 from gram_pyro.experiments.program_graph import program_edges
 from gram_pyro.cli import main
-from gram_pyro.evaluation import load_run, pretrained_dir
+from gram_pyro.run import load_run, pretrained_dir
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.predictive import keyed_noise
 from gram_pyro.tasks.base import held_out_index

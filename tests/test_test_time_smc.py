@@ -10,7 +10,8 @@ import torch
 
 from gram_pyro.cli import main
 from gram_pyro.config import UserError
-from gram_pyro.evaluation import evaluate_run, load_run
+from gram_pyro.evaluation import evaluate_run
+from gram_pyro.run import load_run
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import SELECTORS, lprm_best, majority_vote, select
 from gram_pyro.test_time_smc import SMCOptions, as_smc_options, smc_sweep, smc_trajectories

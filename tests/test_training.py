@@ -116,7 +116,7 @@ def test_command_line_error_has_no_traceback():
 def test_ema_warms_up_then_uses_its_decay():
     from torch import nn
 
-    from gram_pyro.training import EMA
+    from gram_pyro.run import EMA
 
     layer = nn.Linear(1, 1, bias=False)
     ema = EMA([layer], decay=0.999)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -37,8 +37,7 @@ from gram_pyro.diagnostics.importance import (KHAT_LIMIT, PROJECTION_DIMS, guide
 from gram_pyro.diagnostics.mcmc import VARIABLE, mcmc_diagnostics
 from gram_pyro.diagnostics.shortcut import kl_profile, shortcut_check, training_curves
 from gram_pyro.evaluation import json_ready
-from gram_pyro.inference import network_dtype
-from gram_pyro.nn import network_precision
+from gram_pyro.nn import network_dtype, network_precision
 from gram_pyro.objectives.particles import log_mean_exp
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
 
@@ -60,25 +59,41 @@ class Timer:
 
 @dataclass
 class Options:
-    """The arguments of :func:`diagnose` beyond task, model, guide and output directory."""
+    """What :func:`diagnose` computes beyond task, model, guide and output directory: the run directory
+    (its ``metrics.csv`` gives the KL over training), the held-out split, the size of every part, the
+    checkpoints of the ELBO curves, thresholds and the networks' ``precision``
+    (:data:`gram_pyro.nn.PRECISIONS`). ``gram-pyro diagnose`` builds it from its config
+    (:meth:`from_config`)."""
 
-    run_dir: str | Path | None
-    split: str
-    num_inputs: int
-    num_particles: int
-    num_samples: int
-    seed: int
-    mcmc_chains: int
-    checkpoints: Sequence[str | Path]
-    shortcut_threshold: float
-    unit_threshold: float
-    num_projections: int
-    pca_inputs: int
-    mcmc_inputs: int
-    mcmc_samples: int
-    mcmc_warmup: int
-    elbo_particles: int
-    memory_budget_mb: float | None
+    run_dir: str | Path | None = None
+    split: str = "test"
+    num_inputs: int = 256
+    num_particles: int = 64
+    num_samples: int = 20
+    seed: int = 0
+    mcmc_chains: int = 0
+    checkpoints: Sequence[str | Path] = ()
+    shortcut_threshold: float = 0.2
+    unit_threshold: float = 0.01
+    num_projections: int = 4
+    pca_inputs: int = 4
+    mcmc_inputs: int = 2
+    mcmc_samples: int = 100
+    mcmc_warmup: int = 100
+    elbo_particles: int = 8
+    memory_budget_mb: float | None = None
+    precision: str = "auto"
+
+    CONFIG_NAMES = {"run": "run_dir", "inputs": "num_inputs", "particles": "num_particles", "samples": "num_samples"}
+    """Keys of the diagnose config (``experiments/configs/diagnose.yaml``) whose option has another name;
+    the config's other keys that are options keep theirs."""
+
+    @classmethod
+    def from_config(cls, cfg, checkpoints: Sequence[str | Path] = ()) -> "Options":
+        """The options of a composed diagnose config, with the ELBO curves' ``checkpoints``."""
+        fields = set(cls.__dataclass_fields__)
+        chosen = {cls.CONFIG_NAMES.get(key, key): value for key, value in cfg.items()}
+        return cls(**{name: value for name, value in chosen.items() if name in fields}, checkpoints=list(checkpoints))
 
 
 def _check(task, options: Options) -> None:
@@ -103,32 +118,26 @@ def _scores(task, split: str, index: torch.Tensor, step_answers: torch.Tensor) -
 
 
 @torch.no_grad()
-def diagnose(task, model, guide, out_dir: str | Path, run_dir: str | Path | None = None, split: str = "test",
-             num_inputs: int = 256, num_particles: int = 64, num_samples: int = 20, seed: int = 0,
-             mcmc_chains: int = 0, checkpoints: Sequence[str | Path] = (), *, shortcut_threshold: float = 0.2,
-             unit_threshold: float = 0.01, num_projections: int = 4, pca_inputs: int = 4, mcmc_inputs: int = 2,
-             mcmc_samples: int = 100, mcmc_warmup: int = 100, elbo_particles: int = 8,
-             memory_budget_mb: float | None = None, precision: str = "auto") -> dict:
-    """Run every diagnostic (module docstring) and return the summary numbers (also in
-    ``summary.json``). ``precision`` (:data:`gram_pyro.inference.PRECISIONS`) is that of the networks'
-    matmuls (:func:`gram_pyro.nn.network_precision`) for the prior trajectories, guide particles and
-    ELBO curves; MCMC always runs in the model's dtype (its gradients)."""
-    options = Options(run_dir, split, num_inputs, num_particles, num_samples, seed, mcmc_chains,
-                      list(checkpoints), shortcut_threshold, unit_threshold, num_projections, pca_inputs, mcmc_inputs,
-                      mcmc_samples, mcmc_warmup, elbo_particles, memory_budget_mb)
+def diagnose(task, model, guide, out_dir: str | Path, options: Options | None = None, **changes) -> dict:
+    """Run every diagnostic (module docstring) per ``options`` (default :class:`Options`), with the
+    fields named in ``changes`` replaced (``diagnose(..., num_inputs=64)``), and return the summary
+    numbers (also in ``summary.json``). ``options.precision`` is that of the networks' matmuls
+    (:func:`gram_pyro.nn.network_precision`) for the prior trajectories, guide particles and ELBO
+    curves; MCMC always runs in the model's dtype (its gradients)."""
+    options = replace(options or Options(), **changes)
     _check(task, options)
     device = model.h0.device
-    dtype = network_dtype(precision, device)  # a bad name fails here, before any file
+    dtype = network_dtype(options.precision, device)  # a bad name fails here, before any file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = held_out_index(len(task.splits[split]), num_inputs, seed)
-    batch = task.splits[split].batch(index, torch.Generator().manual_seed(seed)).to(device)
+    index = held_out_index(len(task.splits[options.split]), options.num_inputs, options.seed)
+    batch = task.splits[options.split].batch(index, torch.Generator().manual_seed(options.seed)).to(device)
     timer, notes = Timer(), []
     modes = model.training, guide.training
     model.eval(), guide.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+            torch.manual_seed(options.seed)
             results = _run(task, model, guide, options, index, batch, dtype, timer, notes)
     finally:
         model.train(modes[0]), guide.train(modes[1])
