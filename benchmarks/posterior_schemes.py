@@ -2,7 +2,7 @@
 
 Builds one training run per scheme (every config of ``experiments/configs/objective/``, each with the
 train config's guide, the paper's Gaussian, which every scheme trains with) at the same batch (one fixed
-batch for all), and times ``Run.train_batch``: all optimizer updates of one batch (forward, backward,
+batch for all), and times ``gram_pyro.training.train_batch``: all optimizer updates of one batch (forward, backward,
 clipping, AdamW, EMA). Printed per scheme: optimizer steps per batch, backbone passes per example and
 optimizer step (counted by a hook on the backbone networks: the rows of every call, particles included,
 over the batch size), the median ms per optimizer step and per batch, and both as ratios to the

@@ -4,7 +4,7 @@ Builds a training run from the train config (``experiments/configs``; N-Queens 8
 unless overridden) for every model width ``D`` in ``--dims`` (``ffn_hidden = --ffn-ratio x D``),
 global batch in ``--batches``, ``trainer.compile`` mode in ``--compile`` and ``trainer.precision`` in
 ``--precision`` (the compiler's caches are cleared between configurations), and times
-``Run.train_batch``: one batch of the library's training loop, i.e. ``N_sup`` optimizer updates of the
+``gram_pyro.training.train_batch``: one batch of the library's training loop, i.e. ``N_sup`` optimizer updates of the
 objective (forward, backward, clipping, fused AdamW, EMA), under the autocast of ``trainer.precision``
 (``gram_pyro.nn.training_dtype``). The first batch of each configuration is the warm-up and,
 when compiling, the compilation: its seconds are printed apart. Printed per configuration:

@@ -164,7 +164,8 @@ class Run:
         self.guide.to(self.device)
         compile_networks([self.model, self.guide], trainer.compile, self.device)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
-        # fused (CPU and CUDA): it reads ``found_inf`` and skips a whole update on device (train_batch)
+        # fused (CPU and CUDA): it reads ``found_inf`` and skips a whole update on device
+        # (:func:`gram_pyro.training.train_batch`)
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                            betas=tuple(trainer.betas), fused=True)
         warmup = max(trainer.warmup_steps, 1)

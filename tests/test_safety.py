@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
+from gram_pyro import training
 from gram_pyro.checkpoint import load_checkpoint
 from gram_pyro.cli import main
 from gram_pyro.config import UserError, allowed_targets
-from gram_pyro.run import Run
 from gram_pyro.training import train
 from tests.helpers import TINY, tiny_config
 
@@ -262,16 +262,16 @@ def test_an_infinite_learning_rate_never_reaches_a_checkpoint(tmp_path, monkeypa
 
 @pytest.mark.parametrize("where", ["parameter", "ema"])
 def test_a_nan_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, where):
-    real = Run.train_batch
+    real = training.train_batch
 
-    def poisoned(self, batch):
-        metrics = real(self, batch)
-        if self.batches_done == 1:  # the second batch: after the first checkpoint
+    def poisoned(run, batch):
+        metrics = real(run, batch)
+        if run.batches_done == 1:  # the second batch: after the first checkpoint
             with torch.no_grad():
-                (self.params[0] if where == "parameter" else self.ema.shadow[0]).view(-1)[0] = float("nan")
+                (run.params[0] if where == "parameter" else run.ema.shadow[0]).view(-1)[0] = float("nan")
         return metrics
 
-    monkeypatch.setattr(Run, "train_batch", poisoned)
+    monkeypatch.setattr(training, "train_batch", poisoned)
     run = tmp_path / "run"
     cfg = tiny_config("trainer.max_batches=3", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=true")
     with pytest.raises(UserError) as error:
