@@ -37,6 +37,18 @@ def prior_step(model, x, h, l):
     return SimpleNamespace(logits=model.decoder(h), h=h.detach(), l=l.detach(), u=u, loc=loc, scale=scale)
 
 
+def chains_by_hand(model, guide, x, y):
+    """The steps of the prior rollouts' chain and of the guided chain, by hand and in the objective's
+    order (at each supervision step the prior chain draws first): yields ``(prior_step, guided_step)``."""
+    (h, l), (hp, lp) = start(model, x.shape[0]), start(model, x.shape[0])
+    for _ in range(model.n_sup):
+        prior = prior_step(model, x, hp, lp)
+        hp, lp = prior.h, prior.l
+        step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
+        h, l = step.h.detach(), step.l.detach()
+        yield prior, step
+
+
 @pytest.mark.parametrize("cap_share", [0.5, 2.0])
 def test_kl_cap_adds_its_weight_times_the_excess_over_the_cap(data, cap_share):
     x, y = data
@@ -62,13 +74,8 @@ def test_prior_rollouts_score_a_prior_chain_against_the_target(data):
     torch.manual_seed(5)
     objective, state = TruncatedSurrogate(beta=beta, prior_weight=weight), {}
     ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
-    torch.manual_seed(5)  # by hand: at each step the prior chain draws first, then the guided chain
-    (h, l), (hp, lp) = start(model, x.shape[0]), start(model, x.shape[0])
-    for loss, metrics in ours:
-        prior = prior_step(model, x, hp, lp)
-        hp, lp = prior.h, prior.l
-        step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
-        h, l = step.h.detach(), step.l.detach()
+    torch.manual_seed(5)
+    for (loss, metrics), (prior, step) in zip(ours, chains_by_hand(model, guide, x, y)):
         prior_nll = -token_log_likelihood(prior.logits, y).sum() / tokens
         guided = (-token_log_likelihood(step.logits, y).sum() + beta * step.kl_last.sum()) / tokens
         heads = surrogate_loss(model, step, x, y, beta) - guided
@@ -85,13 +92,8 @@ def test_latent_overshooting_pays_the_kl_from_the_guided_state_to_the_prior_chai
     torch.manual_seed(3)
     objective, state = TruncatedSurrogate(overshoot_weight=weight), {}
     ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
-    torch.manual_seed(3)  # by hand, in the order of the prior rollouts' test
-    (h, l), (hp, lp) = start(model, x.shape[0]), start(model, x.shape[0])
-    for loss, metrics in ours:
-        prior = prior_step(model, x, hp, lp)
-        hp, lp = prior.h, prior.l
-        step = supervision_step(model, guide, x, y, h, l, truncate=True, posterior_everywhere=False)
-        h, l = step.h.detach(), step.l.detach()
+    torch.manual_seed(3)
+    for (loss, metrics), (prior, step) in zip(ours, chains_by_hand(model, guide, x, y)):
         overshoot = gaussian_kl(step.u + step.loc_q, step.scale_q, prior.u + prior.loc, prior.scale).sum() / tokens
         expected = surrogate_loss(model, step, x, y, beta=1.0) + weight * overshoot
         assert "prior_nll" not in metrics
