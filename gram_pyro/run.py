@@ -116,8 +116,7 @@ class EMA:
     def applied(self):
         """Swap the EMA weights in for the duration of the block."""
         saved = [p.detach().clone() for p in self.params]
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
+        self.copy_to()
         try:
             yield
         finally:
