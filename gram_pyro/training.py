@@ -1,17 +1,18 @@
 """The training loop: AdamW with warm-up, gradient clipping, EMA, metrics, checkpoints, resume.
 
-``train(cfg)`` builds task, model, guide and objective from a composed config, checks that the objective
-fits the model and guide (:class:`gram_pyro.objectives.Objective` ``check``), then for each batch calls
+``train(cfg)`` builds the run (:class:`gram_pyro.run.Run`: task, model, guide, objective, optimizer;
+the objective checked against the model and guide), then for each batch (:func:`train_batch`) calls
 the objective ``updates_per_batch`` times with one optimizer step after each call (the truncated GRAM
 surrogate: one step per supervision step, as TRM/GRAM train). Batch ``b`` of a run is a function of
 ``(trainer.seed, b)``, so a resumed run sees exactly the data an uninterrupted one would.
 
 A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest; with
-``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv`` (one row per
-logged batch; ``seconds``: training time since batch 0, summed over resumed invocations up to the
+``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv``
+(one row per logged batch; ``seconds``: training time since batch 0, summed over resumed invocations up to the
 checkpoint each went on from, so work redone after a crash counts once), ``eval.csv`` (prior-sampled
-accuracy/coverage on held-out inputs, EMA weights) and TensorBoard events under ``tb/``. A resumed run first drops the CSV rows logged after the checkpoint it
-goes on from (it logs them again), so a run stopped anywhere ends as an uninterrupted one.
+accuracy/coverage on held-out inputs, EMA weights) and TensorBoard events under ``tb/``. A resumed run
+first drops the CSV rows logged after the checkpoint it goes on from (it logs them again), so a run
+stopped anywhere ends as an uninterrupted one.
 """
 
 from __future__ import annotations
