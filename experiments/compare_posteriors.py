@@ -76,7 +76,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gram_pyro.checkpoint import load_checkpoint  # noqa: E402
-from gram_pyro.config import UserError, build, compose_config  # noqa: E402
+from gram_pyro.config import UserError, build, command_line, compose_config  # noqa: E402
 from gram_pyro.diagnostics.evidence import importance_log_evidence  # noqa: E402
 from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa: E402
 from gram_pyro.evaluation import evaluate_run  # noqa: E402
@@ -284,12 +284,9 @@ def compare_posteriors(overrides: list[str], quiet: bool = False) -> list[dict]:
     return rows
 
 
+@command_line("compare_posteriors")
 def main(argv: list[str]) -> int:
-    try:
-        compare_posteriors(argv)
-    except UserError as error:
-        print(f"compare_posteriors: error: {error}", file=sys.stderr)
-        return 2
+    compare_posteriors(argv)
     return 0
 
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from gram_pyro.config import UserError
+from gram_pyro.config import UserError, command_line
 
 MEASURED = ["accuracy", "coverage", "log_evidence", "ess", "khat", "kl", "train_seconds"]
 """Columns of ``comparison.csv`` summarised over seeds."""
@@ -98,18 +98,15 @@ def markdown(rows: list[dict], directories: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@command_line("compare_seeds")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directories", nargs="+", type=Path, help="comparison directories, one per seed")
     parser.add_argument("--out", type=Path, help="where to write the tables (default: the first directory)")
     args = parser.parse_args(argv)
-    try:
-        if len(args.directories) < 2:
-            raise UserError("give at least two comparison directories (one per training seed)")
-        rows = summarise(args.directories)
-    except UserError as error:
-        print(f"compare_seeds: error: {error}", file=sys.stderr)
-        return 2
+    if len(args.directories) < 2:
+        raise UserError("give at least two comparison directories (one per training seed)")
+    rows = summarise(args.directories)
     out = args.out or args.directories[0]
     out.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gram_pyro.config import UserError, compose_config  # noqa: E402
+from gram_pyro.config import command_line, compose_config  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 
 MODELS = {"GRAM": ["model=gram", "guide=gaussian"], "TRM (deterministic)": ["model=trm", "guide=prior"]}
@@ -78,6 +78,7 @@ def run_demo(out: Path, overrides: list[str]) -> dict:
     return summary
 
 
+@command_line("demo")
 def main(argv: list[str]) -> int:
     out = Path("runs/demo")
     overrides = []
@@ -87,11 +88,7 @@ def main(argv: list[str]) -> int:
         else:
             overrides.append(arg)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        run_demo(out, overrides)
-    except UserError as error:
-        print(f"demo: error: {error}", file=sys.stderr)
-        return 2
+    run_demo(out, overrides)
     return 0
 
 

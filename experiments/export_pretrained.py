@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gram_pyro.checkpoint import save_checkpoint
-from gram_pyro.config import UserError, save_config
+from gram_pyro.config import UserError, command_line, save_config
 from gram_pyro.evaluation import evaluate_run
 from gram_pyro.run import PRETRAINED, load_run
 
@@ -50,17 +50,14 @@ def export(run: Path, name: str, results: Path | None) -> Path:
     return out
 
 
+@command_line("export_pretrained")
 def main(argv: list[str]) -> int:
-    try:
-        options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-        unknown = set(options) - {"run", "name", "results"}
-        if unknown or "run" not in options or "name" not in options or len(options) != len(argv):
-            raise UserError("usage: export_pretrained.py run=<run dir> name=<name> [results=<results json>]")
-        out = export(Path(options["run"]), options["name"],
-                     Path(options["results"]) if "results" in options else None)
-    except UserError as error:
-        print(f"export_pretrained: error: {error}", file=sys.stderr)
-        return 2
+    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    unknown = set(options) - {"run", "name", "results"}
+    if unknown or "run" not in options or "name" not in options or len(options) != len(argv):
+        raise UserError("usage: export_pretrained.py run=<run dir> name=<name> [results=<results json>]")
+    out = export(Path(options["run"]), options["name"],
+                 Path(options["results"]) if "results" in options else None)
     print(f"wrote {out}")
     print(OmegaConf.to_yaml(OmegaConf.create(json.loads((out / 'check.json').read_text()))))
     return 0

@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gram_pyro.experiments.results_table import markdown_table
 from gram_pyro.checkpoint import load_checkpoint
-from gram_pyro.config import UserError, compose_config, group_options, load_run_config
+from gram_pyro.config import UserError, command_line, compose_config, group_options, load_run_config
 from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, write_evaluation
 from gram_pyro.run import load_run
 from gram_pyro.selection import SELECTORS, select
@@ -317,17 +317,14 @@ def publish(results_file: Path, task: str, budget: str) -> Path:
     return target
 
 
+@command_line("reproduce")
 def main(argv: list[str]) -> int:
-    try:
-        options, recipe_overrides, extra = parse_arguments(argv)
-        out = Path(options["out"]) if options["out"] else None
-        path = reproduce(options["task"], options["budget"], out, recipe_overrides, extra)
-        print(f"\n{markdown_table([json.loads(path.read_text())])}\nwrote {path}")
-        if options["publish"] == "true":
-            print(f"published {publish(path, options['task'], options['budget'])}")
-    except UserError as error:
-        print(f"reproduce: error: {error}", file=sys.stderr)
-        return 2
+    options, recipe_overrides, extra = parse_arguments(argv)
+    out = Path(options["out"]) if options["out"] else None
+    path = reproduce(options["task"], options["budget"], out, recipe_overrides, extra)
+    print(f"\n{markdown_table([json.loads(path.read_text())])}\nwrote {path}")
+    if options["publish"] == "true":
+        print(f"published {publish(path, options['task'], options['budget'])}")
     return 0
 
 

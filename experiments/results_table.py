@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from gram_pyro.config import UserError
+from gram_pyro.config import UserError, command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -176,17 +176,14 @@ def render(results: list[dict]) -> str:
     return f"{header}\n\n{render_tables(results)}\n\n{footer}\n"
 
 
+@command_line("results_table")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results", help="folder of results JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md", help="the markdown file")
     parser.add_argument("--check", action="store_true", help="exit 1 if --out is not the rendering")
     args = parser.parse_args(argv)
-    try:
-        text = render(load_results(args.results))
-    except UserError as error:
-        print(f"results_table: error: {error}", file=sys.stderr)
-        return 2
+    text = render(load_results(args.results))
     if args.check:
         if not args.out.is_file() or args.out.read_text() != text:
             print(f"{args.out} is not the rendering of {args.results}/*.json: run python "

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gram_pyro.config import UserError, compose_config
+from gram_pyro.config import UserError, command_line, compose_config
 from gram_pyro.run import load_run
 from gram_pyro.inference import sample_trajectories
 from gram_pyro.selection import select
@@ -100,7 +100,8 @@ def plot(rows: list[dict], trained_depth: int, path: Path) -> None:
     plt.close(figure)
 
 
-def main(overrides: list[str]) -> None:
+@command_line("scaling")
+def main(overrides: list[str]) -> int:
     # runs.<label>=<dir> adds a key to the empty ``runs`` mapping, which Hydra spells +runs.<label>
     cfg = compose_config("scaling", [f"+{o}" if o.startswith("runs.") else o for o in overrides])
     if not cfg.runs:
@@ -134,11 +135,8 @@ def main(overrides: list[str]) -> None:
         coverage = f"{r['coverage']:8.3f}" if r["coverage"] != "" else f"{'':8s}"
         print(f"{r['label']:18s} {r['samples']:4d} {r['depth']:5d} {r['compute']:8d} {r['accuracy']:8.3f} {coverage}")
     print(f"wrote {out / 'scaling.csv'} and {out / 'scaling.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as error:
-        print(f"scaling: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(sys.argv[1:]))

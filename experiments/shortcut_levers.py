@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from gram_pyro.config import UserError, compose_config  # noqa: E402
+from gram_pyro.config import UserError, command_line, compose_config  # noqa: E402
 
 CURVES = ("accuracy", "posterior_accuracy", "coverage", "kl_per_token")
 """Columns of ``eval.csv`` plotted per lever (where the task reports them)."""
@@ -143,12 +143,9 @@ def shortcut_levers(argv: list[str]) -> Path:
     return out
 
 
+@command_line("shortcut_levers")
 def main(argv: list[str]) -> int:
-    try:
-        shortcut_levers(argv)
-    except UserError as error:
-        print(f"shortcut_levers: error: {error}", file=sys.stderr)
-        return 2
+    shortcut_levers(argv)
     return 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gram_pyro.config import UserError, compose_config
+from gram_pyro.config import UserError, command_line, compose_config
 from gram_pyro.evaluation import interval, json_ready
 from gram_pyro.run import load_run
 from gram_pyro.inference import sample_trajectories
@@ -188,15 +188,12 @@ def plot(results: dict, paths: list[Path]) -> None:
     plt.close(figure)
 
 
+@command_line("test_time_smc")
 def main(argv: list[str]) -> int:
-    try:
-        cfg = compose_config(CONFIG, argv)
-        if cfg.run is None:
-            raise UserError("give run=<run directory>")
-        results = compare(cfg)
-    except UserError as error:
-        print(f"test_time_smc: error: {error}", file=sys.stderr)
-        return 2
+    cfg = compose_config(CONFIG, argv)
+    if cfg.run is None:
+        raise UserError("give run=<run directory>")
+    results = compare(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python experiments/test_time_smc.py", *argv])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,6 +35,24 @@ RUN_SECTIONS = ("task", "model", "guide", "objective", "trainer")
 
 class UserError(Exception):
     """A mistake in what the user asked for: reported as one line, exit code 2, no traceback."""
+
+
+def command_line(name: str):
+    """Decorator of a script's ``main(argv) -> int``: a :class:`UserError` raised in it is printed as
+    the one line ``<name>: error: <message>`` on stderr and the exit status is 2."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def run(argv: list[str]) -> int:
+            try:
+                return main(argv)
+            except UserError as error:
+                print(f"{name}: error: {error}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return decorate
 
 
 def first_line(error: BaseException) -> str:
