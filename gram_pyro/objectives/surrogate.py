@@ -42,10 +42,10 @@ Cost: ``N_sup T`` transitions per example and batch; ``2 N_sup T`` once the prio
 
 from __future__ import annotations
 
+import pyro.poutine as poutine
 import torch
 
-import pyro.poutine as poutine
-
+from gram_pyro.guides.base import proposal_site
 from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, exact_match, head_losses,
                                        overshooting_kl, per_token, token_nll)
 from gram_pyro.tasks.base import Batch
@@ -58,8 +58,8 @@ class TruncatedSurrogate(Objective):
 
     def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
                  kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
-                 prior_start: int = 0, overshoot_weight: float = 0.0, halt_weight: float = 1.0, value_weight: float = 1.0,
-                 judge: Judge = exact_match, nearest: Nearest | None = None):
+                 prior_start: int = 0, overshoot_weight: float = 0.0, halt_weight: float = 1.0,
+                 value_weight: float = 1.0, judge: Judge = exact_match, nearest: Nearest | None = None):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
         if (kl_cap is not None and kl_cap < 0) or kl_cap_weight < 0 or not 0 <= prior_weight <= 1:
@@ -140,7 +140,7 @@ class TruncatedSurrogate(Objective):
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
         loss = nll + self.kl_penalty(kl)
         metrics = {"nll": nll, "kl": kl}
-        nan = torch.full((), float("nan"), device=loss.device)  # a column's value before prior_start
+        nan = None if prior_chain else torch.full((), float("nan"), device=loss.device)  # before prior_start
         if self.prior_weight:
             if prior_chain:
                 target = batch.y if self.prior_target == "target" else self.nearest(batch.x, prior_logits.detach())
@@ -151,7 +151,8 @@ class TruncatedSurrogate(Objective):
             if prior_chain:
                 overshoot = torch.zeros_like(log_lik)
                 for kind in model.noise_sites:
-                    site, proposal = f"{kind}/{n}/{last}", f"u{kind[3:]}/{n}/{last}"
+                    site = f"{kind}/{n}/{last}"
+                    proposal = proposal_site(site)
                     overshoot = overshoot + overshooting_kl(
                         guide_trace.nodes[site]["fn"], model_trace.nodes[proposal]["value"],
                         prior_trace.nodes[site]["fn"], prior_trace.nodes[proposal]["value"])
