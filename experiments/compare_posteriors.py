@@ -3,10 +3,15 @@ equal compute, each run then scored on held-out inputs from its own files.
 
     python experiments/compare_posteriors.py [out=DIR] [compare.pairs=[[gaussian,truncated],[prior,smc]]]
                                              [task=coloring] [model.dim=64] [key=value ...]
+    python experiments/compare_posteriors.py comparison=uncond_sudoku4 [trainer.seed=1] [out=DIR]
 
 Settings: ``experiments/configs/compare_posteriors.yaml`` (the train config plus ``out`` and
-``compare``). Guide and objective come from each pair; every objective with particles gets
-``compare.num_particles``; all other keys (task, model, trainer) are shared by every run.
+``compare``); ``comparison=<name>`` adds a task's preset from ``experiments/configs/comparison/``
+(its model, trainer, budget and pairs). Guide and objective come from each pair; every objective with
+particles gets ``compare.num_particles``; all other keys (task, model, trainer) are shared by every run.
+A pair is ``[guide, objective]`` (its run is named ``<guide>-<objective>``) or a mapping ``{name,
+guide, objective, overrides}`` whose ``overrides`` (train-config ``key=value`` strings) apply to that
+run alone: a task's recipe, or a lever given to every scheme (``guide.posterior_steps=1``).
 
 Equal compute. Cost is counted in transitions (one transition of the recursive model is
 ``K_low + 1`` backbone passes, the same model in every run) per training example. What one batch costs
@@ -26,15 +31,19 @@ The rules:
   it, one program per leapfrog step, the M-step's draws; without leapfrog steps no potential at the start).
 
 The budget is ``compare.budget_batches * N_sup * T`` transitions per training example (what
-``budget_batches`` batches of the truncated surrogate cost) and a pair trains for
-``budget // transitions_per_batch`` batches of the same batch size: ``K`` particles buy ``K`` times fewer
-batches and optimizer steps. A pair whose batch costs more than the budget is a one-line error.
+``budget_batches`` batches of the truncated surrogate cost) and a pair trains for the most batches of
+the same batch size whose cost (the objective's ``run_cost``: the sum of its batches' costs, so that
+the prior chain is charged only from ``prior_start`` on) fits the budget: ``K`` particles buy ``K`` times
+fewer batches and optimizer steps. A pair whose first batch costs more than the budget is a one-line
+error.
 
 Measured per run (``test`` split, EMA weights, seeded so every run sees the same inputs and targets):
 
-* ``accuracy`` (share of all ``compare.eval_samples`` answers per input that the task's judge accepts) and
-  ``coverage@N`` from prior trajectories on ``compare.eval_inputs`` inputs
-  (:func:`gram_pyro.evaluation.evaluate_run`), with 95% intervals;
+* ``accuracy`` (share of all ``compare.eval_samples`` answers per input that the task's judge accepts;
+  validity on the unconditional tasks) and ``coverage@N`` from prior trajectories on
+  ``compare.eval_inputs`` inputs (:func:`gram_pyro.evaluation.evaluate_run`), with 95% intervals; where
+  the task pools every answer instead (unconditional 4x4 Sudoku: distinct valid grids / 288), that
+  set-level ``coverage``, without an interval;
 * ``log_evidence``: mean over ``evidence_inputs`` inputs of ``log p(y | x)`` in nats per example (``y``
   observed at every supervision step), by importance sampling with the run's guide as proposal
   (``evidence_particles`` particles, :func:`gram_pyro.diagnostics.evidence.importance_log_evidence`; a
@@ -49,8 +58,8 @@ Measured per run (``test`` split, EMA weights, seeded so every run sees the same
   per training example, ``train_seconds`` (task load, training, the run's own final evaluation) and
   ``eval_seconds`` (the measurements above).
 
-Writes ``<out>/<guide>-<objective>/`` (each run), ``<out>/comparison.csv``, ``<out>/comparison.md``
-(a markdown table) and ``<out>/comparison.png`` (bars of accuracy, coverage and log p(y | x)). Every
+Writes ``<out>/<name>/`` (each run), ``<out>/comparison.csv``, ``<out>/comparison.md``
+(a markdown table, each pair's overrides under it) and ``<out>/comparison.png`` (bars of accuracy, coverage and log p(y | x)). Every
 number comes from the run directories. The config sets ``trainer.threads: 1`` (on a CPU shared with
 other jobs one thread is much faster at this size); training sets it, and the measurements that
 follow each run keep it. ``compare.jobs`` > 1 trains that many pairs at once, each in a process of its
@@ -63,9 +72,11 @@ from __future__ import annotations
 import csv
 import math
 import multiprocessing
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -87,47 +98,101 @@ from gram_pyro.training import train  # noqa: E402
 CONFIG = "compare_posteriors"
 TRAIN_KEYS = ["task", "model", "guide", "objective", "trainer"]
 PER_PAIR = ("guide", "objective")
-COLUMNS = ["guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "backbone_passes",
+PAIR_KEYS = ("name", "guide", "objective", "overrides")
+COLUMNS = ["name", "guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "backbone_passes",
            "train_seconds", "eval_seconds", "accuracy", "accuracy_ci95", "coverage", "coverage_ci95",
            "log_evidence", "ess", "khat", "khat_high", "kl", "run_dir"]
 
 
-def transitions_per_batch(cfg: DictConfig) -> int:
-    """Transitions one batch of ``cfg``'s objective runs per training example: the ``cost`` of the
-    objective built from ``cfg.objective``, on the model config (module docstring). No model is built;
-    the task only for ``prior_target=nearest``, which needs the task's nearest-solution search to be
-    built at all (the judge, used by the loss alone, keeps its default)."""
+@dataclass(frozen=True)
+class Pair:
+    """One entry of ``compare.pairs``: its run's ``name``, guide, objective and own train overrides."""
+
+    name: str
+    guide: str
+    objective: str
+    overrides: tuple[str, ...] = ()
+
+
+def read_pair(entry) -> Pair:
+    """A :class:`Pair` from ``[guide, objective]`` or ``{name, guide, objective, overrides}`` (module
+    docstring); anything else is a one-line :class:`UserError`."""
+    if OmegaConf.is_list(entry) and len(entry) == 2:
+        guide, objective = entry
+        return Pair(f"{guide}-{objective}", str(guide), str(objective))
+    if not OmegaConf.is_dict(entry) or not {"guide", "objective"} <= set(entry) or set(entry) - set(PAIR_KEYS):
+        raise UserError(f"compare.pairs: each pair is [guide, objective] or {{{', '.join(PAIR_KEYS)}}} "
+                        f"(name and overrides optional), got {entry}")
+    overrides = entry.get("overrides")
+    if overrides is None:
+        overrides = []
+    elif not OmegaConf.is_list(overrides) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise UserError(f"compare.pairs: overrides of a pair are a list of key=value strings, got {overrides}")
+    for override in overrides:
+        if override.lstrip("+~").partition("=")[0] in PER_PAIR:
+            raise UserError(f"compare.pairs: {override}: a pair's guide and objective are its own keys")
+    guide, objective = str(entry.guide), str(entry.objective)
+    name = str(entry.get("name") or f"{guide}-{objective}")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise UserError(f"compare.pairs: name {name!r} is a run directory: letters, digits, '_', '-' and '.' only")
+    return Pair(name, guide, objective, tuple(overrides))
+
+
+def pair_config(overrides: list[str], pair: Pair, num_particles: int) -> DictConfig:
+    """The train config of one pair: the comparison's shared keys, the pair's guide and objective, the
+    comparison's ``num_particles`` where the objective has particles, then the pair's own overrides."""
+    chosen = [*overrides, f"guide={pair.guide}", f"objective={pair.objective}"]
+    if "num_particles" in compose_config(CONFIG, chosen).objective:
+        chosen.append(f"objective.num_particles={num_particles}")
+    return OmegaConf.masked_copy(compose_config(CONFIG, [*chosen, *pair.overrides]), TRAIN_KEYS)
+
+
+def scheme(cfg: DictConfig):
+    """The objective built from ``cfg.objective``, for its cost rule (module docstring). No model is
+    built; the task only for ``prior_target=nearest``, which needs the task's nearest-solution search to
+    be built at all (the judge, used by the loss alone, keeps its default)."""
     nearest = cfg.objective.get("prior_target") == "nearest"
     solutions = {"nearest": build(cfg.task, "task").nearest_solution} if nearest else {}
-    return build(cfg.objective, "objective", **solutions).cost(cfg.model)
+    return build(cfg.objective, "objective", **solutions)
 
 
-def pair_config(overrides: list[str], guide: str, objective: str, num_particles: int) -> DictConfig:
-    """The train config of one pair: the comparison's shared keys, the pair's guide and objective."""
-    cfg = compose_config(CONFIG, [*overrides, f"guide={guide}", f"objective={objective}"])
-    if "num_particles" in cfg.objective:
-        cfg.objective.num_particles = num_particles
-    return OmegaConf.masked_copy(cfg, TRAIN_KEYS)
+def transitions_spent(cfg: DictConfig, batches: int) -> int:
+    """Transitions per training example that ``batches`` batches of ``cfg``'s objective run (its
+    ``run_cost`` on the model config)."""
+    return scheme(cfg).run_cost(cfg.model, batches)
 
 
-def plan(settings: DictConfig, overrides: list[str]) -> list[tuple[str, str, DictConfig]]:
-    """``(guide, objective, config)`` per pair, ``trainer.max_batches`` set by the budget rule."""
+def batches_within(cfg: DictConfig, budget: int) -> int:
+    """The most batches of ``cfg``'s objective whose cost is at most ``budget`` transitions per example
+    (every batch costs at least one, so at most ``budget``)."""
+    objective = scheme(cfg)
+    low, high = 0, budget
+    while low < high:
+        middle = (low + high + 1) // 2
+        if objective.run_cost(cfg.model, middle) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def plan(settings: DictConfig, overrides: list[str]) -> list[tuple[Pair, DictConfig]]:
+    """``(pair, config)`` per pair, ``trainer.max_batches`` set by the budget rule."""
     compare = settings.compare
     if compare.budget_batches < 1:
         raise UserError(f"compare.budget_batches must be at least 1, got {compare.budget_batches}")
     runs = []
-    for pair in compare.pairs:
-        if not OmegaConf.is_list(pair) or len(pair) != 2:
-            raise UserError(f"compare.pairs: each pair is [guide, objective], got {pair}")
-        guide, objective = pair
-        cfg = pair_config(overrides, guide, objective, compare.num_particles)
+    for pair in map(read_pair, compare.pairs):
+        if any(pair.name == other.name for other, _ in runs):
+            raise UserError(f"compare.pairs: two pairs are named {pair.name!r}: give each its own name")
+        cfg = pair_config(overrides, pair, compare.num_particles)
         budget = compare.budget_batches * cfg.model.n_sup * cfg.model.transitions
-        cost = transitions_per_batch(cfg)
-        if cost > budget:
-            raise UserError(f"pair [{guide}, {objective}]: one batch costs {cost} transitions per example, more "
-                            f"than the budget of {budget}; raise compare.budget_batches")
-        cfg.trainer.max_batches = budget // cost
-        runs.append((guide, objective, cfg))
+        batches = batches_within(cfg, budget)
+        if batches == 0:
+            raise UserError(f"pair {pair.name}: one batch costs {transitions_spent(cfg, 1)} transitions per example, "
+                            f"more than the budget of {budget}; raise compare.budget_batches")
+        cfg.trainer.max_batches = batches
+        runs.append((pair, cfg))
     return runs
 
 
@@ -159,8 +224,10 @@ def measure(run_dir: Path, compare: DictConfig) -> dict:
                                        compare.evidence_chunk)
     khat = importance_khat(evidence.log_weights)
     coverage = metrics.get(f"coverage@{compare.eval_samples}")
+    if coverage is None and "coverage" in metrics:  # a set-level score (4x4 grids): no interval
+        coverage = {"mean": metrics["coverage"], "ci95": [math.nan, math.nan]}
     batches = loaded.cfg.trainer.max_batches
-    spent = batches * transitions_per_batch(loaded.cfg)
+    spent = transitions_spent(loaded.cfg, batches)
     return {"batches": batches,
             "optimizer_steps": load_checkpoint(run_dir / "checkpoint.pt")["ema"]["updates"],
             "transitions": spent, "backbone_passes": spent * (loaded.cfg.model.low_steps + 1),
@@ -185,8 +252,13 @@ def number(value: float, digits: int) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def write_markdown(rows: list[dict], settings: DictConfig, command: str, path: Path) -> None:
-    """The table of ``rows`` with the settings it was measured under."""
+def with_interval(value: float, half_width: float) -> str:
+    """A percentage and the half-width of its 95% interval where it has one (a set-level score has none)."""
+    return number(value, 1) + ("" if math.isnan(half_width) else f" ± {half_width:.1f}")
+
+
+def write_markdown(rows: list[dict], pairs: list[Pair], settings: DictConfig, command: str, path: Path) -> None:
+    """The table of ``rows`` with the settings it was measured under and the pairs' own overrides."""
     compare = settings.compare
     samples = compare.eval_samples
     lines = [f"`{command}`", "",
@@ -196,21 +268,24 @@ def write_markdown(rows: list[dict], settings: DictConfig, command: str, path: P
              f"log p(y|x): {compare.evidence_inputs} inputs, K = {compare.evidence_particles}, guide as proposal; "
              f"PSIS k-hat of those weights: mean over the inputs (share above {KHAT_LIMIT}).",
              "",
-             f"| guide | objective | K | batches | steps | train s | accuracy % | coverage@{samples} % "
+             f"| run | guide | objective | K | batches | steps | train s | accuracy % | coverage@{samples} % "
              f"| log p(y\\|x) | ESS / {compare.evidence_particles} | k-hat | KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} | {r['optimizer_steps']} "
+        lines.append(f"| {r['name']} | {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} "
+                     f"| {r['optimizer_steps']} "
                      f"| {r['train_seconds']:.0f} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_ci95']:.1f} "
-                     f"| {number(100 * r['coverage'], 1)} ± {number(100 * r['coverage_ci95'], 1)} "
+                     f"| {with_interval(100 * r['coverage'], 100 * r['coverage_ci95'])} "
                      f"| {r['log_evidence']:.2f} | {r['ess']:.1f} | {r['khat']:.2f} ({100 * r['khat_high']:.0f}%) "
                      f"| {number(r['kl'], 3)} |")
+    own = [f"- {pair.name}: `{' '.join(pair.overrides)}`" for pair in pairs if pair.overrides]
+    lines += ["", "Overrides of single runs:", *own] if own else []
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], num_samples: int, path: Path) -> None:
     """Bars of accuracy, coverage (with 95% intervals) and log p(y | x) per pair."""
-    labels = [f"{r['guide']}\n{r['objective']}" for r in rows]
+    labels = [r["name"] for r in rows]
     panels = [("accuracy", "accuracy %", 100), ("coverage", f"coverage@{num_samples} %", 100),
               ("log_evidence", "log p(y|x), nats", 1)]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -226,29 +301,29 @@ def plot(rows: list[dict], num_samples: int, path: Path) -> None:
     plt.close(figure)
 
 
-def train_and_measure(guide: str, objective: str, cfg: DictConfig, run_dir: Path, compare: DictConfig,
-                      quiet: bool) -> dict:
+def train_and_measure(pair: Pair, cfg: DictConfig, run_dir: Path, compare: DictConfig, quiet: bool) -> dict:
     """Train one pair into ``run_dir`` and measure it: its row of ``comparison.csv``."""
     start = time.perf_counter()
     train(cfg, run_dir, quiet=quiet, overwrite=True)  # a rerun moves the old run aside
-    return {"guide": guide, "objective": objective, "particles": cfg.objective.get("num_particles", 1),
+    return {"name": pair.name, "guide": pair.guide, "objective": pair.objective,
+            "particles": cfg.objective.get("num_particles", 1),
             "train_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
             **measure(run_dir, compare)}
 
 
-def train_in_parallel(runs: list[tuple[str, str, DictConfig]], out: Path, compare: DictConfig, jobs: int,
+def train_in_parallel(runs: list[tuple[Pair, DictConfig]], out: Path, compare: DictConfig, jobs: int,
                       quiet: bool) -> list[dict]:
     """:func:`train_and_measure` for every pair, ``jobs`` pairs at a time in fresh (spawned) processes;
     the rows in the order of ``runs``. Each pair's run is the same as in one process (its own seed)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=context) as pool:
-        futures = {pool.submit(train_and_measure, guide, objective, cfg, out / f"{guide}-{objective}", compare,
-                               True): i for i, (guide, objective, cfg) in enumerate(runs)}
+        futures = {pool.submit(train_and_measure, pair, cfg, out / pair.name, compare, True): i
+                   for i, (pair, cfg) in enumerate(runs)}
         rows: list[dict | None] = [None] * len(runs)
         for done, future in enumerate(as_completed(futures), 1):
             rows[futures[future]] = row = future.result()
             if not quiet:
-                print(f"[{done}/{len(runs)}] {row['guide']} + {row['objective']}: {row['batches']} batches in "
+                print(f"[{done}/{len(runs)}] {row['name']}: {row['batches']} batches in "
                       f"{row['train_seconds']:.0f} s, accuracy {100 * row['accuracy']:.1f}%", flush=True)
     return rows
 
@@ -261,25 +336,23 @@ def compare_posteriors(overrides: list[str], quiet: bool = False) -> list[dict]:
     settings = compose_config(CONFIG, overrides)
     out = Path(settings.out)
     runs = plan(settings, overrides)
-    for guide, objective, _ in runs:
-        if (out / f"{guide}-{objective}").exists():
-            raise UserError(f"{out / f'{guide}-{objective}'} already exists: choose another out= or remove it")
+    for pair, _ in runs:
+        if (out / pair.name).exists():
+            raise UserError(f"{out / pair.name} already exists: choose another out= or remove it")
     jobs = settings.compare.jobs
     if not isinstance(jobs, int) or jobs < 1:
         raise UserError(f"compare.jobs must be a whole number of at least 1, got {jobs}")
     if jobs == 1:
         rows = []
-        for guide, objective, cfg in runs:
+        for pair, cfg in runs:
             if not quiet:
-                print(f"[{len(rows) + 1}/{len(runs)}] {guide} + {objective}: {cfg.trainer.max_batches} batches",
-                      flush=True)
-            rows.append(train_and_measure(guide, objective, cfg, out / f"{guide}-{objective}", settings.compare,
-                                          quiet))
+                print(f"[{len(rows) + 1}/{len(runs)}] {pair.name}: {cfg.trainer.max_batches} batches", flush=True)
+            rows.append(train_and_measure(pair, cfg, out / pair.name, settings.compare, quiet))
     else:
         rows = train_in_parallel(runs, out, settings.compare, jobs, quiet)
     command = " ".join(["python experiments/compare_posteriors.py", *overrides])
     write_csv(rows, out / "comparison.csv")
-    write_markdown(rows, settings, command, out / "comparison.md")
+    write_markdown(rows, [pair for pair, _ in runs], settings, command, out / "comparison.md")
     plot(rows, settings.compare.eval_samples, out / "comparison.png")
     return rows
 

@@ -1,4 +1,4 @@
-"""The posterior comparison over training seeds: per (guide, objective) pair, the mean and the sample
+"""The posterior comparison over training seeds: per pair (run name), the mean and the sample
 standard deviation over seeds of each measured column of several ``comparison.csv`` files, one per
 training seed, each written by ``experiments/compare_posteriors.py trainer.seed=<s> out=<dir>``.
 
@@ -28,17 +28,17 @@ SAME_IN_EVERY_SEED = ["particles", "batches", "optimizer_steps", "transitions"]
 """Columns that must agree between the seeds' files (the same comparison, another seed)."""
 
 
-def read_comparison(directory: Path) -> dict[tuple[str, str], dict[str, str]]:
-    """The rows of ``<directory>/comparison.csv`` keyed by ``(guide, objective)``."""
+def read_comparison(directory: Path) -> dict[str, dict[str, str]]:
+    """The rows of ``<directory>/comparison.csv`` keyed by the pair's run name."""
     path = directory / "comparison.csv"
     if not path.is_file():
         raise UserError(f"{path}: no such file (run experiments/compare_posteriors.py out={directory} first)")
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    missing = [c for c in ["guide", "objective", *SAME_IN_EVERY_SEED, *MEASURED] if rows and c not in rows[0]]
+    missing = [c for c in ["name", "guide", "objective", *SAME_IN_EVERY_SEED, *MEASURED] if rows and c not in rows[0]]
     if not rows or missing:
         raise UserError(f"{path}: not a comparison table ({'no rows' if not rows else 'no column ' + missing[0]})")
-    return {(row["guide"], row["objective"]): row for row in rows}
+    return {row["name"]: row for row in rows}
 
 
 def value(row: dict[str, str], column: str, where: str) -> float:
@@ -57,18 +57,18 @@ def summarise(directories: list[Path]) -> list[dict]:
     for directory, table in zip(directories[1:], tables[1:]):
         if set(table) != set(first):
             odd = sorted(set(table) ^ set(first))[0]
-            raise UserError(f"{directory}: pair {'-'.join(odd)} is in one comparison but not the other")
+            raise UserError(f"{directory}: pair {odd} is in one comparison but not the other")
         for pair, row in table.items():
             for column in SAME_IN_EVERY_SEED:
                 if row[column] != first[pair][column]:
-                    raise UserError(f"{directory}: {'-'.join(pair)} has {column}={row[column]}, "
+                    raise UserError(f"{directory}: {pair} has {column}={row[column]}, "
                                     f"{directories[0]} has {first[pair][column]}")
     rows = []
     for pair, row in first.items():
-        out = {"guide": pair[0], "objective": pair[1], "seeds": len(tables),
+        out = {"name": pair, "guide": row["guide"], "objective": row["objective"], "seeds": len(tables),
                **{column: row[column] for column in SAME_IN_EVERY_SEED}}
         for column in MEASURED:
-            values = [value(t[pair], column, f"{d / 'comparison.csv'} {'-'.join(pair)}")
+            values = [value(t[pair], column, f"{d / 'comparison.csv'} {pair}")
                       for d, t in zip(directories, tables)]
             finite = [v for v in values if not math.isnan(v)]
             out[f"{column}_mean"] = statistics.fmean(finite) if finite else math.nan
@@ -85,12 +85,12 @@ def cell(row: dict, column: str, scale: float, digits: int) -> str:
 
 
 def markdown(rows: list[dict], directories: list[Path]) -> str:
-    header = ("| guide | objective | K | batches | accuracy % | coverage % | log p(y\\|x) | ESS | k-hat | KL "
-              "| train s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| run | guide | objective | K | batches | accuracy % | coverage % | log p(y\\|x) | ESS | k-hat | KL "
+              "| train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"Mean ± standard deviation over {len(directories)} training seeds "
              f"({', '.join(str(d) for d in directories)}).", "", header]
     for r in rows:
-        lines.append(f"| {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} "
+        lines.append(f"| {r['name']} | {r['guide']} | {r['objective']} | {r['particles']} | {r['batches']} "
                      f"| {cell(r, 'accuracy', 100, 1)} | {cell(r, 'coverage', 100, 1)} "
                      f"| {cell(r, 'log_evidence', 1, 2)} | {cell(r, 'ess', 1, 1)} | {cell(r, 'khat', 1, 2)} "
                      f"| {cell(r, 'kl', 1, 3)} "

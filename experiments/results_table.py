@@ -4,7 +4,9 @@
 
 The file is ``experiments/results_header.md``, then one markdown table per task family (a row per task,
 budget, split and model, naming budget and device, each value as mean ± the half-width of its 95%
-interval, the paper's figures beside them where known, and a note per reproduction), then
+interval, the paper's figures beside them where known, and a note per reproduction), then the posterior
+shortcut check of the shipped weights (a row per ``docs/results/shortcut/<weights>.json``: the
+``summary.json`` that ``gram-pyro diagnose run=pretrained/<weights>`` writes), then
 ``experiments/results_footer.md``, both verbatim. The same files give the same bytes. ``--check``
 writes nothing and exits with 1 where ``--out`` differs from the rendering.
 """
@@ -55,6 +57,8 @@ PERCENT = {"accuracy", "exact", "coverage", "pass", "vote", "lprm", "halt", "fir
 DECIMALS = {"conflicts": 2, "conflicts_total": 1, "grids": 0, "inception_score": 2, "fid": 1}
 """Decimals of the metrics not in percent (others: 3); percentages have 1."""
 REQUIRED = ("task", "budget", "device", "wall_seconds", "test_inputs", "samples", "models")
+SHORTCUT_FOLDER = "shortcut"
+"""Subfolder of the results folder with one diagnose summary per shipped weights."""
 
 
 THROUGHPUT_PREFIX = "throughput-"
@@ -81,6 +85,41 @@ def load_results(folder: Path) -> list[dict]:
                             f"{', '.join(t for tasks in FAMILIES.values() for t in tasks)}")
         results.append(result)
     return results
+
+
+def load_shortcut_checks(folder: Path) -> dict[str, dict]:
+    """The diagnose summaries ``folder/<weights>.json`` by weights name (none if the folder is absent),
+    each checked for the parts the table reads."""
+    checks = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: not JSON ({error})") from None
+        if not isinstance(summary, dict) or not {"task", "inputs", "shortcut", "kl"} <= set(summary):
+            raise UserError(f"{path}: not a diagnose summary (gram-pyro diagnose writes one as summary.json)")
+        checks[path.stem] = summary
+    return checks
+
+
+def render_shortcut_checks(checks: dict[str, dict]) -> str:
+    """The table of the shortcut checks (empty without any)."""
+    if not checks:
+        return ""
+    lines = ["### Posterior shortcut check of the shipped weights", "",
+             "`gram-pyro diagnose run=pretrained/<weights>` on the test split (the summary it writes is "
+             "`docs/results/shortcut/<weights>.json`): accuracy of answers decoded along prior and along "
+             "posterior trajectories on the same held-out inputs, in percent, and the KL of the posterior "
+             "from the prior summed over a trajectory, in nats per input.", "",
+             "| weights | task | inputs | prior | posterior | gap | KL per input | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, summary in checks.items():
+        check = summary["shortcut"]
+        verdict = "shortcut" if check["flagged"] else "no shortcut"
+        lines.append(f"| `{name}` | {summary['task']} | {summary['inputs']} | {100 * check['prior_accuracy']:.1f} "
+                     f"| {100 * check['posterior_accuracy']:.1f} | {100 * check['gap']:+.1f} "
+                     f"| {summary['kl']['total']:.1f} | {verdict} (threshold {100 * check['threshold']:.0f}) |")
+    return "\n".join(lines)
 
 
 def family_of(task: str) -> str | None:
@@ -169,11 +208,12 @@ def render_tables(results: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def render(results: list[dict]) -> str:
-    """The whole of ``docs/results.md``: header, tables, footer."""
+def render(results: list[dict], checks: dict[str, dict]) -> str:
+    """The whole of ``docs/results.md``: header, tables, shortcut checks, footer."""
     header = (HERE / "results_header.md").read_text().rstrip("\n")
     footer = (HERE / "results_footer.md").read_text().rstrip("\n")
-    return f"{header}\n\n{render_tables(results)}\n\n{footer}\n"
+    body = "\n\n".join(part for part in (render_tables(results), render_shortcut_checks(checks)) if part)
+    return f"{header}\n\n{body}\n\n{footer}\n"
 
 
 @command_line("results_table")
@@ -183,7 +223,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md", help="the markdown file")
     parser.add_argument("--check", action="store_true", help="exit 1 if --out is not the rendering")
     args = parser.parse_args(argv)
-    text = render(load_results(args.results))
+    text = render(load_results(args.results), load_shortcut_checks(args.results / SHORTCUT_FOLDER))
     if args.check:
         if not args.out.is_file() or args.out.read_text() != text:
             print(f"{args.out} is not the rendering of {args.results}/*.json: run python "

@@ -5,8 +5,10 @@ import csv
 import math
 
 import pytest
+from omegaconf import OmegaConf
 
-from gram_pyro.experiments.compare_posteriors import compare_posteriors, main, pair_config, transitions_per_batch
+from gram_pyro.config import compose_config
+from gram_pyro.experiments.compare_posteriors import Pair, compare_posteriors, main, pair_config, plan, transitions_spent
 
 TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
         "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=8", "trainer.eval_inputs=2",
@@ -21,6 +23,7 @@ N_SUP, T = 2, 2
     ("truncated", ["objective.prior_weight=0.5"], 2 * N_SUP * T),  # the prior rollouts' chain
     ("truncated", ["objective.prior_weight=0.5", "objective.prior_target=nearest"], 2 * N_SUP * T),
     ("truncated", ["objective.overshoot_weight=1"], 2 * N_SUP * T),  # overshooting runs the same chain
+    ("truncated", ["objective.prior_weight=0.5", "objective.prior_start=1"], N_SUP * T),  # not yet
     ("truncated_mc", [], N_SUP * T),
     ("iwae", [], 3 * N_SUP * T),
     ("smc", [], 3 * N_SUP * T),
@@ -31,7 +34,24 @@ N_SUP, T = 2, 2
     ("mcmc_em_short", ["objective.num_steps=0"], N_SUP * T * (1 + 1)),
 ])
 def test_cost_per_batch_follows_the_rule(objective, options, per_batch):
-    assert transitions_per_batch(pair_config([*TINY, *options], "gaussian", objective, 3)) == per_batch
+    pair = Pair(f"gaussian-{objective}", "gaussian", objective)
+    assert transitions_spent(pair_config([*TINY, *options], pair, 3), 1) == per_batch
+
+
+def test_a_pair_with_overrides_gets_them_alone_and_the_prior_chain_is_charged_from_prior_start():
+    recipe = ("{name: recipe, guide: gaussian, objective: truncated, overrides: ['guide.posterior_steps=1', "
+              "'objective.prior_weight=0.5', 'objective.prior_start=6']}")  # quoted: = inside a list
+    first_step = "{guide: gaussian, objective: iwae, overrides: ['guide.posterior_steps=1', 'objective.num_particles=2']}"
+    settings = [*TINY, "compare.budget_batches=10", "compare.num_particles=4",
+                f"compare.pairs=[[gaussian,truncated],{recipe},{first_step}]"]
+    runs = plan(compose_config("compare_posteriors", settings), settings)
+    assert [pair.name for pair, _ in runs] == ["gaussian-truncated", "recipe", "gaussian-iwae"]
+    plain, recipe_cfg, iwae = (cfg for _, cfg in runs)
+    assert plain.guide.posterior_steps is None and recipe_cfg.guide.posterior_steps == 1
+    assert iwae.objective.num_particles == 2  # the pair's own value wins over compare.num_particles
+    # 10 batch-units: the plain surrogate 10 batches; the recipe 6 alone + 2 with the prior chain (6 + 2 x 2)
+    assert [cfg.trainer.max_batches for _, cfg in runs] == [10, 8, 5]
+    assert {transitions_spent(cfg, cfg.trainer.max_batches) for _, cfg in runs} == {10 * N_SUP * T}
 
 
 def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path):
@@ -57,7 +77,7 @@ def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path)
         written = list(csv.DictReader(f))
     assert [float(r["log_evidence"]) for r in written] == [r["log_evidence"] for r in rows]
     table = (out / "comparison.md").read_text()
-    assert table.count("\n| gaussian |") == 2 and "\n| prior | smc | 2 | 2 | 4 |" in table
+    assert table.count("\n| gaussian-") == 2 and "\n| prior-smc | prior | smc | 2 | 2 | 4 |" in table
     assert 0 < (out / "comparison.png").stat().st_size < 150_000
     with pytest.raises(Exception, match="already exists"):
         compare_posteriors([*TINY, f"out={out}", "compare.pairs=[[gaussian,truncated]]"], quiet=True)
@@ -74,7 +94,7 @@ def test_short_mcmc_em_enters_the_comparison_and_reports_the_cost_the_rule_charg
         logged = list(csv.DictReader(f))
     assert [float(r["transitions"]) for r in logged] == [5 * N_SUP * T] * 2  # what the scheme counted itself
     assert all(0 <= float(r["accept"]) <= 1 for r in logged)
-    assert "| gaussian | mcmc_em_short | 1 | 2 | 2 |" in (out / "comparison.md").read_text()
+    assert "| gaussian-mcmc_em_short | gaussian | mcmc_em_short | 1 | 2 | 2 |" in (out / "comparison.md").read_text()
 
 
 def test_pairs_in_parallel_processes_give_the_rows_of_one_process(tmp_path):
@@ -93,8 +113,14 @@ def scores(rows):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["compare.pairs=[[gaussian,mcmc_em]]"], "pair [gaussian, mcmc_em]: one batch costs"),
-    (["compare.pairs=[[gaussian]]"], "each pair is [guide, objective]"),
+    (["compare.pairs=[[gaussian,mcmc_em]]"], "pair gaussian-mcmc_em: one batch costs"),
+    (["compare.pairs=[[gaussian]]"], "each pair is [guide, objective] or {name, guide, objective, overrides}"),
+    (["compare.pairs=[{guide: gaussian, objective: iwae, particles: 2}]"], "each pair is [guide, objective] or"),
+    (["compare.pairs=[{guide: gaussian, objective: iwae, overrides: [posterior_steps]}]"], "a list of key=value"),
+    (["compare.pairs=[{guide: gaussian, objective: iwae, overrides: ['guide=flow']}]"], "guide=flow: a pair's guide"),
+    (["compare.pairs=[{name: ../up, guide: gaussian, objective: iwae}]"], "name '../up' is a run directory"),
+    (["compare.pairs=[[gaussian,iwae],{guide: gaussian, objective: iwae, overrides: ['model.dim=8']}]"],
+     "two pairs are named 'gaussian-iwae'"),
     (["compare.pairs=[[oracle,truncated]]"], "unknown guide 'oracle'"),
     (["guide=flow"], "guide and objective are set per pair"),
     (["compare.budget_batches=0"], "compare.budget_batches must be at least 1"),
@@ -108,13 +134,14 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, overrides, messa
 
 def write_comparison(directory, rows):
     directory.mkdir()
-    columns = ["guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "accuracy",
+    columns = ["name", "guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "accuracy",
                "coverage", "log_evidence", "ess", "khat", "kl", "train_seconds"]
     with (directory / "comparison.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for guide, objective, batches, accuracy, kl in rows:
-            writer.writerow({"guide": guide, "objective": objective, "particles": 1, "batches": batches,
+            writer.writerow({"name": f"{guide}-{objective}", "guide": guide, "objective": objective,
+                             "particles": 1, "batches": batches,
                              "optimizer_steps": 4 * batches, "transitions": 8 * batches, "accuracy": accuracy,
                              "coverage": 0.5, "log_evidence": -2.0, "ess": 10.0, "khat": 0.5, "kl": kl,
                              "train_seconds": 100})
@@ -128,13 +155,13 @@ def test_seed_summary_gives_mean_and_sample_sd_per_pair(tmp_path, capsys):
     assert seeds_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     with (tmp_path / "a" / "comparison_seeds.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["guide"], r["objective"], r["seeds"]) for r in rows] == [("gaussian", "truncated", "2"),
-                                                                       ("gaussian", "iwae", "2")]
+    assert [(r["name"], r["guide"], r["objective"], r["seeds"]) for r in rows] == [
+        ("gaussian-truncated", "gaussian", "truncated", "2"), ("gaussian-iwae", "gaussian", "iwae", "2")]
     assert math.isclose(float(rows[0]["accuracy_mean"]), 0.7)
     assert math.isclose(float(rows[0]["accuracy_sd"]), math.sqrt(0.02))  # sample sd of 0.6 and 0.8
     assert math.isnan(float(rows[1]["kl_mean"]))  # the particle schemes report no KL
     table = capsys.readouterr().out
-    assert "| gaussian | truncated | 1 | 240 | 70.0 ± 14.1 | 50.0 ± 0.0 |" in table and "| 0.060 ± 0.014 |" in table
+    assert "| gaussian-truncated | gaussian | truncated | 1 | 240 | 70.0 ± 14.1 | 50.0 ± 0.0 |" in table and "| 0.060 ± 0.014 |" in table
 
 
 def test_seed_summary_rejects_a_missing_file_and_a_different_comparison(tmp_path, capsys):
@@ -148,3 +175,20 @@ def test_seed_summary_rejects_a_missing_file_and_a_different_comparison(tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gaussian-truncated has batches=120" in err
     assert not (tmp_path / "a" / "comparison_seeds.csv").exists()
+
+
+def test_the_uncond_sudoku4_preset_runs_the_reproduction_recipe_at_that_recipe_s_cost():
+    settings = compose_config("compare_posteriors", ["comparison=uncond_sudoku4"])
+    runs = {pair.name: cfg for pair, cfg in plan(settings, ["comparison=uncond_sudoku4"])}
+    recipe = OmegaConf.load("experiments/configs/reproduce/uncond_sudoku4-cpu.yaml")
+    trained = runs["gaussian-truncated-recipe"]
+    for override in recipe.gram:
+        key, _, value = override.partition("=")
+        if key not in ("model", "guide"):
+            assert str(OmegaConf.select(trained, key)) == value, key
+    reproduction = dict(o.split("=") for o in recipe.train)
+    assert trained.trainer.max_batches == int(reproduction["trainer.max_batches"])  # 300 + 2 x 100 = 500
+    assert {cfg.task._target_ for cfg in runs.values()} == {"gram_pyro.tasks.sudoku.UnconditionalSudokuTask"}
+    assert {(cfg.model.dim, cfg.trainer.batch_size) for cfg in runs.values()} == {(64, 128)}
+    assert runs["gaussian-truncated"].trainer.max_batches == 500
+    assert runs["gaussian-iwae-first-step"].trainer.max_batches == 125  # 4 particles

@@ -82,3 +82,27 @@ def test_one_batch_runs_what_the_cost_says(name, overrides, data, one_thread):
     for update in range(objective.updates_per_batch(model)):
         objective.loss(model, guide, Batch(x, y), state, update)
     assert sum(rows) == objective.cost(model) * x.shape[0]
+
+
+@pytest.mark.parametrize("overrides, chained_batches", [
+    (["objective.prior_weight=0.5", "objective.prior_start=2"], 2),  # batches 3 and 4 run the prior chain
+    (["objective.prior_weight=0.5", "objective.prior_start=9"], 0),
+    (["objective.prior_start=2"], 0),                                 # no prior chain at all
+])
+def test_a_run_costs_what_its_batches_ran(overrides, chained_batches, data, one_thread):
+    _, model, guide, objective = built("truncated", overrides)
+    rows = []
+    propose = model.core.propose_high
+
+    def counting(h, l):
+        rows.append(torch.broadcast_shapes(h.shape, l.shape)[:-2].numel())
+        return propose(h, l)
+
+    model.core.propose_high = counting
+    x, y = data
+    for _ in range(4):
+        state: dict = {}
+        for update in range(objective.updates_per_batch(model)):
+            objective.loss(model, guide, Batch(x, y), state, update)
+    assert objective.run_cost(model, 4) == (4 + chained_batches) * N_SUP * T
+    assert sum(rows) == objective.run_cost(model, 4) * x.shape[0]

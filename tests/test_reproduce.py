@@ -144,3 +144,27 @@ def test_results_table_rejects_a_foreign_file_and_leaves_throughput_files_out(tm
 
 def test_the_committed_results_page_is_the_rendering():
     assert results_table.main(["--check"]) == 0
+
+
+SHORTCUT_SUMMARY = {"task": "coloring", "inputs": 255, "kl": {"total": 2.4001},
+                    "shortcut": {"prior_accuracy": 0.7561, "posterior_accuracy": 0.7623, "gap": 0.0062,
+                                 "threshold": 0.2, "flagged": False}}
+
+
+def test_results_table_renders_the_shortcut_checks_and_rejects_a_foreign_summary(tmp_path, capsys):
+    folder = tmp_path / "results"
+    (folder / "shortcut").mkdir(parents=True)
+    (folder / "nqueens-cpu.json").write_text(json.dumps(FIXTURE))
+    (folder / "shortcut" / "coloring.json").write_text(json.dumps(SHORTCUT_SUMMARY))
+    flagged = {**SHORTCUT_SUMMARY, "task": "nqueens10",
+               "shortcut": {**SHORTCUT_SUMMARY["shortcut"], "posterior_accuracy": 0.99, "gap": 0.2339, "flagged": True}}
+    (folder / "shortcut" / "nqueens10.json").write_text(json.dumps(flagged))
+    page = tmp_path / "results.md"
+    assert results_table.main(["--results", str(folder), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "| `coloring` | coloring | 255 | 75.6 | 76.2 | +0.6 | 2.4 | no shortcut (threshold 20) |" in text
+    assert "| `nqueens10` | nqueens10 | 255 | 75.6 | 99.0 | +23.4 | 2.4 | shortcut (threshold 20) |" in text
+    assert text.index("### N-Queens") < text.index("### Posterior shortcut check") < text.index("## `make demo`")
+    (folder / "shortcut" / "x.json").write_text(json.dumps({"task": "coloring"}))
+    assert results_table.main(["--results", str(folder), "--out", str(page)]) == 2
+    assert "x.json: not a diagnose summary" in capsys.readouterr().err

@@ -55,8 +55,8 @@ def shortcut_check(prior_accuracy: torch.Tensor, posterior_accuracy: torch.Tenso
     if gap > threshold:
         verdict = (f"POSTERIOR SHORTCUT: answers decoded along posterior trajectories are correct {posterior:.1%} "
                    f"of the time but only {prior:.1%} along prior ones (gap {gap:+.1%} > {threshold:.0%}): the guide "
-                   "carries the target through eps; trust prior samples only, raise beta or use "
-                   "posterior_transitions=last")
+                   "carries the target through eps; trust prior samples only. Levers: guide.posterior_steps=1, "
+                   "objective.kl_cap, objective.prior_weight with prior_target=nearest (docs/shortcut.md)")
     else:
         verdict = (f"no posterior shortcut: posterior accuracy {posterior:.1%}, prior accuracy {prior:.1%} "
                    f"(gap {gap:+.1%}, threshold {threshold:.0%})")

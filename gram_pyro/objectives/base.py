@@ -127,6 +127,11 @@ class Objective(ABC):
     def cost(self, model) -> int:
         """Transitions one batch runs per training example, from ``model.n_sup`` and ``model.transitions``."""
 
+    def run_cost(self, model, batches: int) -> int:
+        """Transitions a run of ``batches`` batches spends per training example: ``batches * cost``
+        unless a scheme's batches differ in cost."""
+        return batches * self.cost(model)
+
     def check(self, model, guide) -> None:
         """A one-line ``ValueError`` if the objective cannot train ``model`` with ``guide``."""
 

@@ -96,9 +96,14 @@ class TruncatedSurrogate(Objective):
         return model.n_sup
 
     def cost(self, model) -> int:
-        """``N_sup T``, twice that with the prior chain (module docstring; the batches before
-        ``prior_start`` run the posterior chain alone)."""
+        """``N_sup T``, twice that with the prior chain (module docstring): the cost of a batch once the
+        prior chain has joined."""
         return (2 if self.prior_chain else 1) * model.n_sup * model.transitions
+
+    def run_cost(self, model, batches: int) -> int:
+        """``N_sup T`` per batch, twice that for the batches after ``prior_start`` with the prior chain."""
+        chained = max(batches - self.prior_start, 0) if self.prior_chain else 0
+        return (batches + chained) * model.n_sup * model.transitions
 
     def check(self, model, guide) -> None:
         """A one-line ``ValueError`` if the guide's KL has no closed form (the surrogate needs one)."""
