@@ -55,10 +55,13 @@ Measured per run (``test`` split, EMA weights, seeded so every run sees the same
 * ``kl``: the training ``kl`` metric (KL of the final transition, nats per target token) averaged over
   the last quarter of ``metrics.csv`` rows, where the objective reports one (the truncated surrogates);
 * ``optimizer_steps`` (the checkpoint's EMA update count), ``transitions`` and ``backbone_passes`` spent
-  per training example, ``train_seconds`` (task load, training, the run's own final evaluation) and
-  ``eval_seconds`` (the measurements above).
+  per training example, ``train_seconds`` (the run's training and its own final evaluation, as its
+  checkpoint keeps them across resumed invocations) and ``eval_seconds`` (the measurements above).
 
-Writes ``<out>/<name>/`` (each run), ``<out>/comparison.csv``, ``<out>/comparison.md``
+A rerun with the same ``out`` keeps every finished run, resumes a stopped one from its checkpoint and
+trains the missing ones (:func:`gram_pyro.training.train_or_keep`; a directory holding a run of another
+config is a one-line error before anything trains), then measures them all again. Writes
+``<out>/<name>/`` (each run), ``<out>/comparison.csv``, ``<out>/comparison.md``
 (a markdown table, each pair's overrides under it) and ``<out>/comparison.png`` (bars of accuracy, coverage and log p(y | x)). Every
 number comes from the run directories. The config sets ``trainer.threads: 1`` (on a CPU shared with
 other jobs one thread is much faster at this size); training sets it, and the measurements that
@@ -93,7 +96,7 @@ from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa
 from gram_pyro.evaluation import evaluate_run  # noqa: E402
 from gram_pyro.run import load_run  # noqa: E402
 from gram_pyro.tasks.base import held_out_index  # noqa: E402
-from gram_pyro.training import train  # noqa: E402
+from gram_pyro.training import batches_done, train_or_keep  # noqa: E402
 
 CONFIG = "compare_posteriors"
 TRAIN_KEYS = ["task", "model", "guide", "objective", "trainer"]
@@ -302,13 +305,12 @@ def plot(rows: list[dict], num_samples: int, path: Path) -> None:
 
 
 def train_and_measure(pair: Pair, cfg: DictConfig, run_dir: Path, compare: DictConfig, quiet: bool) -> dict:
-    """Train one pair into ``run_dir`` and measure it: its row of ``comparison.csv``."""
-    start = time.perf_counter()
-    train(cfg, run_dir, quiet=quiet, overwrite=True)  # a rerun moves the old run aside
+    """Train one pair into ``run_dir`` (or keep or resume the run there) and measure it: its row of
+    ``comparison.csv``."""
+    seconds = train_or_keep(pair.name, cfg, run_dir, quiet)
     return {"name": pair.name, "guide": pair.guide, "objective": pair.objective,
-            "particles": cfg.objective.get("num_particles", 1),
-            "train_seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir),
-            **measure(run_dir, compare)}
+            "particles": cfg.objective.get("num_particles", 1), "train_seconds": round(seconds, 1),
+            "run_dir": str(run_dir), **measure(run_dir, compare)}
 
 
 def train_in_parallel(runs: list[tuple[Pair, DictConfig]], out: Path, compare: DictConfig, jobs: int,
@@ -336,9 +338,8 @@ def compare_posteriors(overrides: list[str], quiet: bool = False) -> list[dict]:
     settings = compose_config(CONFIG, overrides)
     out = Path(settings.out)
     runs = plan(settings, overrides)
-    for pair, _ in runs:
-        if (out / pair.name).exists():
-            raise UserError(f"{out / pair.name} already exists: choose another out= or remove it")
+    for pair, cfg in runs:  # before any training: a directory of another run is an error now, not later
+        batches_done(out / pair.name, cfg)
     jobs = settings.compare.jobs
     if not isinstance(jobs, int) or jobs < 1:
         raise UserError(f"compare.jobs must be a whole number of at least 1, got {jobs}")

@@ -41,7 +41,6 @@ checkpoint keeps it across resumed invocations) plus this invocation's evaluatio
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -53,12 +52,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gram_pyro.experiments.results_table import markdown_table
-from gram_pyro.checkpoint import load_checkpoint
-from gram_pyro.config import UserError, command_line, compose_config, group_options, load_run_config
+from gram_pyro.config import UserError, command_line, compose_config, group_options
 from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, write_evaluation
 from gram_pyro.run import load_run
 from gram_pyro.selection import SELECTORS, select
-from gram_pyro.training import train
+from gram_pyro.training import train_or_keep
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results"
 """Where ``publish=true`` copies the results (what ``experiments/results_table.py`` renders)."""
@@ -66,11 +64,6 @@ RECIPE_KEYS = ("train", "gram", "trm", "eval")
 """Top-level keys of a recipe: arguments under them override the recipe, not the train config."""
 MODELS = {"GRAM": "gram", "TRM": "trm"}
 """Trained models: results name -> recipe key and run directory name."""
-COMPARED = ("task", "model", "guide", "objective", "trainer")
-"""The sections of a train config that make the run (not where it is written or how it is started)."""
-IGNORED_IN_COMPARISON = ("trainer.max_batches", "trainer.threads")
-"""Keys in which a run directory may differ from the recipe and still be continued (how long it trains
-and how many CPU threads it is given)."""
 
 
 def recipes() -> dict[str, list[str]]:
@@ -135,61 +128,6 @@ def check_eval(settings: DictConfig) -> None:
 def run_config(recipe: DictConfig, model: str, run_dir: Path, extra: list[str]) -> DictConfig:
     """The train config of ``model`` (``gram`` or ``trm``): the recipe's overrides, then ``extra``."""
     return compose_config("train", [*recipe.train, *recipe[model], *extra, f"run_dir={run_dir}"])
-
-
-def flatten(node, prefix: str = "") -> dict:
-    """``{dotted key: value}`` of the leaves of a nested dict (an empty dict is a leaf)."""
-    if not (isinstance(node, dict) and node):
-        return {prefix: node}
-    return {k: v for key, item in node.items() for k, v in flatten(item, f"{prefix}.{key}" if prefix else key).items()}
-
-
-def differences(saved: DictConfig, wanted: DictConfig) -> list[str]:
-    """The dotted keys of the :data:`COMPARED` sections (other than :data:`IGNORED_IN_COMPARISON`) where
-    two train configs differ."""
-    a = flatten({key: OmegaConf.to_container(saved[key], resolve=True) for key in COMPARED})
-    b = flatten({key: OmegaConf.to_container(wanted[key], resolve=True) for key in COMPARED})
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in IGNORED_IN_COMPARISON)
-
-
-def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:
-    """Batches the run in ``run_dir`` has done, or ``None`` where it holds no checkpoint (nothing to keep).
-    A run of another config is a one-line error naming the keys that differ."""
-    if not (run_dir / "checkpoint.pt").is_file():
-        return None
-    changed = differences(load_run_config(run_dir / "config.yaml"), cfg)
-    if changed:
-        raise UserError(f"{run_dir} holds a run of another config (it differs in {', '.join(changed[:4])}); "
-                        f"remove it or give another out=")
-    done = load_checkpoint(run_dir / "checkpoint.pt")["batches_done"]
-    if done > cfg.trainer.max_batches:
-        raise UserError(f"{run_dir} holds a run of {done} batches, more than trainer.max_batches="
-                        f"{cfg.trainer.max_batches}; remove it or give another out=")
-    return done
-
-
-def train_model(name: str, cfg: DictConfig, run_dir: Path) -> float:
-    """Train ``cfg`` into ``run_dir``: keep a finished run, resume a stopped one, start afresh where the
-    directory holds no checkpoint (the trainer moves what an earlier start left aside). Returns the
-    run's training seconds since its batch 0 (:func:`training_seconds`)."""
-    done = batches_done(run_dir, cfg)
-    if done == cfg.trainer.max_batches:
-        print(f"{name}: {run_dir} holds the finished run ({done} batches); kept")
-    else:
-        print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}", flush=True)
-        train(cfg, run_dir, resume=done is not None, overwrite=done is None)
-    return training_seconds(run_dir)
-
-
-def training_seconds(run_dir: Path) -> float:
-    """A run's training seconds since batch 0, as its checkpoint keeps them; for a checkpoint older than
-    that record, the ``seconds`` column of ``metrics.csv``'s last row (0 when there is none)."""
-    seconds = load_checkpoint(run_dir / "checkpoint.pt").get("seconds")
-    if seconds is None and (run_dir / "metrics.csv").is_file():
-        with (run_dir / "metrics.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        seconds = rows[-1].get("seconds") if rows else None
-    return float(seconds or 0.0)
 
 
 def device_name(device: torch.device) -> str:
@@ -289,7 +227,7 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
     out = out or Path("runs") / "reproduce" / name
     configs = {model: run_config(recipe, key, out / key, extra) for model, key in MODELS.items()}
     out.mkdir(parents=True, exist_ok=True)
-    train_seconds = {model: train_model(model, cfg, out / MODELS[model]) for model, cfg in configs.items()}
+    train_seconds = {model: train_or_keep(model, cfg, out / MODELS[model]) for model, cfg in configs.items()}
     started = time.time()
     runs = {model: load_run(out / key) for model, key in MODELS.items()}
     first, *others = recipe.eval.splits

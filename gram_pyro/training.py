@@ -13,6 +13,11 @@ checkpoint each went on from, so work redone after a crash counts once), ``eval.
 accuracy/coverage on held-out inputs, EMA weights) and TensorBoard events under ``tb/``. A resumed run
 first drops the CSV rows logged after the checkpoint it goes on from (it logs them again), so a run
 stopped anywhere ends as an uninterrupted one.
+
+Scripts that train runs into directories of their own (the reproductions, the posterior comparison)
+call :func:`train_or_keep`: a directory that holds the finished run of the same config is kept as it
+is, one that stopped early (or whose config differs only in :data:`CONTINUABLE_KEYS`) is resumed from
+its checkpoint, one without a checkpoint starts afresh, and one of another config is a one-line error.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ from pathlib import Path
 
 import pyro
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gram_pyro.checkpoint import load_checkpoint
-from gram_pyro.config import UserError, first_line, save_config
+from gram_pyro.config import UserError, first_line, load_run_config, save_config
 from gram_pyro.distributed import (all_finite, average_gradients, barrier, launched, leave, mean_over_ranks,
                                    shard)
 from gram_pyro.files import write_whole
@@ -304,3 +309,68 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
             log.close()
         leave(world)
     return run_dir
+
+
+RUN_KEYS = ("task", "model", "guide", "objective", "trainer")
+"""The sections of a train config that make the run (not where it is written or how it is started)."""
+CONTINUABLE_KEYS = ("trainer.max_batches", "trainer.threads")
+"""Keys in which a run directory may differ from the wanted config and still be continued (how long it
+trains and how many CPU threads it is given)."""
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of the leaves of a nested dict (an empty dict is a leaf)."""
+    if not (isinstance(node, dict) and node):
+        return {prefix: node}
+    return {k: v for key, item in node.items() for k, v in _leaves(item, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def config_differences(saved: DictConfig, wanted: DictConfig) -> list[str]:
+    """The dotted keys of the :data:`RUN_KEYS` sections (other than :data:`CONTINUABLE_KEYS`) where two
+    train configs differ."""
+    a = _leaves({key: OmegaConf.to_container(saved[key], resolve=True) for key in RUN_KEYS})
+    b = _leaves({key: OmegaConf.to_container(wanted[key], resolve=True) for key in RUN_KEYS})
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in CONTINUABLE_KEYS)
+
+
+def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:
+    """Batches the run in ``run_dir`` has done, or ``None`` where it holds no checkpoint (nothing to keep).
+    A run of another config, or of more batches than ``cfg`` asks for, is a one-line error."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return None
+    changed = config_differences(load_run_config(run_dir / "config.yaml"), cfg)
+    if changed:
+        raise UserError(f"{run_dir} holds a run of another config (it differs in {', '.join(changed[:4])}); "
+                        f"remove it or give another out=")
+    done = load_checkpoint(run_dir / "checkpoint.pt")["batches_done"]
+    if done > cfg.trainer.max_batches:
+        raise UserError(f"{run_dir} holds a run of {done} batches, more than trainer.max_batches="
+                        f"{cfg.trainer.max_batches}; remove it or give another out=")
+    return done
+
+
+def train_or_keep(name: str, cfg: DictConfig, run_dir: Path, quiet: bool = False) -> float:
+    """Train ``cfg`` into ``run_dir``: keep a finished run, resume a stopped one, start afresh where the
+    directory holds no checkpoint (the trainer moves what an earlier start left aside). Returns the
+    run's training seconds since its batch 0 (:func:`training_seconds`)."""
+    done = batches_done(run_dir, cfg)
+    if done == cfg.trainer.max_batches:
+        if not quiet:
+            print(f"{name}: {run_dir} holds the finished run ({done} batches); kept", flush=True)
+    else:
+        if not quiet:
+            print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}",
+                  flush=True)
+        train(cfg, run_dir, resume=done is not None, overwrite=done is None, quiet=quiet)
+    return training_seconds(run_dir)
+
+
+def training_seconds(run_dir: Path) -> float:
+    """A run's training seconds since batch 0, as its checkpoint keeps them; for a checkpoint older than
+    that record, the ``seconds`` column of ``metrics.csv``'s last row (0 when there is none)."""
+    seconds = load_checkpoint(run_dir / "checkpoint.pt").get("seconds")
+    if seconds is None and (run_dir / "metrics.csv").is_file():
+        with (run_dir / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        seconds = rows[-1].get("seconds") if rows else None
+    return float(seconds or 0.0)

@@ -79,8 +79,21 @@ def test_pairs_train_at_equal_compute_and_the_files_come_from_the_runs(tmp_path)
     table = (out / "comparison.md").read_text()
     assert table.count("\n| gaussian-") == 2 and "\n| prior-smc | prior | smc | 2 | 2 | 4 |" in table
     assert 0 < (out / "comparison.png").stat().st_size < 150_000
-    with pytest.raises(Exception, match="already exists"):
-        compare_posteriors([*TINY, f"out={out}", "compare.pairs=[[gaussian,truncated]]"], quiet=True)
+
+
+def test_a_rerun_keeps_finished_runs_trains_missing_ones_and_refuses_a_run_of_another_config(tmp_path):
+    out = tmp_path / "cmp"
+    common = [*TINY, f"out={out}", "compare.budget_batches=2"]
+    first = compare_posteriors([*common, "compare.pairs=[[gaussian,truncated]]"], quiet=True)
+    checkpoint = out / "gaussian-truncated" / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
+    both = compare_posteriors([*common, "compare.pairs=[[gaussian,truncated],[prior,truncated]]"], quiet=True)
+    assert checkpoint.stat().st_mtime_ns == written  # kept, not trained again
+    assert scores(both[:1]) == scores(first) and both[0]["train_seconds"] == first[0]["train_seconds"]
+    assert (out / "prior-truncated" / "checkpoint.pt").is_file()
+    with pytest.raises(Exception, match="holds a run of another config .*model.dim"):
+        compare_posteriors([*common, "model.dim=8", "compare.pairs=[[prior,truncated_mc],[gaussian,truncated]]"], quiet=True)
+    assert not (out / "prior-truncated_mc").exists()  # refused before anything trained
 
 
 def test_short_mcmc_em_enters_the_comparison_and_reports_the_cost_the_rule_charges(tmp_path):

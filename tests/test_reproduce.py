@@ -10,6 +10,7 @@ import torch
 from gram_pyro.experiments import reproduce, results_table
 from gram_pyro.checkpoint import FORMAT, REQUIRED
 from gram_pyro.config import compose_config, group_options
+from gram_pyro.training import config_differences, training_seconds
 
 TINY = ["task.n=6", "task.removals=[2]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
         "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=4", "trainer.eval_inputs=4",
@@ -41,7 +42,7 @@ def test_every_recipe_composes_with_both_train_configs(tmp_path):
         gram = reproduce.run_config(recipe, "gram", tmp_path / "gram", [])
         trm = reproduce.run_config(recipe, "trm", tmp_path / "trm", [])
         assert gram.model.noise == "learned" and trm.model.noise == "none" and trm.guide == prior
-        same_size = [k for k in reproduce.differences(gram, trm) if k.split(".")[0] in ("task", "trainer")]
+        same_size = [k for k in config_differences(gram, trm) if k.split(".")[0] in ("task", "trainer")]
         assert not same_size, f"{name}: GRAM and TRM differ in {same_size}"
         assert gram.trainer.device == {"cpu": "cpu", "gpu": "cuda"}[name.rpartition("-")[2]]
 
@@ -76,11 +77,11 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
 def test_training_seconds_of_a_checkpoint_older_than_its_record_come_from_metrics_csv(tmp_path):
     old = {"format": FORMAT, **dict.fromkeys(REQUIRED, 0)}  # the entries a checkpoint needs, no seconds
     torch.save(old, tmp_path / "checkpoint.pt")
-    assert reproduce.training_seconds(tmp_path) == 0.0
+    assert training_seconds(tmp_path) == 0.0
     (tmp_path / "metrics.csv").write_text("batch,seconds,loss\n1,10.5,1.0\n2,21.25,0.9\n")
-    assert reproduce.training_seconds(tmp_path) == 21.25
+    assert training_seconds(tmp_path) == 21.25
     torch.save({**old, "seconds": 30.0}, tmp_path / "checkpoint.pt")
-    assert reproduce.training_seconds(tmp_path) == 30.0
+    assert training_seconds(tmp_path) == 30.0
 
 
 def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
