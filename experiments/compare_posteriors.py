@@ -52,8 +52,9 @@ Measured per run (``test`` split, EMA weights, seeded so every run sees the same
   how well the run's guide covers its own model's posterior): ``khat`` its mean over the inputs,
   ``khat_high`` the share of inputs above 0.7, where the importance estimate cannot be trusted (``inf``
   below about 25 particles: too few weights for a Pareto tail);
-* ``kl``: the training ``kl`` metric (KL of the final transition, nats per target token) averaged over
-  the last quarter of ``metrics.csv`` rows, where the objective reports one (the truncated surrogates);
+* ``kl``: the training ``kl`` metric (KL of the final transition, nats per target token), the median of
+  the last quarter of ``metrics.csv`` rows (one batch's spike does not make it), where the objective
+  reports one (the truncated surrogates);
 * ``optimizer_steps`` (the checkpoint's EMA update count), ``transitions`` and ``backbone_passes`` spent
   per training example, ``train_seconds`` (the run's training and its own final evaluation, as its
   checkpoint keeps them across resumed invocations) and ``eval_seconds`` (the measurements above).
@@ -76,6 +77,7 @@ import csv
 import math
 import multiprocessing
 import re
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -200,13 +202,13 @@ def plan(settings: DictConfig, overrides: list[str]) -> list[tuple[Pair, DictCon
 
 
 def training_kl(run_dir: Path) -> float:
-    """The ``kl`` column of ``metrics.csv`` averaged over its last quarter of rows (nan if absent)."""
+    """The median of the ``kl`` column over the last quarter of ``metrics.csv`` rows (nan if absent)."""
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     if not rows or "kl" not in rows[0]:
         return math.nan
     tail = rows[-max(len(rows) // 4, 1):]
-    return sum(float(row["kl"]) for row in tail) / len(tail)
+    return statistics.median(float(row["kl"]) for row in tail)
 
 
 def ci_half_width(metric: dict) -> float:
