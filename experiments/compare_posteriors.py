@@ -98,10 +98,9 @@ from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa
 from gram_pyro.evaluation import evaluate_run  # noqa: E402
 from gram_pyro.run import load_run  # noqa: E402
 from gram_pyro.tasks.base import held_out_index  # noqa: E402
-from gram_pyro.training import batches_done, train_or_keep  # noqa: E402
+from gram_pyro.training import RUN_KEYS, batches_done, train_or_keep  # noqa: E402
 
 CONFIG = "compare_posteriors"
-TRAIN_KEYS = ["task", "model", "guide", "objective", "trainer"]
 PER_PAIR = ("guide", "objective")
 PAIR_KEYS = ("name", "guide", "objective", "overrides")
 COLUMNS = ["name", "guide", "objective", "particles", "batches", "optimizer_steps", "transitions", "backbone_passes",
@@ -149,7 +148,7 @@ def pair_config(overrides: list[str], pair: Pair, num_particles: int) -> DictCon
     chosen = [*overrides, f"guide={pair.guide}", f"objective={pair.objective}"]
     if "num_particles" in compose_config(CONFIG, chosen).objective:
         chosen.append(f"objective.num_particles={num_particles}")
-    return OmegaConf.masked_copy(compose_config(CONFIG, [*chosen, *pair.overrides]), TRAIN_KEYS)
+    return OmegaConf.masked_copy(compose_config(CONFIG, [*chosen, *pair.overrides]), list(RUN_KEYS))
 
 
 def scheme(cfg: DictConfig):
