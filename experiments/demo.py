@@ -6,23 +6,31 @@ scored on held-out inputs with 20 trajectories drawn from the **prior**: accurac
 that are valid completions) and coverage@20 (distinct valid completions found / all valid
 completions of the input). Writes ``results.json`` and ``results.png`` into the demo directory.
 
-    python -m gram_pyro.experiments.demo [out=runs/demo] [key=value overrides for both runs]
+The two runs train side by side in two processes, each with half of the CPU's cores (``jobs=2``, the
+default where there are at least two cores): at the demo's size two threads do not make one run twice
+as fast, two processes make two runs nearly so. ``jobs=1`` trains them one after the other.
+
+    python -m gram_pyro.experiments.demo [out=runs/demo] [jobs=1|2] [key=value overrides for both runs]
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from gram_pyro.config import command_line, compose_config  # noqa: E402
+from gram_pyro.config import UserError, command_line, compose_config  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 
 MODELS = {"GRAM": ["model=gram", "guide=gaussian"], "TRM (deterministic)": ["model=trm", "guide=prior"]}
@@ -52,26 +60,44 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path, overrides: list[str]) -> dict:
-    results = {}
+def train_model(cfg: DictConfig, out: Path, position: int) -> dict:
+    """Train ``cfg`` into ``out/<noise>``, moving an older run there aside (the demo owns its directory);
+    its final scores and train seconds. ``position`` is the line of its progress bar."""
+    run_dir = out / cfg.model.noise
     started = time.time()
-    for name, choice in MODELS.items():
-        cfg = compose_config("demo", [*choice, *overrides])
-        run_dir = out / cfg.model.noise
-        t0 = time.time()
-        train(cfg, run_dir, overwrite=True)  # the demo owns its directory: a rerun moves the old runs aside
-        results[name] = {**final_scores(run_dir), "train_seconds": round(time.time() - t0, 1),
-                         "run_dir": str(run_dir)}
-    # the runs differ only in model and guide: task and trainer are read from the last one's config
-    summary = {"task": "nqueens", "n": cfg.task.n, "removals": list(cfg.task.removals),
-               "held_out_inputs": cfg.trainer.eval_inputs, "samples_per_input": cfg.trainer.eval_samples,
-               "batches": cfg.trainer.max_batches, "total_seconds": round(time.time() - started, 1),
+    train(cfg, run_dir, overwrite=True, position=position)
+    return {**final_scores(run_dir), "train_seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
+
+
+def train_models(configs: dict[str, DictConfig], out: Path, jobs: int) -> dict:
+    """:func:`train_model` for every config (by model name), ``jobs`` at a time in fresh (spawned)
+    processes; the results by model name."""
+    if jobs == 1:
+        return {name: train_model(cfg, out, 0) for name, cfg in configs.items()}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(train_model, cfg, out, i) for i, (name, cfg) in enumerate(configs.items())}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def run_demo(out: Path, overrides: list[str], jobs: int = 2) -> dict:
+    """Train and score both models (``jobs`` at a time, each with ``cores // jobs`` threads unless
+    ``trainer.threads`` is overridden); write and print the comparison; returns ``results.json``'s content."""
+    started = time.time()
+    if jobs > 1 and not any(o.startswith("trainer.threads=") for o in overrides):
+        overrides = [*overrides, f"trainer.threads={max((os.cpu_count() or 1) // jobs, 1)}"]
+    configs = {name: compose_config("demo", [*choice, *overrides]) for name, choice in MODELS.items()}
+    results = train_models(configs, out, jobs)
+    # the runs differ only in model and guide: task and trainer are read from GRAM's config
+    task, trainer = configs["GRAM"].task, configs["GRAM"].trainer
+    summary = {"task": "nqueens", "n": task.n, "removals": list(task.removals),
+               "held_out_inputs": trainer.eval_inputs, "samples_per_input": trainer.eval_samples,
+               "batches": trainer.max_batches, "jobs": jobs, "total_seconds": round(time.time() - started, 1),
                "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plot(results, out / "results.png")
-    print(f"\nN-Queens {cfg.task.n}x{cfg.task.n}, {cfg.trainer.eval_inputs} held-out inputs, "
-          f"{cfg.trainer.eval_samples} prior trajectories each")
-    print(f"{'model':<22}{'accuracy':>10}{'coverage@' + str(cfg.trainer.eval_samples):>14}{'train s':>10}")
+    print(f"\nN-Queens {task.n}x{task.n}, {trainer.eval_inputs} held-out inputs, "
+          f"{trainer.eval_samples} prior trajectories each")
+    print(f"{'model':<22}{'accuracy':>10}{'coverage@' + str(trainer.eval_samples):>14}{'train s':>10}")
     for name, r in results.items():
         print(f"{name:<22}{100 * r['accuracy']:>9.1f}%{100 * r['coverage']:>13.1f}%{r['train_seconds']:>10.0f}")
     print(f"total {summary['total_seconds']:.0f} s; wrote {out / 'results.json'} and {out / 'results.png'}")
@@ -81,14 +107,19 @@ def run_demo(out: Path, overrides: list[str]) -> dict:
 @command_line("demo")
 def main(argv: list[str]) -> int:
     out = Path("runs/demo")
+    jobs = "2" if (os.cpu_count() or 1) >= 2 else "1"
     overrides = []
     for arg in argv:
         if arg.startswith("out="):
             out = Path(arg[4:])
+        elif arg.startswith("jobs="):
+            jobs = arg[5:]
         else:
             overrides.append(arg)
+    if jobs not in ("1", "2"):
+        raise UserError(f"jobs={jobs!r}; allowed: 1 (one run after the other), 2 (both runs at once)")
     out.mkdir(parents=True, exist_ok=True)
-    run_demo(out, overrides)
+    run_demo(out, overrides, int(jobs))
     return 0
 
 

@@ -108,15 +108,17 @@ def render_shortcut_checks(checks: dict[str, dict]) -> str:
         return ""
     lines = ["### Posterior shortcut check of the shipped weights", "",
              "`gram-pyro diagnose run=pretrained/<weights>` on the test split (the summary it writes is "
-             "`docs/results/shortcut/<weights>.json`): accuracy of answers decoded along prior and along "
-             "posterior trajectories on the same held-out inputs, in percent, and the KL of the posterior "
-             "from the prior summed over a trajectory, in nats per input.", "",
-             "| weights | task | inputs | prior | posterior | gap | KL per input | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`docs/results/shortcut/<weights>.json`): a metric of answers decoded along prior and along "
+             "posterior trajectories on the same held-out inputs, in percent (accuracy; for digits, whose "
+             "every well-formed image is an answer, the share of images the digits classifier recognises), "
+             "and the KL of the posterior from the prior summed over a trajectory, in nats per input.", "",
+             "| weights | task | inputs | metric | prior | posterior | gap | KL per input | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, summary in checks.items():
         check = summary["shortcut"]
         verdict = "shortcut" if check["flagged"] else "no shortcut"
-        lines.append(f"| `{name}` | {summary['task']} | {summary['inputs']} | {100 * check['prior_accuracy']:.1f} "
+        lines.append(f"| `{name}` | {summary['task']} | {summary['inputs']} | {check.get('metric', 'accuracy')} "
+                     f"| {100 * check['prior_accuracy']:.1f} "
                      f"| {100 * check['posterior_accuracy']:.1f} | {100 * check['gap']:+.1f} "
                      f"| {summary['kl']['total']:.1f} | {verdict} (threshold {100 * check['threshold']:.0f}) |")
     return "\n".join(lines)

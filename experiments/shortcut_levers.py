@@ -35,7 +35,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from gram_pyro.config import UserError, command_line, compose_config  # noqa: E402
 
-CURVES = ("accuracy", "posterior_accuracy", "coverage", "kl_per_token")
+CURVES = ("accuracy", "posterior_accuracy", "recognisable", "posterior_recognisable", "coverage", "kl_per_token")
 """Columns of ``eval.csv`` plotted per lever (where the task reports them)."""
 
 

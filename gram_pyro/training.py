@@ -10,7 +10,8 @@ A run directory holds ``config.yaml`` (resolved), ``checkpoint.pt`` (the latest;
 ``trainer.keep_checkpoints`` also a copy per checkpoint in ``checkpoints/batch_<n>.pt``), ``metrics.csv``
 (one row per logged batch; ``seconds``: training time since batch 0, summed over resumed invocations up to the
 checkpoint each went on from, so work redone after a crash counts once), ``eval.csv`` (prior-sampled
-accuracy/coverage on held-out inputs, EMA weights) and TensorBoard events under ``tb/``. A resumed run
+accuracy/coverage on held-out inputs, EMA weights, the networks' matmuls in the training step's dtype)
+and TensorBoard events under ``tb/``. A resumed run
 first drops the CSV rows logged after the checkpoint it goes on from (it logs them again), so a run
 stopped anywhere ends as an uninterrupted one.
 
@@ -39,7 +40,7 @@ from gram_pyro.distributed import (all_finite, average_gradients, barrier, launc
                                    shard)
 from gram_pyro.files import write_whole
 from gram_pyro.inference import guided_trajectory, sample_trajectories
-from gram_pyro.nn import autocast_to, training_dtype
+from gram_pyro.nn import autocast_to, network_precision, training_dtype
 from gram_pyro.run import Run, check_run_dir, check_trainer, default_run_dir, prepare_run_dir
 from gram_pyro.tasks.base import IGNORE, Batch, held_out_index
 
@@ -83,8 +84,10 @@ def solution_nats(task, split, index: torch.Tensor) -> float | None:
 
 
 def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: torch.device, seed: int = 0) -> dict:
-    """The training-time shortcut check on the inputs :func:`evaluate` scores: accuracy of answers decoded
-    along one **guide** trajectory per input (``posterior_accuracy``), the KL of the guide from the prior
+    """The training-time shortcut check on the inputs :func:`evaluate` scores: the task's
+    ``shortcut_metric`` (accuracy but for digits) of answers decoded along one **guide** trajectory per
+    input (``posterior_<metric>``, by ``task.score`` as the prior's answers are; ``split`` is a held-out
+    split, which no task augments, so the answers are to its stored inputs), the KL of the guide from the prior
     over the whole trajectory per target token (``kl_per_token``, nats) and, where the task counts its
     solutions, ``info_per_token``: what choosing a solution needs (log of the number of solutions per
     target token). A posterior far more accurate than the prior, or a KL far above the information, is
@@ -103,7 +106,8 @@ def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: tor
     finally:
         model.train(was_training)
     tokens = (batch.y != IGNORE).sum(-1).double().mean().item()
-    scores = {"posterior_accuracy": task.judge(batch.x, answers, batch.y).float().mean().item(),
+    metric = task.shortcut_metric
+    scores = {f"posterior_{metric}": task.score(split, index, answers.cpu().unsqueeze(0))[metric],
               "kl_per_token": kl.double().mean().item() / tokens}
     nats = solution_nats(task, data, index)
     if nats is not None:
@@ -111,14 +115,14 @@ def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: tor
     return scores
 
 
-def shortcut_verdict(scores: dict, trainer: DictConfig) -> str | None:
-    """A one-line verdict when the posterior accuracy exceeds the prior's by more than
-    ``trainer.shortcut_gap`` (``None`` otherwise)."""
-    gap = scores["posterior_accuracy"] - scores["accuracy"]
+def shortcut_verdict(scores: dict, trainer: DictConfig, metric: str = "accuracy") -> str | None:
+    """A one-line verdict when the posterior's ``metric`` (the task's ``shortcut_metric``) exceeds the
+    prior's by more than ``trainer.shortcut_gap`` (``None`` otherwise)."""
+    gap = scores[f"posterior_{metric}"] - scores[metric]
     if gap <= trainer.shortcut_gap:
         return None
-    return (f"posterior shortcut: posterior accuracy {scores['posterior_accuracy']:.1%}, prior accuracy "
-            f"{scores['accuracy']:.1%} (gap {gap:.1%} > trainer.shortcut_gap={trainer.shortcut_gap}); KL "
+    return (f"posterior shortcut: posterior {metric} {scores[f'posterior_{metric}']:.1%}, prior {metric} "
+            f"{scores[metric]:.1%} (gap {gap:.1%} > trainer.shortcut_gap={trainer.shortcut_gap}); KL "
             f"{scores['kl_per_token']:.3f} nats per target token; see docs/shortcut.md")
 
 
@@ -185,7 +189,7 @@ class RunLog:
     run goes on from) are dropped first (:func:`drop_rows_after`). ``last[name]``: the batch of the
     file's last row (``None`` before the first), so that a resumed run does not log a row twice."""
 
-    def __init__(self, run_dir: Path, total: int, done: int, quiet: bool):
+    def __init__(self, run_dir: Path, total: int, done: int, quiet: bool, position: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
 
         paths = {name: run_dir / f"{name}.csv" for name in ("metrics", "eval")}
@@ -203,7 +207,7 @@ class RunLog:
                 raise UserError(f"{path}: cannot append to it ({error.strerror or first_line(error)})") from None
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=done)
         self.progress = tqdm(total=total, initial=done, desc=f"train {run_dir.name}", dynamic_ncols=True,
-                             disable=quiet or os.environ.get("GRAM_PYRO_QUIET") == "1")
+                             position=position, disable=quiet or os.environ.get("GRAM_PYRO_QUIET") == "1")
 
     def row(self, name: str, batch: int, values: dict) -> None:
         """Append ``values`` at ``batch`` to ``<name>.csv`` (header on first use) and to TensorBoard."""
@@ -226,11 +230,12 @@ class RunLog:
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, position: int = 0) -> Path:
     """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``, or starting again from
     batch 0 where the run stopped before its first checkpoint); returns the dir.
     A ``run_dir`` that already holds a run is an error unless ``overwrite``, which moves that run aside
-    (:func:`prepare_run_dir`). Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
+    (:func:`prepare_run_dir`). ``position`` is the line of the progress bar (runs trained side by side
+    each take their own). Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
     trainer = cfg.trainer
     check_trainer(trainer)  # before its values are used (threads, validate_pyro)
     world = launched()
@@ -253,21 +258,24 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     log = None
     if world.is_main:
         save_config(cfg, run_dir / "config.yaml")
-        log = RunLog(run_dir, trainer.max_batches, run.batches_done, quiet)
+        log = RunLog(run_dir, trainer.max_batches, run.batches_done, quiet, position)
     split = run.task.splits["train"]
     start = time.time() - run.seconds
 
     def log_eval() -> None:
         # eager even where training compiles: evaluation's shapes are not training's, and compiling them
-        # for one evaluation costs more than it saves
-        with run.ema.applied(), torch.compiler.set_stance("force_eager"):
+        # for one evaluation costs more than it saves; the networks' matmuls in the training step's dtype
+        # (bf16 runs evaluate in bf16: 0.7 times the fp32 time of the demo's evaluation)
+        with run.ema.applied(), torch.compiler.set_stance("force_eager"), \
+                network_precision([run.model, run.guide], training_dtype(trainer.precision, run.device)):
             scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
             if run.model.stochastic and trainer.shortcut_action != "off":
                 scores |= shortcut_scores(run.task, run.model, run.guide, "test", trainer.eval_inputs, run.device)
         log.row("eval", run.batches_done, scores)
         log.progress.set_postfix({k: f"{v:.3f}" for k, v in scores.items()})
-        verdict = ("posterior_accuracy" in scores and "accuracy" in scores
-                   and run.batches_done >= trainer.shortcut_after and shortcut_verdict(scores, trainer))
+        metric = run.task.shortcut_metric
+        verdict = (f"posterior_{metric}" in scores and metric in scores
+                   and run.batches_done >= trainer.shortcut_after and shortcut_verdict(scores, trainer, metric))
         if verdict and trainer.shortcut_action == "stop":
             run.save(checkpoint)
             raise UserError(f"stopped at batch {run.batches_done} (trainer.shortcut_action=stop): {verdict}")

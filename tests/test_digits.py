@@ -17,6 +17,7 @@ from gram_pyro.config import UserError, build, compose_config
 from gram_pyro.tasks.digits import (
     OFF,
     ON,
+    RECOGNISABLE,
     DigitsTask,
     MnistTask,
     bits_from_tokens,
@@ -162,6 +163,24 @@ def test_malformed_answers_are_flagged_and_left_out_of_the_scores(task):
     assert mixed["distinct"] == pytest.approx(clean["distinct"] / 2)
     nothing = task.score("test", torch.arange(100), malformed[None])
     assert nothing["well_formed"] == 0.0 and nothing["distinct"] == 0.0 and np.isnan(nothing["fid"])
+
+
+def test_recognisable_counts_the_images_the_classifier_reads_with_confidence(task):
+    test = task.splits["test"]
+    probabilities, _ = features(test)
+    confident = probabilities.max(-1).values >= RECOGNISABLE
+    images = test.images.long()
+    blank = torch.full_like(images[:1], OFF)
+    malformed = images[:1].clone()
+    malformed[:, 5] = 0
+    answers = torch.cat([images, blank, malformed])
+    assert torch.equal(task.recognisable(answers), torch.cat([confident, torch.tensor([False, False])]))
+    assert 0.9 <= confident.float().mean().item() < 1.0  # most real digits, not all of them
+    scores = task.score("test", torch.arange(len(images)), images[None])
+    assert scores["recognisable"] == pytest.approx(confident.float().mean().item())
+    per_input = task.per_input("test", torch.arange(len(images)), torch.stack([images, blank.expand_as(images)]))
+    assert torch.equal(per_input["recognisable"], confident.float() / 2)
+    assert task.shortcut_metric == "recognisable"
 
 
 def test_distinct_counts_unique_images(task):

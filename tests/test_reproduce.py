@@ -163,8 +163,8 @@ def test_results_table_renders_the_shortcut_checks_and_rejects_a_foreign_summary
     page = tmp_path / "results.md"
     assert results_table.main(["--results", str(folder), "--out", str(page)]) == 0
     text = page.read_text()
-    assert "| `coloring` | coloring | 255 | 75.6 | 76.2 | +0.6 | 2.4 | no shortcut (threshold 20) |" in text
-    assert "| `nqueens10` | nqueens10 | 255 | 75.6 | 99.0 | +23.4 | 2.4 | shortcut (threshold 20) |" in text
+    assert "| `coloring` | coloring | 255 | accuracy | 75.6 | 76.2 | +0.6 | 2.4 | no shortcut (threshold 20) |" in text
+    assert "| `nqueens10` | nqueens10 | 255 | accuracy | 75.6 | 99.0 | +23.4 | 2.4 | shortcut (threshold 20) |" in text
     assert text.index("### N-Queens") < text.index("### Posterior shortcut check") < text.index("## `make demo`")
     (folder / "shortcut" / "x.json").write_text(json.dumps({"task": "coloring"}))
     assert results_table.main(["--results", str(folder), "--out", str(page)]) == 2

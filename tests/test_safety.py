@@ -3,6 +3,7 @@ touches nothing outside it; training never silently replaces a run; no checkpoin
 tensor; bad run files and paths are one-line errors."""
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -211,10 +212,19 @@ def test_the_demo_reruns_into_its_directory(tmp_path):
     from gram_pyro.experiments.demo import main as demo
 
     tiny = [*TINY, "trainer.max_batches=1", "trainer.checkpoint_every=1", "trainer.threads=1"]
-    assert demo([f"out={tmp_path}", *tiny]) == 0
-    assert demo([f"out={tmp_path}", *tiny]) == 0
-    assert (tmp_path / "results.json").is_file()
+    assert demo([f"out={tmp_path}", *tiny]) == 0  # both runs at once, in two processes
+    assert json.loads((tmp_path / "results.json").read_text())["jobs"] == 2
+    assert demo([f"out={tmp_path}", "jobs=1", *tiny]) == 0  # one after the other, in this process
+    assert json.loads((tmp_path / "results.json").read_text())["jobs"] == 1
     assert sorted(path.name.partition(".old-")[0] for path in tmp_path.glob("*.old-*")) == ["learned", "none"]
+
+
+def test_the_demo_refuses_a_bad_jobs_value(tmp_path, capsys):
+    from gram_pyro.experiments.demo import main as demo
+
+    assert demo([f"out={tmp_path}", "jobs=3"]) == 2
+    assert capsys.readouterr().err == "demo: error: jobs='3'; allowed: 1 (one run after the other), 2 (both runs at once)\n"
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("override, message", [

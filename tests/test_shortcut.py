@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gram_pyro.config import UserError
+from gram_pyro.diagnostics.shortcut import shortcut_check
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import gaussian_kl, supervision_step, surrogate_loss, token_log_likelihood
@@ -163,6 +164,21 @@ def test_shortcut_verdict_needs_a_gap_above_the_threshold():
     assert shortcut_verdict({"accuracy": 0.1, "posterior_accuracy": 0.25, "kl_per_token": 1.0}, trainer) is None
     verdict = shortcut_verdict({"accuracy": 0.0, "posterior_accuracy": 0.9, "kl_per_token": 2.5}, trainer)
     assert verdict.startswith("posterior shortcut: posterior accuracy 90.0%, prior accuracy 0.0%")
+    scores = {"accuracy": 1.0, "posterior_accuracy": 1.0, "recognisable": 0.6, "posterior_recognisable": 0.9,
+              "kl_per_token": 1.7}  # digits: every image is well formed, the classifier reads fewer
+    assert shortcut_verdict(scores, trainer) is None
+    assert shortcut_verdict(scores, trainer, "recognisable").startswith(
+        "posterior shortcut: posterior recognisable 90.0%, prior recognisable 60.0% (gap 30.0%")
+
+
+def test_shortcut_check_compares_the_metric_it_is_given():
+    check = shortcut_check(torch.tensor([0.5, 0.7]), torch.tensor([0.9, 0.9]), 0.2, "recognisable")
+    assert (check.prior_accuracy, check.metric, check.flagged) == (pytest.approx(0.6), "recognisable", True)
+    assert check.verdict.startswith("POSTERIOR SHORTCUT: answers decoded along posterior trajectories are "
+                                    "recognisable 90.0% of the time but only 60.0% along prior ones")
+    healthy = shortcut_check(torch.tensor([1.0]), torch.tensor([1.0]))
+    assert healthy.verdict == "no posterior shortcut: posterior accuracy 100.0%, prior accuracy 100.0% " \
+                              "(gap +0.0%, threshold 20%)"
 
 
 FIVE_QUEENS = ["task.n=5", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=32", "trainer.batch_size=32",

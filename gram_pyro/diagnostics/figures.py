@@ -27,14 +27,16 @@ def _save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def accuracy_by_step(prior: list[float], posterior: list[float], path: Path) -> None:
-    """Accuracy of answers decoded after each supervision step, prior vs posterior trajectories."""
+def accuracy_by_step(prior: list[float], posterior: list[float], path: Path, metric: str = "accuracy") -> None:
+    """The shortcut check's ``metric`` (accuracy by the judge unless a task names another) of answers
+    decoded after each supervision step, prior vs posterior trajectories."""
     figure = _figure(5, 3.5)
     ax = figure.subplots()
     steps = range(1, len(prior) + 1)
     ax.plot(steps, posterior, "o-", label="posterior (guide sees y)")
     ax.plot(steps, prior, "s-", label="prior (test time)")
-    ax.set(xlabel="supervision step", ylabel="accuracy (judge)", ylim=(-0.02, 1.02), xticks=list(steps),
+    ax.set(xlabel="supervision step", ylabel="accuracy (judge)" if metric == "accuracy" else metric,
+           ylim=(-0.02, 1.02), xticks=list(steps),
            title="Posterior shortcut check")
     ax.legend()
     _save(figure, path)

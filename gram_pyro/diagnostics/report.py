@@ -171,8 +171,9 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
         results["distinct_valid"] = distinct_answers(final.cpu(), results["valid"])
         results["prior_scores"] = _scores(task, options.split, index, results["prior"].step_answers)
         results["posterior_scores"] = _scores(task, options.split, index, particles.step_answers.movedim(2, 0))
-        results["shortcut"] = shortcut_check(results["prior_scores"][-1]["accuracy"],
-                                             results["posterior_scores"][-1]["accuracy"], options.shortcut_threshold)
+        metric = task.shortcut_metric
+        results["shortcut"] = shortcut_check(results["prior_scores"][-1][metric],
+                                             results["posterior_scores"][-1][metric], options.shortcut_threshold, metric)
         results["kl"] = kl_profile(particles.kl.cpu(), particles.kl_units.cpu(), options.unit_threshold)
         results["training"] = training_curves(options.run_dir)
     with timer.part("importance diagnostics"):
@@ -233,10 +234,10 @@ def _write(out_dir: Path, task, model, guide, options: Options, index: torch.Ten
     khat, ess = results["khat"], results["ess"]
     files = {"diagnostics": "diagnostics.nc"}
     arviz_adapter.write_netcdf(_inference_data(model, index, batch, results), out_dir / files["diagnostics"])
-    prior_by_step = [scores["accuracy"].float().mean().item() for scores in results["prior_scores"]]
-    posterior_by_step = [scores["accuracy"].float().mean().item() for scores in results["posterior_scores"]]
+    prior_by_step = [scores[check.metric].float().mean().item() for scores in results["prior_scores"]]
+    posterior_by_step = [scores[check.metric].float().mean().item() for scores in results["posterior_scores"]]
     files["accuracy"] = "accuracy.png"
-    figures.accuracy_by_step(prior_by_step, posterior_by_step, out_dir / files["accuracy"])
+    figures.accuracy_by_step(prior_by_step, posterior_by_step, out_dir / files["accuracy"], check.metric)
     files["kl"] = "kl.png"
     figures.kl_profile(kl.per_transition, kl.active_units, kl.units_per_step, kl.unit_threshold, out_dir / files["kl"])
     if particles.kl_units.nan_to_num().gt(0).any():

@@ -5,6 +5,10 @@
     prior accuracy     = the same along prior trajectories (no guide, no y): what the model can do alone
     gap                = posterior accuracy - prior accuracy, on held-out inputs
 
+Where the task's judge accepts every well-formed answer (digits), "accuracy" here is the task's
+``shortcut_metric`` instead (digits: the share of images its classifier recognises), named in
+``metric``; the fields keep their names.
+
 A gap above ``threshold`` is the shortcut: the target reaches the decoder through eps. Its other
 sign is the KL: :func:`kl_profile` gives ``KL(q || p)`` per transition (nats, summed over the ``L x D``
 units, averaged over inputs and particles) and the active units per supervision step: unit ``(l, d)``
@@ -36,6 +40,7 @@ class ShortcutCheck:
     threshold: float
     flagged: bool
     verdict: str
+    metric: str = "accuracy"
 
 
 @dataclass
@@ -48,19 +53,20 @@ class KLProfile:
 
 
 def shortcut_check(prior_accuracy: torch.Tensor, posterior_accuracy: torch.Tensor,
-                   threshold: float = 0.2) -> ShortcutCheck:
-    """The check of the module docstring from per-input accuracies ``[M]``."""
+                   threshold: float = 0.2, metric: str = "accuracy") -> ShortcutCheck:
+    """The check of the module docstring from per-input scores ``[M]`` of ``metric``."""
     prior, posterior = prior_accuracy.float().mean().item(), posterior_accuracy.float().mean().item()
     gap = posterior - prior
     if gap > threshold:
-        verdict = (f"POSTERIOR SHORTCUT: answers decoded along posterior trajectories are correct {posterior:.1%} "
-                   f"of the time but only {prior:.1%} along prior ones (gap {gap:+.1%} > {threshold:.0%}): the guide "
+        verdict = (f"POSTERIOR SHORTCUT: answers decoded along posterior trajectories are "
+                   f"{'correct' if metric == 'accuracy' else metric} {posterior:.1%} of the time but only "
+                   f"{prior:.1%} along prior ones (gap {gap:+.1%} > {threshold:.0%}): the guide "
                    "carries the target through eps; trust prior samples only. Levers: guide.posterior_steps=1, "
                    "objective.kl_cap, objective.prior_weight with prior_target=nearest (docs/shortcut.md)")
     else:
-        verdict = (f"no posterior shortcut: posterior accuracy {posterior:.1%}, prior accuracy {prior:.1%} "
+        verdict = (f"no posterior shortcut: posterior {metric} {posterior:.1%}, prior {metric} {prior:.1%} "
                    f"(gap {gap:+.1%}, threshold {threshold:.0%})")
-    return ShortcutCheck(prior, posterior, gap, threshold, gap > threshold, verdict)
+    return ShortcutCheck(prior, posterior, gap, threshold, gap > threshold, verdict, metric)
 
 
 def kl_profile(kl: torch.Tensor, kl_units: torch.Tensor, unit_threshold: float = 0.01) -> KLProfile:

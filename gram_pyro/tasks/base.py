@@ -13,6 +13,9 @@ A task is a plain object with
   input over its ``N`` answers (``accuracy`` always; ``coverage``, ``conflicts`` ... where defined);
 * ``score(split, index, answers) -> {metric: float}``: the means of :meth:`Task.per_input` unless a
   task defines set-level metrics (uniqueness, Inception score);
+* ``shortcut_metric`` (str, default ``accuracy``): the metric of ``per_input`` and ``score`` that the
+  posterior shortcut checks compare between prior and posterior trajectories; a task whose judge
+  accepts every well-formed answer (digits) names one that can tell a good answer from a poor one;
 * ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len);
 * ``nearest_solution(x [B, S], logits [B, S, V]) -> LongTensor [B, S]``: the valid answer of each input
   that the decoder's ``logits`` make most likely, as a target (:data:`IGNORE` where targets hold it;
@@ -92,6 +95,7 @@ class Task:
     image_side: int | None = None
     box: tuple[int, int] | None = None  # a grid task's box shape (rows, columns): its answers draw as grids
     verdict_in_answer: bool = True  # False: answer lines are bare, solve writes the verdicts beside them
+    shortcut_metric: str = "accuracy"
     splits: dict
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
