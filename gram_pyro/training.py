@@ -87,8 +87,8 @@ def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: tor
     """The training-time shortcut check on the inputs :func:`evaluate` scores: the task's
     ``shortcut_metric`` (accuracy but for digits) of answers decoded along one **guide** trajectory per
     input (``posterior_<metric>``, by ``task.score`` as the prior's answers are; ``split`` is a held-out
-    split, which no task augments, so the answers are to its stored inputs), the KL of the guide from the prior
-    over the whole trajectory per target token (``kl_per_token``, nats) and, where the task counts its
+    split, which no task augments, so the answers are to its stored inputs), the KL of the guide from the
+    prior over the whole trajectory per target token (``kl_per_token``, nats) and, where the task counts its
     solutions, ``info_per_token``: what choosing a solution needs (log of the number of solutions per
     target token). A posterior far more accurate than the prior, or a KL far above the information, is
     the shortcut: the target reaches the answer through eps. Seeded by ``seed``; it leaves the global

@@ -223,7 +223,8 @@ def test_the_demo_refuses_a_bad_jobs_value(tmp_path, capsys):
     from gram_pyro.experiments.demo import main as demo
 
     assert demo([f"out={tmp_path}", "jobs=3"]) == 2
-    assert capsys.readouterr().err == "demo: error: jobs='3'; allowed: 1 (one run after the other), 2 (both runs at once)\n"
+    assert capsys.readouterr().err == ("demo: error: jobs='3'; allowed: 1 (one run after the other), "
+                                       "2 (both runs at once)\n")
     assert not any(tmp_path.iterdir())
 
 

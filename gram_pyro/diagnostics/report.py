@@ -172,8 +172,8 @@ def _run(task, model, guide, options: Options, index: torch.Tensor, batch: Batch
         results["prior_scores"] = _scores(task, options.split, index, results["prior"].step_answers)
         results["posterior_scores"] = _scores(task, options.split, index, particles.step_answers.movedim(2, 0))
         metric = task.shortcut_metric
-        results["shortcut"] = shortcut_check(results["prior_scores"][-1][metric],
-                                             results["posterior_scores"][-1][metric], options.shortcut_threshold, metric)
+        prior_score, posterior_score = results["prior_scores"][-1][metric], results["posterior_scores"][-1][metric]
+        results["shortcut"] = shortcut_check(prior_score, posterior_score, options.shortcut_threshold, metric)
         results["kl"] = kl_profile(particles.kl.cpu(), particles.kl_units.cpu(), options.unit_threshold)
         results["training"] = training_curves(options.run_dir)
     with timer.part("importance diagnostics"):

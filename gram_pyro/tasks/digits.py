@@ -191,6 +191,7 @@ class BinaryImageTask(Task):
 
     vocab_size = VOCAB_SIZE
     unconditional = True
+    shortcut_metric = "recognisable"  # the judge accepts every image
     side: int
     threshold: float
 
@@ -206,8 +207,6 @@ class BinaryImageTask(Task):
 
     def judge(self, x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return is_well_formed(answer)
-
-    shortcut_metric = "recognisable"
 
     def recognisable(self, answers: torch.Tensor) -> torch.Tensor:
         """``answers [..., S]`` -> bool ``[...]``: well formed and classified with probability at least
