@@ -48,10 +48,11 @@ PAPER = {
 """The paper's figures (full-scale models) per ``(task, split, model)``."""
 
 MODEL_ORDER = ["GRAM", "TRM", "PTRM", "data"]
-METRIC_ORDER = ["accuracy", "exact", "conflicts", "conflicts_total", "coverage", "pass", "vote", "lprm", "halt",
-                "first", "validity", "uniqueness", "grids", "well_formed", "distinct", "novel", "inception_score", "fid"]
+METRIC_ORDER = ["accuracy", "exact", "cells", "conflicts", "conflicts_total", "coverage", "pass", "vote", "lprm",
+                "halt", "first", "validity", "uniqueness", "grids", "well_formed", "distinct", "novel",
+                "inception_score", "fid"]
 """Column order; a metric ``<name>@<N>`` sorts as ``<name>``, unlisted metrics last, alphabetically."""
-PERCENT = {"accuracy", "exact", "coverage", "pass", "vote", "lprm", "halt", "first", "validity", "uniqueness",
+PERCENT = {"accuracy", "exact", "cells", "coverage", "pass", "vote", "lprm", "halt", "first", "validity", "uniqueness",
            "well_formed", "distinct", "novel"}
 """Metrics shown in percent (``<name>@<N>`` by its name)."""
 DECIMALS = {"conflicts": 2, "conflicts_total": 1, "grids": 0, "inception_score": 2, "fid": 1}

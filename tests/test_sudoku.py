@@ -230,7 +230,7 @@ def test_source_file_trains_on_all_solutions_of_each_puzzle(tmp_path):
     assert task.judge(batch.x, batch.y).all()
     answers = split.targets[row, :2][:, None]  # [N=2, M=1, S]: both solutions
     scores = task.per_input("train" if split is task.splits["train"] else "test", torch.tensor([row]), answers)
-    assert scores["accuracy"].tolist() == scores["exact"].tolist() == [1.0]
+    assert scores["accuracy"].tolist() == scores["exact"].tolist() == scores["cells"].tolist() == [1.0]
 
 
 @pytest.mark.parametrize(
@@ -266,6 +266,9 @@ def test_conditional_task_splits_metrics_and_stats(tmp_path):
     # a unique-solution puzzle lacks at most one digit, so swapping digits 1 and 2 changes a clue
     assert torch.allclose(scores["exact"], torch.full((2,), 1 / 3))
     assert torch.allclose(scores["accuracy"], torch.full((2,), 1 / 3))
+    blank = test.inputs[index] == 1
+    swapped = ((relabelled == solved) & blank).sum(-1) / blank.sum(-1)  # the blanks holding neither digit
+    assert torch.allclose(scores["cells"], (1 + 0 + swapped) / 3)  # solved: all, the puzzle itself: none
     stats = task.stats()
     assert stats["splits"]["train"]["solutions_per_input"] == {"1": 12}
     assert stats["splits"]["extreme"]["rating"]["min"] == int(extreme.ratings.min())

@@ -8,7 +8,9 @@ tokens in row-major order, ``0`` = pad (unused), ``1`` = blank, ``2..n+1`` = dig
   user's puzzle (``source``), y = its solution. Splits ``train`` (``num_train``), ``test`` and, for
   generated data, ``extreme``: the ``num_extreme`` highest rated puzzles of a further pool of
   ``extreme_pool``. Metrics per input: ``accuracy`` (share of the N answers that are valid solutions
-  keeping every clue) and ``exact`` (share equal to a stored solution).
+  keeping every clue), ``exact`` (share equal to a stored solution) and ``cells`` (share of the blank
+  cells an answer fills as a stored solution does, the closest one where there are several, averaged
+  over the N answers: how far a model that solves no puzzle got).
 * :class:`UnconditionalSudokuTask`: x = all blank, y = a complete grid (4x4: all 288, of which a
   ``train_fraction`` trains; larger: ``num_grids`` random grids). ``score`` over all ``N*M`` answers:
   ``validity``, ``uniqueness`` (distinct valid grids / valid answers) and, for 4x4, ``coverage``
@@ -282,9 +284,13 @@ class SudokuTask(SudokuRules):
         data = self.splits[split]
         stored = data.targets[index]  # [M, C, S]
         in_use = torch.arange(stored.shape[1]) < data.target_counts[index, None]  # [M, C]
-        exact = ((answers[:, :, None] == stored).all(-1) & in_use).any(-1)
+        same = answers[:, :, None] == stored  # [N, M, C, S]
+        exact = (same.all(-1) & in_use).any(-1)
+        blank = (data.inputs[index] == BLANK)[:, None]  # [M, 1, S]
+        filled = (same & blank).sum(-1) / blank.sum(-1).clamp(min=1)  # [N, M, C]
+        cells = filled.masked_fill(~in_use, 0).amax(-1)
         return {"accuracy": self.judge(data.inputs[index], answers).float().mean(0),
-                "exact": exact.float().mean(0)}
+                "exact": exact.float().mean(0), "cells": cells.float().mean(0)}
 
     def stats(self) -> dict:
         splits = {name: {"inputs": len(s), "solutions_per_input": solutions_histogram(s.num_solutions),
