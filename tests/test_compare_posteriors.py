@@ -205,3 +205,15 @@ def test_the_uncond_sudoku4_preset_runs_the_reproduction_recipe_at_that_recipe_s
     assert {(cfg.model.dim, cfg.trainer.batch_size) for cfg in runs.values()} == {(64, 128)}
     assert runs["gaussian-truncated"].trainer.max_batches == 500
     assert runs["gaussian-iwae-first-step"].trainer.max_batches == 125  # 4 particles
+
+
+def test_the_steps_preset_gives_the_particle_schemes_the_surrogate_s_optimizer_steps():
+    base = {pair.name: cfg for pair, cfg in plan(compose_config("compare_posteriors", ["comparison=uncond_sudoku4"]),
+                                                 ["comparison=uncond_sudoku4"])}
+    settings = compose_config("compare_posteriors", ["comparison=uncond_sudoku4_steps"])
+    runs = {pair.name: cfg for pair, cfg in plan(settings, ["comparison=uncond_sudoku4_steps"])}
+    assert sorted(runs) == ["gaussian-rws-first-step", "gaussian-smc-first-step"]
+    for name, cfg in runs.items():
+        assert cfg.trainer.max_batches == base["gaussian-truncated"].trainer.max_batches == 500
+        cfg.trainer.max_batches = base[name].trainer.max_batches
+        assert cfg == base[name]  # the same run as in the comparison but for its length
