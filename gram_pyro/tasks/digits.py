@@ -73,6 +73,12 @@ def tokens_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return OFF + bits.long()
 
 
+def is_confident(probabilities: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``[K, C]`` of the digits classifier -> bool ``[K]``: the top class has at
+    least :data:`RECOGNISABLE`."""
+    return probabilities.max(-1).values >= RECOGNISABLE
+
+
 def is_well_formed(tokens: torch.Tensor) -> torch.Tensor:
     """Bool ``[...]``: every token of ``tokens [..., S]`` is OFF or ON."""
     return ((tokens == OFF) | (tokens == ON)).all(-1)
@@ -215,7 +221,7 @@ class BinaryImageTask(Task):
         ok = is_well_formed(flat)
         probabilities, _ = classify(to_digits_frame(bits_from_tokens(flat[ok]), self.side))
         confident = torch.zeros(len(flat), dtype=torch.bool)
-        confident[ok] = probabilities.max(-1).values >= RECOGNISABLE
+        confident[ok] = is_confident(probabilities)
         return confident.reshape(answers.shape[:-1])
 
     def per_input(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,7 +254,7 @@ class BinaryImageTask(Task):
         images = bits_from_tokens(flat[ok])
         probabilities, features = classify(to_digits_frame(images, self.side))
         well_formed = ok.float().mean().item()
-        recognisable = (probabilities.max(-1).values >= RECOGNISABLE).sum().item() / len(flat)
+        recognisable = is_confident(probabilities).sum().item() / len(flat)
         return {"accuracy": well_formed, "well_formed": well_formed, "recognisable": recognisable,
                 "distinct": len(torch.unique(images, dim=0)) / len(flat),
                 "novel": (ok & ~self.is_training_image(flat)).float().mean().item(),
