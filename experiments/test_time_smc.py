@@ -14,15 +14,16 @@ input (``N * depth * T`` transitions):
   (:mod:`gram_pyro.test_time_smc`), the vote among its ``N`` survivors. Its lanes draw the same noise
   as the independent trajectories, so with ``tau = 0`` it would give exactly the vote's row.
 
-Per row: ``accuracy`` of the selected answer and ``coverage@N`` of the ``N`` candidates (independent
-trajectories, or SMC's survivors) with 95% intervals over inputs, ``sample_accuracy`` (share of valid
-candidates), ``pass@N`` (some candidate valid); for SMC the mean ESS after each step's weighting and the
-share of inputs resampled after each step. Also the AUC of the value and halt heads at the last step for
+Per row: ``accuracy`` of the selected answer and ``pass@N`` (some candidate valid) with 95% intervals
+over inputs, ``coverage@N`` of the ``N`` candidates (independent trajectories, or SMC's survivors) where
+the task scores coverage (multi-solution tasks; not Sudoku), ``sample_accuracy`` (share of valid
+candidates); for SMC the mean ESS after each step's weighting and the share of inputs resampled after
+each step. Also the AUC of the value and halt heads at the last step for
 telling a valid answer from an invalid one (over all independent trajectories): a potential the heads
 cannot tell apart gives SMC nothing to work with.
 
 Writes ``<out>/results.json`` (settings, command, rows, head AUCs), ``<out>/results.md`` (table) and
-``<out>/results.png`` (accuracy and coverage against ``N``, ESS / N by step), and the figure also to
+``<out>/results.png`` (accuracy and coverage, or pass@N, against ``N``; ESS / N by step), and the figure also to
 ``figure`` when given.
 """
 
@@ -63,12 +64,15 @@ def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def scores(task, split: str, index: torch.Tensor, answers: torch.Tensor, selected: torch.Tensor) -> dict:
-    """The row's metrics from candidates ``answers [N, B, S]`` and the selected answers ``[B, S]``."""
+    """The row's metrics from candidates ``answers [N, B, S]`` and the selected answers ``[B, S]``
+    (``coverage`` only where the task scores it)."""
     everything = task.per_input(split, index, answers)
     chosen = task.per_input(split, index, selected[None])
-    return {"accuracy": interval(chosen["accuracy"]), "sample_accuracy": everything["accuracy"].mean().item(),
-            "coverage": interval(everything["coverage"]),
-            "pass": (everything["accuracy"] > 0).double().mean().item()}
+    row = {"accuracy": interval(chosen["accuracy"]), "sample_accuracy": everything["accuracy"].mean().item(),
+           "pass": interval((everything["accuracy"] > 0).double())}
+    if "coverage" in everything:
+        row["coverage"] = interval(everything["coverage"])
+    return row
 
 
 def compare(cfg) -> dict:
@@ -134,15 +138,15 @@ def markdown(results: dict, command: str) -> str:
     for r in results["rows"]:
         ess = " ".join(f"{e:.1f}" for e in r["ess_by_step"]) if "ess_by_step" in r else "–"
         share = " ".join(f"{s:.2f}" for s in r["resampled_by_step"]) if "resampled_by_step" in r else "–"
+        coverage = percent(r["coverage"]) if "coverage" in r else "–"
         lines.append(f"| {r['method']} | {r['samples']} | {r['transitions']} | {percent(r['accuracy'])} "
-                     f"| {percent(r['coverage'])} | {100 * r['sample_accuracy']:.1f} | {100 * r['pass']:.1f} "
-                     f"| {ess} | {share} |")
+                     f"| {coverage} | {100 * r['sample_accuracy']:.1f} | {percent(r['pass'])} | {ess} | {share} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, paths: list[Path]) -> None:
-    """Accuracy and coverage@N against N per method (95% intervals), and each SMC setting's ESS / N by
-    step at the largest N."""
+    """Accuracy and coverage@N (pass@N where the task has no coverage) against N per method (95%
+    intervals), and each SMC setting's ESS / N by step at the largest N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,11 +156,12 @@ def plot(results: dict, paths: list[Path]) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colour = dict(zip(methods, plt.get_cmap("tab10").colors))
     sizes = sorted({r["samples"] for r in rows})
+    second = "coverage" if "coverage" in rows[0] else "pass"
     figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for i, method in enumerate(methods):
         mine = [r for r in rows if r["method"] == method]
         shift = 1 + 0.012 * (i - len(methods) / 2)  # side by side, so that the intervals stay readable
-        for axis, key in zip(axes[:2], ("accuracy", "coverage")):
+        for axis, key in zip(axes[:2], ("accuracy", second)):
             means = [100 * r[key]["mean"] for r in mine]
             errors = [100 * (r[key]["ci95"][1] - r[key]["ci95"][0]) / 2 for r in mine]
             axis.errorbar([r["samples"] * shift for r in mine], means, yerr=errors, marker="o", capsize=2,
@@ -167,7 +172,7 @@ def plot(results: dict, paths: list[Path]) -> None:
             steps = range(1, len(r["ess_by_step"]) + 1)
             axes[2].plot(steps, [e / widest for e in r["ess_by_step"]], marker="o", color=colour[r["method"]],
                          linestyle="--")
-    titles = ("accuracy % (selected answer)", "coverage@N %", f"ESS / N after each step (N = {widest})")
+    titles = ("accuracy % (selected answer)", f"{second}@N %", f"ESS / N after each step (N = {widest})")
     for axis, title in zip(axes, titles):
         axis.set_title(title, fontsize=9)
     for axis in axes[:2]:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from gram_pyro.cli import main
 from gram_pyro.config import UserError
@@ -17,7 +18,7 @@ from gram_pyro.selection import SELECTORS, lprm_best, majority_vote, select
 from gram_pyro.test_time_smc import SMCOptions, as_smc_options, smc_sweep, smc_trajectories
 from gram_pyro.training import train
 from tests.conftest import tiny_model
-from tests.helpers import tiny_config
+from tests.helpers import CONFIG_DIR, TINY_MODEL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -276,3 +277,19 @@ def test_the_experiment_compares_at_equal_compute_and_tau_zero_is_the_vote(nquee
     assert (tmp_path / "docs" / "smc.png").stat().st_size > 0 and (out / "results.png").exists()
     assert auc(torch.tensor([0.1, 0.4, 0.4, 0.9]), torch.tensor([False, True, False, True])) == 0.875
     assert experiment([f"run={nqueens_run}", "smc=[{tempering:-1}]", f"out={out}"]) == 2
+
+
+def test_the_experiment_runs_on_a_task_without_coverage(tmp_path):
+    from gram_pyro.experiments.test_time_smc import main as experiment
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="train", overrides=["task=sudoku4", "task.num_train=8", "task.num_test=4",
+                                                      *TINY_MODEL])
+    run = train(cfg, tmp_path / "sudoku4", quiet=True)
+    out = tmp_path / "smc"
+    assert experiment([f"run={run}", "inputs=4", "samples=[2]", f"out={out}",
+                       "smc=[{potential:value,tempering:1.0,threshold:0.5}]"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["vote", "lprm", "halt", "smc value tau=1 thr=0.5"]
+    assert all("coverage" not in r and 0 <= r["pass"]["mean"] <= 1 for r in rows)
+    assert (out / "results.md").read_text().count("| – |") >= 4 and (out / "results.png").exists()
