@@ -42,7 +42,10 @@ def test_every_recipe_composes_with_both_train_configs(tmp_path):
         gram = reproduce.run_config(recipe, "gram", tmp_path / "gram", [])
         trm = reproduce.run_config(recipe, "trm", tmp_path / "trm", [])
         assert gram.model.noise == "learned" and trm.model.noise == "none" and trm.guide == prior
-        same_size = [k for k in config_differences(gram, trm) if k.split(".")[0] in ("task", "trainer")]
+        # the held-out check's interval may differ: evaluation draws from its own random streams, so it
+        # changes nothing a run learns (GRAM's recipes check it more often for the shortcut curve)
+        same_size = [k for k in config_differences(gram, trm)
+                     if k.split(".")[0] in ("task", "trainer") and k != "trainer.eval_every"]
         assert not same_size, f"{name}: GRAM and TRM differ in {same_size}"
         assert gram.trainer.device == {"cpu": "cpu", "gpu": "cuda"}[name.rpartition("-")[2]]
 
