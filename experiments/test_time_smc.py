@@ -18,9 +18,9 @@ Per row: ``accuracy`` of the selected answer and ``pass@N`` (some candidate vali
 over inputs, ``coverage@N`` of the ``N`` candidates (independent trajectories, or SMC's survivors) where
 the task scores coverage (multi-solution tasks; not Sudoku), ``sample_accuracy`` (share of valid
 candidates); for SMC the mean ESS after each step's weighting and the share of inputs resampled after
-each step. Also the AUC of the value and halt heads at the last step for
-telling a valid answer from an invalid one (over all independent trajectories): a potential the heads
-cannot tell apart gives SMC nothing to work with.
+each step. Also the AUC of the value and halt heads at the last step for telling a valid answer from an
+invalid one (over all independent trajectories): a potential the heads cannot tell apart gives SMC
+nothing to work with.
 
 Writes ``<out>/results.json`` (settings, command, rows, head AUCs), ``<out>/results.md`` (table) and
 ``<out>/results.png`` (accuracy and coverage, or pass@N, against ``N``; ESS / N by step), and the figure also to
