@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from gram_pyro.cli import main
-from gram_pyro.config import UserError
+from gram_pyro.config import UserError, compose_config
 from gram_pyro.evaluation import evaluate_run
 from gram_pyro.run import load_run
 from gram_pyro.inference import sample_trajectories
@@ -18,7 +17,7 @@ from gram_pyro.selection import SELECTORS, lprm_best, majority_vote, select
 from gram_pyro.test_time_smc import SMCOptions, as_smc_options, smc_sweep, smc_trajectories
 from gram_pyro.training import train
 from tests.conftest import tiny_model
-from tests.helpers import CONFIG_DIR, TINY_MODEL, tiny_config
+from tests.helpers import TINY_MODEL, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -282,9 +281,7 @@ def test_the_experiment_compares_at_equal_compute_and_tau_zero_is_the_vote(nquee
 def test_the_experiment_runs_on_a_task_without_coverage(tmp_path):
     from gram_pyro.experiments.test_time_smc import main as experiment
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="train", overrides=["task=sudoku4", "task.num_train=8", "task.num_test=4",
-                                                      *TINY_MODEL])
+    cfg = compose_config("train", ["task=sudoku4", "task.num_train=8", "task.num_test=4", *TINY_MODEL])
     run = train(cfg, tmp_path / "sudoku4", quiet=True)
     out = tmp_path / "smc"
     assert experiment([f"run={run}", "inputs=4", "samples=[2]", f"out={out}",
