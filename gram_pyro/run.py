@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
 
 TRAINER_LIMITS = {
     "batch_size": (1, None), "max_batches": (0, None), "lr": (0, 1), "weight_decay": (0, None),
-    "warmup_steps": (0, None), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
+    "warmup_steps": (0, None), "lr_final": (0, 1), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
     "eval_every": (0, None), "eval_inputs": (1, None), "eval_samples": (1, None),
     "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None),
     "shortcut_gap": (0, 1), "shortcut_after": (0, None), "seed": SEED_RANGE,
@@ -54,6 +54,9 @@ TRAINER_INTEGERS = ("seed", "batch_size", "max_batches", "warmup_steps", "log_ev
 """The trainer keys that count or size something: ``batch_size=2.5`` is refused, not rounded."""
 TRAINER_FLAGS = ("keep_checkpoints", "validate_pyro")
 """The trainer keys that are ``true`` or ``false``."""
+
+LR_SCHEDULES = ("constant", "cosine")
+"""Allowed ``trainer.lr_schedule`` values: the learning rate after warm-up (:func:`lr_factor`)."""
 
 SHORTCUT_ACTIONS = ("warn", "stop", "off")
 """Allowed ``trainer.shortcut_action`` values: what a detected posterior shortcut does to a run."""
@@ -83,6 +86,8 @@ def check_trainer(trainer: DictConfig) -> None:
         raise UserError(f"unknown trainer.compile {trainer.compile!r}; allowed: {', '.join(COMPILE_MODES)}")
     if trainer.precision not in PRECISIONS:
         raise UserError(f"unknown trainer.precision {trainer.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if trainer.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"unknown trainer.lr_schedule {trainer.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
     if trainer.shortcut_action not in SHORTCUT_ACTIONS:
         raise UserError(f"unknown trainer.shortcut_action {trainer.shortcut_action!r}; "
                         f"allowed: {', '.join(SHORTCUT_ACTIONS)}")
@@ -90,6 +95,18 @@ def check_trainer(trainer: DictConfig) -> None:
     if not (isinstance(betas, list) and len(betas) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         raise UserError(f"trainer.betas={betas} must be two numbers in [0, 1)")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, final: float) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) as a share of ``trainer.lr``: a linear
+    warm-up ``min(1, (step + 1) / warmup)``, times 1 (``constant``) or, for ``cosine``, the half cosine
+    ``final + (1 - final) (1 + cos(pi p)) / 2`` over the progress ``p = (step - warmup) / (total - warmup)``
+    (clipped to [0, 1]) of the ``total`` steps after warm-up, so the last step runs at ``final``."""
+    factor = min(1.0, (step + 1) / max(warmup, 1))
+    if schedule == "cosine":
+        progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+        factor *= final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2
+    return factor
 
 
 class EMA:
@@ -167,8 +184,10 @@ class Run:
         # (:func:`gram_pyro.training.train_batch`)
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                            betas=tuple(trainer.betas), fused=True)
-        warmup = max(trainer.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        total = trainer.max_batches * self.objective.updates_per_batch(self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, trainer.warmup_steps, total, trainer.lr_schedule,
+                                                   trainer.lr_final))
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
         self.batches_done = 0
         self.saved_at: int | None = None  # batches_done of the last checkpoint written or loaded

@@ -323,7 +323,8 @@ RUN_KEYS = ("task", "model", "guide", "objective", "trainer")
 """The sections of a train config that make the run (not where it is written or how it is started)."""
 CONTINUABLE_KEYS = ("trainer.max_batches", "trainer.threads")
 """Keys in which a run directory may differ from the wanted config and still be continued (how long it
-trains and how many CPU threads it is given)."""
+trains and how many CPU threads it is given). ``trainer.max_batches`` only under a constant learning rate:
+a cosine schedule ends at ``max_batches``, so a run of another length follows another schedule."""
 
 
 def _leaves(node, prefix: str = "") -> dict:
@@ -338,7 +339,10 @@ def config_differences(saved: DictConfig, wanted: DictConfig) -> list[str]:
     train configs differ."""
     a = _leaves({key: OmegaConf.to_container(saved[key], resolve=True) for key in RUN_KEYS})
     b = _leaves({key: OmegaConf.to_container(wanted[key], resolve=True) for key in RUN_KEYS})
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in CONTINUABLE_KEYS)
+    continuable = set(CONTINUABLE_KEYS)
+    if "cosine" in (a.get("trainer.lr_schedule"), b.get("trainer.lr_schedule")):
+        continuable.discard("trainer.max_batches")
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in continuable)
 
 
 def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from gram_pyro.cli import main
-from gram_pyro.config import group_options
-from gram_pyro.training import train
+from gram_pyro.config import UserError, group_options
+from gram_pyro.run import lr_factor
+from gram_pyro.training import config_differences, train, train_or_keep
 from tests.helpers import TINY, tiny_config
 
 
@@ -45,6 +46,34 @@ def test_resuming_a_finished_run_changes_none_of_its_rows(tmp_path):
     assert rows["eval"].count("\n") == 2  # header and the final evaluation at batch 2
     train(tiny_config("trainer.max_batches=2"), run, resume=True, quiet=True)
     assert {name: (run / f"{name}.csv").read_text() for name in rows} == rows
+
+
+def test_lr_factor_warms_up_then_follows_the_schedule():
+    """Warm-up of 4 steps, then 8 more: constant stays at 1; cosine halves the way to ``final`` at the
+    middle and ends on it (0.1 + 0.9 (1 + cos(pi / 2)) / 2 = 0.55)."""
+    constant = [lr_factor(step, 4, 12, "constant", 0.1) for step in range(14)]
+    assert constant[:4] == [0.25, 0.5, 0.75, 1.0] and constant[4:] == [1.0] * 10
+    cosine = [lr_factor(step, 4, 12, "cosine", 0.1) for step in range(14)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(cosine[8], 0.55) and math.isclose(cosine[12], 0.1) and math.isclose(cosine[13], 0.1)
+    assert all(a > b for a, b in zip(cosine[4:13], cosine[5:13]))
+
+
+def test_a_cosine_run_ends_at_lr_final_and_is_not_continued_to_another_length(tmp_path):
+    """The logged rate of a cosine run falls to ``lr_final x lr`` at its last batch; a run directory of
+    another length is another schedule, so ``train_or_keep`` refuses it (a constant-rate run is continued)."""
+    cfg = tiny_config("trainer.max_batches=6", "trainer.warmup_steps=0", "trainer.lr_schedule=cosine",
+                      "trainer.lr_final=0.2", "trainer.lr=0.01")
+    run = train(cfg, tmp_path / "cosine", quiet=True)
+    with (run / "metrics.csv").open() as f:
+        rates = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert all(a > b for a, b in zip(rates, rates[1:])) and math.isclose(rates[-1], 0.002), rates
+    longer = tiny_config("trainer.max_batches=8", "trainer.warmup_steps=0", "trainer.lr_schedule=cosine",
+                         "trainer.lr_final=0.2", "trainer.lr=0.01")
+    assert config_differences(cfg, longer) == ["trainer.max_batches"]
+    assert config_differences(tiny_config("trainer.max_batches=6"), tiny_config("trainer.max_batches=8")) == []
+    with pytest.raises(UserError, match="differs in trainer.max_batches"):
+        train_or_keep("cosine", longer, run, quiet=True)
 
 
 def test_trace_elbo_objective_trains(tmp_path):
@@ -81,6 +110,8 @@ def test_trace_elbo_objective_trains(tmp_path):
     ("trainer.lr=fast", "trainer.lr='fast' is not a number"),
     ("trainer.betas=[0.9]", "trainer.betas=[0.9] must be two numbers in [0, 1)"),
     ("trainer.betas=0.9", "trainer.betas=0.9 must be two numbers in [0, 1)"),
+    ("trainer.lr_schedule=linear", "unknown trainer.lr_schedule 'linear'; allowed: constant, cosine"),
+    ("trainer.lr_final=2", "trainer.lr_final=2 is out of range; allowed: in [0, 1]"),
 ])
 def test_bad_config_is_one_line_and_exit_2(capsys, override, message):
     assert main(["train", override]) == 2
