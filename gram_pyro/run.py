@@ -184,10 +184,10 @@ class Run:
         # (:func:`gram_pyro.training.train_batch`)
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                            betas=tuple(trainer.betas), fused=True)
+        warmup, schedule, final = trainer.warmup_steps, trainer.lr_schedule, trainer.lr_final
         total = trainer.max_batches * self.objective.updates_per_batch(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, trainer.warmup_steps, total, trainer.lr_schedule,
-                                                   trainer.lr_final))
+            self.optimizer, lambda step: lr_factor(step, warmup, total, schedule, final))
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
         self.batches_done = 0
         self.saved_at: int | None = None  # batches_done of the last checkpoint written or loaded
