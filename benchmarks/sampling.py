@@ -14,8 +14,12 @@ the model's depth with :func:`gram_pyro.inference.sample_trajectories`.
   :func:`gram_pyro.inference.trajectory_bytes` plans chunks with.
 * That the encoder reads ``x [B, S]`` once per supervision step, not ``[N, B, S]``.
 
-    python benchmarks/sampling.py [--batch 16] [--repeats 3] [--widths 1 2 5 ...] [--threads T]
-                                  [--device auto] [override ...]
+``--compile`` and ``--precision`` are those of ``gram-pyro sample``: the networks compiled (one of
+``none | default | max``; the widths' first, unchunked runs are also the compilations, so the timed
+repeats run compiled code) and their matmuls in bf16 (``auto``: where the device has native bf16).
+
+    python benchmarks/sampling.py [--batch 16] [--repeats 3] [--widths 1 2 5 ...] [--compile none]
+                                  [--precision fp32] [--threads T] [--device auto] [override ...]
 
 Overrides are Hydra overrides of the train config, e.g. ``model=trm`` or ``model.dim=128``.
 """
@@ -31,6 +35,7 @@ import torch
 from gram_pyro.config import build, compose_config
 from gram_pyro.inference import (ACTIVATION_FACTOR, default_memory_budget_mb, plan_chunks, sample_trajectories,
                                  trajectory_bytes)
+from gram_pyro.nn import COMPILE_MODES, PRECISIONS, compile_networks, network_dtype, network_precision
 from gram_pyro.run import resolve_device
 
 import harness
@@ -51,6 +56,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS), help="values of N, from 1 up")
+    parser.add_argument("--compile", default="none", choices=COMPILE_MODES, help="compile mode of the networks")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the networks' matmul precision")
     harness.add_threads_argument(parser)
     harness.add_config_arguments(parser)
     args = parser.parse_args()
@@ -64,15 +71,19 @@ def main() -> None:
     task = build(cfg.task, "task")
     model = build(cfg.model, "model", vocab_size=task.vocab_size, seq_len=task.seq_len,
                   num_puzzles=task.num_puzzles).to(device).eval()
+    compile_networks([model], args.compile)
     split = task.splits["test"]
     x = split.inputs[:args.batch].to(device)
     puzzle = None if split.puzzles is None else split.puzzles[:args.batch].to(device)
     encoder_calls = []
     hook = model.encoder.register_forward_pre_hook(lambda module, inputs: encoder_calls.append(tuple(inputs[0].shape)))
 
+    dtype = network_dtype(args.precision, device)
+
     def sample(num_samples: int, budget_mb: float | None = None) -> float:
-        return harness.seconds(lambda: sample_trajectories(model, x, num_samples, puzzle=puzzle, seed=0,
-                                                           memory_budget_mb=budget_mb), device)
+        with network_precision([model], dtype):
+            return harness.seconds(lambda: sample_trajectories(model, x, num_samples, puzzle=puzzle, seed=0,
+                                                               memory_budget_mb=budget_mb), device)
 
     sample(1)  # warm-up, recording the encoder's inputs during one run
     hook.remove()
@@ -93,7 +104,8 @@ def main() -> None:
     budget = default_memory_budget_mb(device)
     chunk = plan_chunks(widths[-1], x.shape[0], trajectory_bytes(model, 1), budget * MB)
     print(f"config: {type(task).__name__}, model noise={model.noise}, batch {x.shape[0]}, depth {model.n_sup}, "
-          f"L={length}, D={dim}, device {device}, threads {torch.get_num_threads()}, {args.repeats} repeats")
+          f"L={length}, D={dim}, device {device}, threads {torch.get_num_threads()}, {args.repeats} repeats, "
+          f"compile {args.compile}, matmuls {str(dtype or torch.float32).removeprefix('torch.')}")
     once_per_step = encoder_calls == [tuple(x.shape)] * model.n_sup
     print(f"encoder inputs in one run: {encoder_calls[0]} x {len(encoder_calls)} calls "
           f"({'[B, S] once per step' if once_per_step else 'NOT once per step on [B, S]'})")

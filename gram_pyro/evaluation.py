@@ -177,7 +177,7 @@ def inference_speed(loaded: LoadedRun, precision: str, compile_mode: str):
     :data:`gram_pyro.nn.COMPILE_MODES`; once, in place) and run their matmuls in the dtype of
     ``precision`` (:func:`gram_pyro.nn.network_dtype`; densities stay in the model's dtype)."""
     dtype = network_dtype(precision, loaded.device)
-    compile_networks([loaded.model], compile_mode, loaded.device)
+    compile_networks([loaded.model], compile_mode)
     with network_precision([loaded.model], dtype):
         yield
 

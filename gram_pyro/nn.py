@@ -205,10 +205,13 @@ def network_precision(modules: list[nn.Module], dtype: torch.dtype | None):
 
 COMPILE_MODES = ("none", "default", "max")
 """``trainer.compile`` and the sampling commands' ``compile``: no compilation, ``torch.compile``'s
-default mode, or its autotuning mode (``max-autotune``, without CUDA graphs on CPU)."""
+default mode, or its autotuning mode without CUDA graphs (``max-autotune-no-cudagraphs``). CUDA
+graphs are left out because a transition calls the same network several times and keeps earlier
+outputs: a graph replay overwrites them (on an H200 the training step failed at its first batch with
+"accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
 
 
-def compile_networks(modules: list[nn.Module], mode: str, device: torch.device) -> int:
+def compile_networks(modules: list[nn.Module], mode: str) -> int:
     """Compile every :class:`ReasoningNet` and :class:`GaussianHead` in ``modules`` in place
     (``nn.Module.compile``: each call goes through the compiled ``forward``) under ``mode`` (one of
     :data:`COMPILE_MODES`). These are where the time goes and hold no Pyro effect: the program around
@@ -218,8 +221,7 @@ def compile_networks(modules: list[nn.Module], mode: str, device: torch.device) 
         raise ValueError(f"unknown compile mode {mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     if mode == "none":
         return 0
-    torch_mode = None if mode == "default" else \
-        "max-autotune" if device.type == "cuda" else "max-autotune-no-cudagraphs"
+    torch_mode = None if mode == "default" else "max-autotune-no-cudagraphs"
     nets = {id(m): m for module in modules for m in module.modules() if isinstance(m, (ReasoningNet, GaussianHead))}
     for net in nets.values():
         net.compile(mode=torch_mode)

@@ -178,7 +178,7 @@ class Run:
             raise UserError(f"objective does not fit the model/guide: {error}") from None
         self.model.to(self.device)
         self.guide.to(self.device)
-        compile_networks([self.model, self.guide], trainer.compile, self.device)
+        compile_networks([self.model, self.guide], trainer.compile)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
         # fused (CPU and CUDA): it reads ``found_inf`` and skips a whole update on device
         # (:func:`gram_pyro.training.train_batch`)

@@ -20,8 +20,8 @@ def first_batch(*overrides):
 
 
 def test_compiled_step_matches_the_eager_step_and_keeps_the_sites(one_thread):
-    eager, eager_metrics, batch = first_batch()
-    compiled, compiled_metrics, _ = first_batch("trainer.compile=default")
+    eager, eager_metrics, batch = first_batch("trainer.device=cpu")
+    compiled, compiled_metrics, _ = first_batch("trainer.device=cpu", "trainer.compile=default")
     assert compiled_metrics == pytest.approx(eager_metrics, rel=1e-4, abs=1e-5)
     for name, value in eager.model.state_dict().items():
         assert torch.allclose(compiled.model.state_dict()[name], value, atol=1e-5), name
@@ -36,13 +36,27 @@ def test_compiled_step_matches_the_eager_step_and_keeps_the_sites(one_thread):
     assert sites(compiled) == sites(eager)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["default", "max"])
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("bf16", 0.02)])
+def test_compiled_step_matches_the_eager_step_on_cuda(mode, precision, tolerance):
+    """In fp32 the compiled kernels give the eager step's numbers; in bf16 both round, at different
+    places (eager autocast rounds every intermediate, the fused kernels keep fp32 in between)."""
+    cuda = ("trainer.device=cuda", f"trainer.precision={precision}")
+    eager, eager_metrics, _ = first_batch(*cuda)
+    compiled, compiled_metrics, _ = first_batch(*cuda, f"trainer.compile={mode}")
+    assert compiled_metrics == pytest.approx(eager_metrics, rel=tolerance, abs=tolerance / 10)
+    for name, value in eager.model.state_dict().items():
+        assert torch.allclose(compiled.model.state_dict()[name], value, rtol=tolerance, atol=tolerance / 10), name
+
+
 def test_compile_networks_takes_the_backbone_and_the_gaussian_heads_once():
     run = Run(tiny_config())  # shared f_L = f_H: one backbone network; prior and guide heads
     heads = sum(isinstance(m, GaussianHead) for m in [*run.model.modules(), *run.guide.modules()])
-    assert compile_networks([run.model, run.guide], "none", run.device) == 0
-    assert compile_networks([run.model, run.guide], "default", run.device) == 1 + heads
+    assert compile_networks([run.model, run.guide], "none") == 0
+    assert compile_networks([run.model, run.guide], "default") == 1 + heads
     with pytest.raises(ValueError, match="unknown compile mode 'fast'; allowed: none, default, max"):
-        compile_networks([run.model], "fast", run.device)
+        compile_networks([run.model], "fast")
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -58,6 +72,6 @@ def test_precision_picks_bf16_only_where_asked_and_native(monkeypatch, native):
 
 def test_a_bf16_step_on_cpu_rounds_but_does_not_change_the_loss(monkeypatch, one_thread):
     monkeypatch.setattr(nn, "native_bf16", lambda device: True)  # bf16 autocast runs on any CPU
-    _, fp32, _ = first_batch()
-    _, bf16, _ = first_batch("trainer.precision=bf16")
+    _, fp32, _ = first_batch("trainer.device=cpu")
+    _, bf16, _ = first_batch("trainer.device=cpu", "trainer.precision=bf16")
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05, abs=0.01)
