@@ -23,7 +23,7 @@ from gram_pyro.config import UserError, command_line, save_config
 from gram_pyro.evaluation import evaluate_run
 from gram_pyro.run import PRETRAINED, load_run
 
-CHECK_INPUTS, CHECK_SAMPLES = 20, 20
+CHECK_INPUTS, CHECK_SAMPLES = 64, 20
 MAX_BYTES = 5 * 2**20
 
 
