@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from gram_pyro.experiments.results_table import markdown_table
 from gram_pyro.config import UserError, command_line, compose_config, group_options
 from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, write_evaluation
+from gram_pyro.nn import native_bf16
 from gram_pyro.run import load_run
 from gram_pyro.selection import SELECTORS, select
 from gram_pyro.training import train_or_keep
@@ -130,11 +131,24 @@ def run_config(recipe: DictConfig, model: str, run_dir: Path, extra: list[str]) 
     return compose_config("train", [*recipe.train, *recipe[model], *extra, f"run_dir={run_dir}"])
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name as Linux reports it in ``cpuinfo`` (``None`` where it cannot be read)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return None
+    names = [value.strip() for key, _, value in (line.partition(":") for line in lines) if key.strip() == "model name"]
+    return names[0] if names else None
+
+
 def device_name(device: torch.device) -> str:
-    """The hardware a result was measured on: the CUDA device's name, or the CPU and its core count."""
+    """The hardware a result was measured on: the CUDA device's name, or the CPU's core count and model,
+    and "no native bf16" where a recipe's bf16 falls back to fp32 (:func:`gram_pyro.nn.native_bf16`:
+    the same recipe then takes several times as long)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"
+    details = [f"{os.cpu_count()} cores", cpu_model(), None if native_bf16(device) else "no native bf16"]
+    return f"cpu ({', '.join(item for item in details if item)})"
 
 
 def mean_and_interval(values: torch.Tensor) -> dict:

@@ -77,6 +77,27 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert (out / "eval" / "PTRM-test" / "metrics.json").is_file()
 
 
+@pytest.mark.parametrize("native, model, expected", [
+    (True, "Intel(R) Xeon(R) Platinum 8480C", "cpu (2 cores, Intel(R) Xeon(R) Platinum 8480C)"),
+    (False, "AMD EPYC", "cpu (2 cores, AMD EPYC, no native bf16)"),
+    (False, None, "cpu (2 cores, no native bf16)")])
+def test_a_cpu_result_names_the_cpu_and_whether_bf16_is_native(monkeypatch, native, model, expected):
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(reproduce, "cpu_model", lambda: model)
+    monkeypatch.setattr(reproduce, "native_bf16", lambda device: native)
+    assert reproduce.device_name(torch.device("cpu")) == expected
+
+
+def test_the_cpu_model_is_read_from_cpuinfo_or_is_none(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+                       "model name\t: AMD EPYC\n")
+    assert reproduce.cpu_model(cpuinfo) == "AMD EPYC"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: ARM\n")
+    assert reproduce.cpu_model(cpuinfo) is None
+    assert reproduce.cpu_model(tmp_path / "missing") is None
+
+
 def test_training_seconds_of_a_checkpoint_older_than_its_record_come_from_metrics_csv(tmp_path):
     old = {"format": FORMAT, **dict.fromkeys(REQUIRED, 0)}  # the entries a checkpoint needs, no seconds
     torch.save(old, tmp_path / "checkpoint.pt")

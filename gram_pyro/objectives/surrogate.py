@@ -9,8 +9,12 @@ with Dreamer-style KL balancing ``KL_bal = a KL(sg(q) || p) + (1 - a) KL(q || sg
 losses of :mod:`gram_pyro.objectives.base` added. The model runs with ``truncate=True``: gradient flows
 through the final transition only and the state is detached between steps. One optimizer step per
 supervision step (``updates_per_batch = N_sup``); the KL is analytic, so the guide must have one
-(``check``). Two options against the posterior shortcut (``docs/shortcut.md``), both off by default:
+(``check``). Options against the posterior shortcut (``docs/shortcut.md``), all off by default:
 
+* a beta schedule: beta moves linearly from ``beta_start`` at the first batch to ``beta`` at batch
+  ``beta_batches + 1`` and stays there (``beta_start: null``: beta is constant). Rising from a low
+  price lets the posterior teach first and then makes it expensive to keep what the prior has not
+  learned; falling from a high one keeps the prior in charge from the start;
 * a KL cap (a rate target, as GECO's constraint): ``+ kl_cap_weight * max(0, KL / S - kl_cap)``, so
   the posterior may carry at most about ``kl_cap`` nats per target token per step before the penalty
   grows steeply;
@@ -58,10 +62,18 @@ class TruncatedSurrogate(Objective):
 
     def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
                  kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
-                 prior_start: int = 0, overshoot_weight: float = 0.0, halt_weight: float = 1.0,
-                 value_weight: float = 1.0, judge: Judge = exact_match, nearest: Nearest | None = None):
+                 prior_start: int = 0, overshoot_weight: float = 0.0, beta_start: float | None = None,
+                 beta_batches: int = 0, halt_weight: float = 1.0, value_weight: float = 1.0,
+                 judge: Judge = exact_match, nearest: Nearest | None = None):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
+        if beta_start is not None and (isinstance(beta_start, bool) or not isinstance(beta_start, (int, float))
+                                       or not 0 <= beta_start < float("inf")):
+            raise ValueError(f"beta_start must be a finite number >= 0 or null, got {beta_start!r}")
+        if isinstance(beta_batches, bool) or not isinstance(beta_batches, int) or beta_batches < 0 or \
+                (beta_start is not None and beta_batches == 0):
+            raise ValueError("beta_batches must be a whole number >= 0, and >= 1 with a beta_start, "
+                             f"got {beta_batches!r}")
         if (kl_cap is not None and kl_cap < 0) or kl_cap_weight < 0 or not 0 <= prior_weight <= 1:
             raise ValueError(f"need kl_cap >= 0 (or null), kl_cap_weight >= 0 and 0 <= prior_weight <= 1, got "
                              f"kl_cap={kl_cap}, kl_cap_weight={kl_cap_weight}, prior_weight={prior_weight}")
@@ -74,7 +86,7 @@ class TruncatedSurrogate(Objective):
             raise ValueError(f"overshoot_weight must be a finite number >= 0, got {overshoot_weight!r}")
         if isinstance(prior_start, bool) or not isinstance(prior_start, int) or prior_start < 0:
             raise ValueError(f"prior_start must be a whole number >= 0, got {prior_start!r}")
-        self.beta, self.kl_balance = beta, kl_balance
+        self.beta, self.kl_balance, self.beta_start, self.beta_batches = beta, kl_balance, beta_start, beta_batches
         self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
         self.prior_target, self.nearest, self.prior_start = prior_target, nearest, prior_start
         self.overshoot_weight = overshoot_weight
@@ -111,9 +123,18 @@ class TruncatedSurrogate(Objective):
             raise ValueError(f"guide {type(guide).__name__} has no analytic KL: use objective=truncated_mc "
                              "or a particle scheme (iwae, rws, smc)")
 
+    def current_beta(self) -> float:
+        """Beta of the batch in progress (``self.batches``, 1 for the first): ``beta``, or on the schedule
+        ``beta_start + (beta - beta_start) * min(1, (batches - 1) / beta_batches)``."""
+        if self.beta_start is None:
+            return self.beta
+        done = min(1.0, max(self.batches - 1, 0) / self.beta_batches)
+        return self.beta_start + (self.beta - self.beta_start) * done
+
     def kl_penalty(self, kl: torch.Tensor) -> torch.Tensor:
-        """``beta * KL`` plus the cap's ``kl_cap_weight * max(0, KL - kl_cap)`` (``kl`` per target token)."""
-        penalty = self.beta * kl
+        """``beta * KL`` (beta of :meth:`current_beta`) plus the cap's ``kl_cap_weight * max(0, KL - kl_cap)``
+        (``kl`` per target token)."""
+        penalty = self.current_beta() * kl
         if self.kl_cap is not None:
             penalty = penalty + self.kl_cap_weight * (kl - self.kl_cap).clamp(min=0)
         return penalty
@@ -145,6 +166,8 @@ class TruncatedSurrogate(Objective):
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
         loss = nll + self.kl_penalty(kl)
         metrics = {"nll": nll, "kl": kl}
+        if self.beta_start is not None:
+            metrics["beta"] = torch.tensor(self.current_beta(), device=loss.device)
         nan = None if prior_chain else torch.full((), float("nan"), device=loss.device)  # before prior_start
         if self.prior_weight:
             if prior_chain:
