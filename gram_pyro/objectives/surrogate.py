@@ -27,7 +27,7 @@ supervision step (``updates_per_batch = N_sup``); the KL is analytic, so the gui
   *some* solution, the posterior chain keeps every solution reachable. The prior chain joins after
   ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
 
-A third option runs on the same prior chain: **latent overshooting** (Hafner et al., 2019, PlaNet).
+One more option runs on the same prior chain: **latent overshooting** (Hafner et al., 2019, PlaNet).
 The prior chain has drawn every eps from the prior since ``z0``, so its state at step ``n`` is an
 ``(n + 1) T``-transition prediction of the prior alone; it pays
 
