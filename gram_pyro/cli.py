@@ -289,7 +289,8 @@ def config_comments(config: str, choices: dict[str, str]) -> dict[str, str]:
     files its defaults list includes by name (``sampling``, ``train``) and of its primary file, each
     winning over the ones before (as their values do)."""
     root = resources.files(CONFIG_MODULE)
-    files = [(root / group / f"{choice}.yaml", group) for group, choice in choices.items()]
+    files = [(root / group / f"{choice}.yaml", group) for group, choice in choices.items()
+             if (root / group / f"{choice}.yaml").is_file()]  # an optional group's choice may name no file
     names = [config]
     while names:  # included configs before the configs that include them
         path = root / f"{names.pop()}.yaml"
@@ -316,7 +317,7 @@ def command_help(name: str, overrides: list[str]) -> str:
     if choices:
         lines.append("config groups (group=choice; * the one in use):")
         width = max(map(len, choices))
-        for group in sorted(choices, key=list(cfg).index):
+        for group in sorted(choices, key=lambda group: list(cfg).index(group) if group in cfg else len(cfg)):
             options = [f"{option}*" if option == choices[group] else option for option in group_options(group)]
             lines.append(f"  {group:<{width}}  {', '.join(options)}")
         lines.append("")

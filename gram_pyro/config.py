@@ -189,10 +189,23 @@ def _check_renamed(config_name: str, overrides: list[str]) -> None:
             raise UserError(f"{key}= is now called {renamed[key]}=: use {renamed[key]}={value or '<N>'}")
 
 
+OPTIONAL_GROUPS = ("recipe",)
+"""Config groups a defaults list includes as ``optional``: Hydra skips a choice that names no file, so a
+choice given on the command line is checked here (a misspelt recipe would train the paper's silently)."""
+
+
+def _check_optional_choices(overrides: list[str]) -> None:
+    for override in overrides:
+        group, _, choice = override.lstrip("+").partition("=")
+        if group in OPTIONAL_GROUPS and choice not in group_options(group):
+            raise UserError(f"{group}={choice}: no such {group}; allowed: {', '.join(group_options(group))}")
+
+
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``experiments/configs/<config_name>.yaml`` with command-line ``overrides`` (an old key
-    of :data:`RENAMED_KEYS` is a one-line error naming the new one)."""
+    of :data:`RENAMED_KEYS` or a choice of an optional group that names no file is a one-line error)."""
     _check_renamed(config_name, overrides)
+    _check_optional_choices(overrides)
     try:
         return _compose(config_name, overrides)
     except (HydraException, TypeError) as error:
@@ -201,7 +214,8 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
 
 def compose_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
     """:func:`compose_config` and the option chosen in each config group of the project (``{"task":
-    "nqueens", "model": "gram", ...}``, Hydra's own groups left out)."""
+    "nqueens", "model": "gram", ...}``, Hydra's own groups left out; an optional group's choice may name
+    no file: ``recipe`` where the task has no recipe for the combination)."""
     try:
         cfg = _compose(config_name, overrides, hydra=True)
     except (HydraException, TypeError) as error:

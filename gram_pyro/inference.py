@@ -454,18 +454,20 @@ def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, see
 def guided_trajectory(model, guide, x: torch.Tensor, y: torch.Tensor, puzzle: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One trajectory per input drawn from the **guide** ``q(eps | u, y)`` (the whole untruncated program):
-    the final step's answers ``[B, S]`` and the single-sample KL estimate
-    ``sum over eps sites of log q(eps) - log p(eps)`` per input ``[B]`` (nats; zero where the guide
-    follows the prior). Compared with prior trajectories it is the training-time shortcut check."""
+    the final step's answers ``[B, S]`` and the single-sample KL estimate per transition ``[B, N_sup, T]``:
+    ``log q(eps) - log p(eps)`` of the transition's eps sites (``eps/{n}/{t}``, and ``eps_l/{n}/{t}`` with
+    ``noise_on_low``), in nats, zero where the guide follows the prior. Compared with prior trajectories it
+    is the training-time shortcut check."""
     was_training = guide.training
     guide.eval()
     try:
         model_trace, guide_trace = guide.run(model.forward, x, y=y, puzzle=puzzle)
     finally:
         guide.train(was_training)
-    kl = torch.zeros(x.shape[:-1], device=x.device)
+    kl = torch.zeros(*x.shape[:-1], model.n_sup, model.transitions, device=x.device)
     for name, node in guide_trace.nodes.items():
         if node["type"] == "sample" and name.startswith("eps"):
             value = node["value"]
-            kl = kl + (node["fn"].log_prob(value) - model_trace.nodes[name]["fn"].log_prob(value)).float()
+            n, t = (int(i) for i in name.split("/")[1:])
+            kl[..., n, t] += (node["fn"].log_prob(value) - model_trace.nodes[name]["fn"].log_prob(value)).float()
     return step_logits(model_trace, model.n_sup - 1).argmax(-1), kl

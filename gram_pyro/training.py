@@ -88,7 +88,8 @@ def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: tor
     ``shortcut_metric`` (accuracy but for digits) of answers decoded along one **guide** trajectory per
     input (``posterior_<metric>``, by ``task.score`` as the prior's answers are; ``split`` is a held-out
     split, which no task augments, so the answers are to its stored inputs), the KL of the guide from the
-    prior over the whole trajectory per target token (``kl_per_token``, nats) and, where the task counts its
+    prior over the whole trajectory per target token (``kl_per_token``, nats), the same per transition
+    (``kl_per_token/{n}/{t}``: supervision step ``n``, transition ``t``) and, where the task counts its
     solutions, ``info_per_token``: what choosing a solution needs (log of the number of solutions per
     target token). A posterior far more accurate than the prior, or a KL far above the information, is
     the shortcut: the target reaches the answer through eps. Seeded by ``seed``; it leaves the global
@@ -107,8 +108,11 @@ def shortcut_scores(task, model, guide, split: str, num_inputs: int, device: tor
         model.train(was_training)
     tokens = (batch.y != IGNORE).sum(-1).double().mean().item()
     metric = task.shortcut_metric
+    per_transition = (kl.double().mean(0) / tokens).tolist()  # [N_sup][T]
     scores = {f"posterior_{metric}": task.score(split, index, answers.cpu().unsqueeze(0))[metric],
-              "kl_per_token": kl.double().mean().item() / tokens}
+              "kl_per_token": sum(map(sum, per_transition))}
+    scores |= {f"kl_per_token/{n}/{t}": value
+               for n, step in enumerate(per_transition) for t, value in enumerate(step)}
     nats = solution_nats(task, data, index)
     if nats is not None:
         scores["info_per_token"] = nats / tokens
@@ -176,6 +180,15 @@ def _batch_after(line: str, done: int) -> bool:
     return first.isdigit() and int(first) > done
 
 
+def _header(path: Path) -> list[str] | None:
+    """The columns after ``batch`` of the header of the run's CSV file ``path`` (``None`` when it is
+    missing or empty)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle))[1:]
+
+
 def _last_batch(path: Path) -> int | None:
     """The batch of the last row of the run's CSV file ``path`` (``None`` when it has only a header)."""
     first = path.read_text().rstrip("\n").rpartition("\n")[2].partition(",")[0]
@@ -186,8 +199,10 @@ class RunLog:
     """The files of a run directory that training appends to (rank 0 only): ``metrics.csv``,
     ``eval.csv``, TensorBoard events and the progress bar. A CSV file gets its header when it is
     missing or empty, whether the run is new or resumed; rows after batch ``done`` (the checkpoint the
-    run goes on from) are dropped first (:func:`drop_rows_after`). ``last[name]``: the batch of the
-    file's last row (``None`` before the first), so that a resumed run does not log a row twice."""
+    run goes on from) are dropped first (:func:`drop_rows_after`). A file keeps the columns of its header
+    (a run resumed by a version that logs more writes those only, and leaves a column it no longer logs
+    empty). ``last[name]``: the batch of the file's last row (``None`` before the first), so that a resumed
+    run does not log a row twice."""
 
     def __init__(self, run_dir: Path, total: int, done: int, quiet: bool, position: int = 0):
         from torch.utils.tensorboard import SummaryWriter  # slow import; only for real runs
@@ -195,8 +210,8 @@ class RunLog:
         paths = {name: run_dir / f"{name}.csv" for name in ("metrics", "eval")}
         for path in paths.values():
             drop_rows_after(path, done)
-        self.headers = {name: path.is_file() and path.stat().st_size > 0 for name, path in paths.items()}
-        self.last = {name: _last_batch(path) if self.headers[name] else None for name, path in paths.items()}
+        self.columns = {name: _header(path) for name, path in paths.items()}
+        self.last = {name: _last_batch(path) if self.columns[name] else None for name, path in paths.items()}
         self.files = {}
         for name, path in paths.items():
             try:
@@ -212,10 +227,10 @@ class RunLog:
     def row(self, name: str, batch: int, values: dict) -> None:
         """Append ``values`` at ``batch`` to ``<name>.csv`` (header on first use) and to TensorBoard."""
         out = csv.writer(self.files[name])
-        if not self.headers[name]:
+        if not self.columns[name]:
             out.writerow(["batch", *values])
-            self.headers[name] = True
-        out.writerow([batch, *values.values()])
+            self.columns[name] = list(values)
+        out.writerow([batch, *(values.get(column, "") for column in self.columns[name])])
         self.files[name].flush()
         self.last[name] = batch
         for key, value in values.items():
@@ -272,7 +287,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
             if run.model.stochastic and trainer.shortcut_action != "off":
                 scores |= shortcut_scores(run.task, run.model, run.guide, "test", trainer.eval_inputs, run.device)
         log.row("eval", run.batches_done, scores)
-        log.progress.set_postfix({k: f"{v:.3f}" for k, v in scores.items()})
+        log.progress.set_postfix({k: f"{v:.3f}" for k, v in scores.items() if "/" not in k})
         metric = run.task.shortcut_metric
         verdict = (f"posterior_{metric}" in scores and metric in scores
                    and run.batches_done >= trainer.shortcut_after and shortcut_verdict(scores, trainer, metric))

@@ -453,6 +453,16 @@ def test_resume_writes_the_headers_of_missing_or_empty_csv_files(straight, tmp_p
     assert rows(run, "eval") == rows(straight, "eval")
 
 
+def test_a_resumed_run_keeps_the_columns_of_its_csv_header(tmp_path):
+    """A run logged by a version with other columns: new ones are not written, missing ones are left empty."""
+    (tmp_path / "eval.csv").write_text("batch,accuracy,retired\n1,0.5,3\n")
+    log = RunLog(tmp_path, total=2, done=1, quiet=True)
+    log.row("eval", 2, {"accuracy": 0.75, "kl_per_token/0/1": 1.5})
+    log.close()
+    assert (tmp_path / "eval.csv").read_text().splitlines() == ["batch,accuracy,retired", "1,0.5,3", "2,0.75,"]
+    assert (tmp_path / "metrics.csv").read_text() == ""  # a file is created with its first row
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from gram_pyro.cli import main

@@ -1,14 +1,16 @@
 """The levers against the posterior shortcut (KL cap, prior rollouts, posterior steps, target dropout)
 against hand computations, and the training-time shortcut check."""
 
+import itertools
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from gram_pyro.config import UserError
+from gram_pyro.config import UserError, compose_config, group_options
 from gram_pyro.diagnostics.shortcut import shortcut_check
+from gram_pyro.experiments import shortcut_levers
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import gaussian_kl, supervision_step, surrogate_loss, token_log_likelihood
@@ -176,21 +178,24 @@ def test_target_dropout_hides_target_tokens_in_training_only(data):
         tiny_guide(model, target_dropout=1.0)
 
 
-def test_guided_trajectory_kl_is_log_q_minus_log_p_summed_over_the_trajectory(data):
+def test_guided_trajectory_kl_is_log_q_minus_log_p_of_each_transition(data):
     x, y = data
     model = tiny_model()
     guide = tiny_guide(model)
     torch.manual_seed(2)
     answers, kl = guided_trajectory(model, guide, x, y)
+    assert kl.shape == (x.shape[0], model.n_sup, model.transitions)
     torch.manual_seed(2)
-    (h, l), expected = start(model, x.shape[0]), torch.zeros(x.shape[0])
-    for _ in range(model.n_sup):
+    h, l = start(model, x.shape[0])
+    for n in range(model.n_sup):
         step = supervision_step(model, guide, x, y, h, l, truncate=False, posterior_everywhere=False)
-        h, l, expected = step.h, step.l, expected + step.log_q - step.log_p
+        h, l = step.h, step.l
+        # the posterior covers the final transition of each step (posterior_transitions=last): the others pay none
+        assert torch.allclose(kl[:, n, -1], step.log_q - step.log_p, atol=1e-4, rtol=1e-6)
+        assert torch.equal(kl[:, n, :-1], torch.zeros_like(kl[:, n, :-1])) and (kl[:, n, -1] != 0).all()
     assert torch.equal(answers, step.logits.argmax(-1))
-    assert torch.allclose(kl, expected, atol=1e-4, rtol=1e-6)
     _, none = guided_trajectory(model, PriorGuide(model), x, y)
-    assert torch.equal(none, torch.zeros(x.shape[0]))
+    assert torch.equal(none, torch.zeros(x.shape[0], model.n_sup, model.transitions))
 
 
 def test_shortcut_verdict_needs_a_gap_above_the_threshold():
@@ -229,6 +234,9 @@ def test_a_run_whose_posterior_carries_the_answer_is_stopped_and_one_without_is_
     header, row = (healthy / "eval.csv").read_text().splitlines()
     scores = dict(zip(header.split(","), map(float, row.split(","))))
     assert scores["posterior_accuracy"] - scores["accuracy"] <= 0.2 and scores["kl_per_token"] == 0
+    cfg = tiny_config(*FIVE_QUEENS).model
+    assert [scores[f"kl_per_token/{n}/{t}"] for n in range(cfg.n_sup) for t in range(cfg.transitions)] == [0] * (
+        cfg.n_sup * cfg.transitions)
 
 
 def test_the_shortcut_check_waits_for_shortcut_after_and_warn_only_warns(tmp_path, capsys):
@@ -331,3 +339,37 @@ def test_prior_rollouts_join_after_prior_start_batches_and_the_count_is_checkpoi
     assert resumed.loss(model, guide, Batch(x, y), {}, 0)[1]["prior_nll"].isfinite()
     with pytest.raises(ValueError, match="prior_start"):
         TruncatedSurrogate(prior_start=-1)
+
+
+def test_a_task_recipe_applies_to_its_combination_only_and_paper_or_an_override_replaces_it():
+    def levers(*overrides):
+        cfg = compose_config("train", list(overrides))
+        return (cfg.model.init_scale, cfg.guide.get("posterior_steps"), cfg.objective.get("kl_cap"),
+                cfg.objective.get("prior_start"))
+
+    assert levers("task=coloring") == (0.1, 1, 0.35, 600)  # experiments/configs/recipe/coloring_gram_...yaml
+    assert levers("task=coloring10") == (0.1, 1, 0.35, 450)
+    paper = (1.0, None, None, 0)
+    assert levers("task=coloring", "recipe=paper") == levers("task=nqueens") == paper  # nqueens has no recipe
+    assert levers("task=coloring", "model=trm", "guide=prior") == paper  # the combination has no recipe
+    assert levers("task=coloring", "objective=iwae")[:2] == (1.0, None)
+    assert levers("task=coloring", "objective.kl_cap=1") == (0.1, 1, 1, 600)  # a key override wins
+    with pytest.raises(UserError, match="recipe"):
+        compose_config("train", ["task=coloring", "recipe=coloring"])
+
+
+def test_every_recipe_names_a_combination_that_exists_and_changes_it():
+    options = {group: group_options(group) for group in ("task", "model", "guide", "objective")}
+    for name in group_options("recipe"):
+        if name == "paper":
+            continue
+        combinations = [choice for choice in itertools.product(*options.values()) if "_".join(choice) == name]
+        assert len(combinations) == 1, name
+        chosen = [f"{group}={option}" for group, option in zip(options, combinations[0])]
+        assert compose_config("train", chosen) != compose_config("train", [*chosen, "recipe=paper"]), name
+
+
+def test_the_lever_sweep_measures_every_lever_from_the_papers_recipe():
+    cfg, levers, _ = shortcut_levers.settings(["task=coloring", "only=[paper]"])
+    assert "recipe=paper" in cfg.train and levers == {"paper": []}
+    assert compose_config("train", [f"task={cfg.task}", *cfg.train]).guide.posterior_steps is None

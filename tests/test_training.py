@@ -96,6 +96,10 @@ def test_trace_elbo_objective_trains(tmp_path):
         (scores,) = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     assert 0 <= scores["accuracy"] <= 1 and 0 <= scores["coverage"] <= 1
     assert 0.05 < scores["kl_per_token"] < 1, scores
+    model = tiny_config().model
+    per_transition = [[scores[f"kl_per_token/{n}/{t}"] for t in range(model.transitions)] for n in range(model.n_sup)]
+    assert math.isclose(sum(map(sum, per_transition)), scores["kl_per_token"], rel_tol=1e-6), per_transition
+    assert all(step[-1] > 0 and not any(step[:-1]) for step in per_transition), per_transition  # posterior on the last
 
 
 @pytest.mark.parametrize("override, message", [
