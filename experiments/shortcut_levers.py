@@ -12,7 +12,8 @@ token, see :func:`gram_pyro.training.shortcut_scores`).
 
 Writes ``<out>/levers.csv`` (each lever's last evaluation, with its training seconds) and
 ``<out>/levers.png`` (each lever's held-out curves: prior accuracy, posterior accuracy, coverage where
-the task has it, KL per token against the information a solution choice needs). ``summarize=true``
+the task has it, KL per token against the information a solution choice needs) and ``<out>/levers_kl.png``
+(each lever's KL per token of every transition: where the posterior acts). ``summarize=true``
 writes them from the run directories already under ``out`` without training.
 """
 
@@ -112,6 +113,35 @@ def plot(curves: dict[str, list[dict]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_transitions(curves: dict[str, list[dict]], title: str, path: Path) -> bool:
+    """One panel per lever: the KL per target token of each transition (``kl_per_token/<n>/<t>``, step
+    ``n``, transition ``t``) over the held-out checks, on the same axes for every lever. Whether it wrote
+    the figure (not where no run logged the KL: ``trainer.shortcut_action=off``)."""
+    levers = {name: rows for name, rows in curves.items() if any(key.startswith("kl_per_token/") for key in
+                                                                   (rows[0] if rows else {}))}
+    if not levers:
+        return False
+    fig, axes = plt.subplots(1, len(levers), figsize=(3.2 * len(levers) + 1.6, 3.2), squeeze=False, sharey=True)
+    for ax, (name, rows) in zip(axes[0], levers.items()):
+        keys = [key for key in rows[0] if key.startswith("kl_per_token/")]
+        colours = plt.get_cmap("viridis")([i / max(len(keys) - 1, 1) for i in range(len(keys))])
+        for key, colour in zip(keys, colours):
+            n, t = key.split("/")[1:]
+            ax.plot([row["batch"] for row in rows], [row[key] for row in rows], marker=".", color=colour,
+                    label=f"step {n}, transition {t}")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("batch")
+    axes[0][0].set_ylabel("KL per target token (nats)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def shortcut_levers(argv: list[str]) -> Path:
     cfg, levers, out = settings(argv)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,9 +167,13 @@ def shortcut_levers(argv: list[str]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     plot(curves, f"{cfg.task}: held-out curves per lever", out / "levers.png")
+    written = [out / "levers.csv", out / "levers.png"]
+    if plot_transitions(curves, f"{cfg.task}: KL per transition", out / "levers_kl.png"):
+        written.append(out / "levers_kl.png")
     for row in rows:
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    print(f"wrote {out / 'levers.csv'} and {out / 'levers.png'}")
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                        if not k.startswith("kl_per_token/")))
+    print(f"wrote {', '.join(map(str, written))}")
     return out
 
 

@@ -1,6 +1,7 @@
 """The levers against the posterior shortcut (KL cap, prior rollouts, posterior steps, target dropout)
 against hand computations, and the training-time shortcut check."""
 
+import csv
 import itertools
 import re
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from gram_pyro.tasks.sudoku import SudokuTask, UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
 from gram_pyro.guides import PriorGuide
 from tests.conftest import tiny_guide, tiny_model
-from tests.helpers import tiny_config
+from tests.helpers import TINY, tiny_config
 
 
 def start(model, batch_size):
@@ -373,3 +374,19 @@ def test_the_lever_sweep_measures_every_lever_from_the_papers_recipe():
     cfg, levers, _ = shortcut_levers.settings(["task=coloring", "only=[paper]"])
     assert "recipe=paper" in cfg.train and levers == {"paper": []}
     assert compose_config("train", [f"task={cfg.task}", *cfg.train]).guide.posterior_steps is None
+
+
+def test_the_lever_sweep_writes_each_levers_curves_and_kl_per_transition(tmp_path):
+    out = tmp_path / "levers"
+    shortcut_levers.shortcut_levers(["task=nqueens", "only=[paper,first_step]", f"out={out}", "trainer.threads=1",
+                                     *(o for o in TINY if not o.startswith("trainer.eval_every")),
+                                     "trainer.max_batches=2", "trainer.eval_every=2"])
+    with (out / "levers.csv").open() as handle:
+        rows = {row["lever"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["paper", "first_step"] and all(row["exit"] == "0" for row in rows.values())
+    assert (out / "levers.png").is_file() and (out / "levers_kl.png").is_file()
+    # N_sup = 2, T = 2: the paper's posterior acts on the last transition of both steps, first_step's on step 0
+    # only (a one-trajectory estimate of log q - log p: nonzero where the posterior acts, of either sign)
+    kl = {name: [float(row[f"kl_per_token/{n}/{t}"]) for n in range(2) for t in range(2)] for name, row in rows.items()}
+    assert kl["paper"][0] == kl["paper"][2] == 0 and kl["paper"][1] != 0 and kl["paper"][3] != 0, kl
+    assert kl["first_step"][0] == kl["first_step"][2] == kl["first_step"][3] == 0 and kl["first_step"][1] != 0, kl
