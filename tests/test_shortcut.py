@@ -390,3 +390,25 @@ def test_the_lever_sweep_writes_each_levers_curves_and_kl_per_transition(tmp_pat
     kl = {name: [float(row[f"kl_per_token/{n}/{t}"]) for n in range(2) for t in range(2)] for name, row in rows.items()}
     assert kl["paper"][0] == kl["paper"][2] == 0 and kl["paper"][1] != 0 and kl["paper"][3] != 0, kl
     assert kl["first_step"][0] == kl["first_step"][2] == kl["first_step"][3] == 0 and kl["first_step"][1] != 0, kl
+
+
+def test_heads_on_the_prior_chain_learn_whether_the_prior_chains_answer_is_correct(data):
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    beta, tokens = 0.5, y.numel()
+    torch.manual_seed(6)
+    objective, state = TruncatedSurrogate(beta=beta, heads="prior"), {}
+    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
+    assert objective.prior_chain and objective.cost(model) == 2 * model.n_sup * model.transitions
+    torch.manual_seed(6)
+    for (loss, metrics), (prior, step) in zip(ours, chains_by_hand(model, guide, x, y)):
+        correct = ((prior.logits.argmax(-1) == y) | (y < 0)).all(-1).float()
+        halt = torch.nn.functional.binary_cross_entropy_with_logits(model.halt_head(prior.h), correct)
+        value = (model.value_head(prior.h).sigmoid() - correct).square().mean()
+        guided = (-token_log_likelihood(step.logits, y).sum() + beta * step.kl_last.sum()) / tokens
+        assert torch.allclose(metrics["halt"], halt, atol=1e-6) and torch.allclose(metrics["value"], value, atol=1e-6)
+        assert torch.equal(metrics["prior_acc"], correct.mean())
+        assert torch.allclose(loss, guided + halt + value, atol=1e-5, rtol=1e-6), (loss, guided + halt + value)
+    with pytest.raises(ValueError, match="unknown heads 'posterior'"):
+        TruncatedSurrogate(heads="posterior")

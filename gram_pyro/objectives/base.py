@@ -92,11 +92,12 @@ def overshooting_kl(q, u_q: torch.Tensor, p, u_p: torch.Tensor) -> torch.Tensor:
     return kl_divergence(target, Normal(u_p + p.loc, p.scale)).flatten(-2).sum(-1)
 
 
-def head_losses(model_trace: Trace, x: torch.Tensor, y: torch.Tensor, n: int, judge: Judge
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def head_losses(model_trace: Trace, x: torch.Tensor, y: torch.Tensor, n: int, judge: Judge,
+                logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halt BCE and LPRM squared error at supervision step ``n`` (batch means), and the correctness
-    ``[..., B]`` of the step's argmax answer."""
-    logits = step_logits(model_trace, n)
+    ``[..., B]`` of the step's argmax answer. ``logits``: the step's decoder logits where the trace has
+    no likelihood site to read them from (a step run without ``y``)."""
+    logits = step_logits(model_trace, n) if logits is None else logits
     correct = judge(x, logits.argmax(-1), y).float()
     halt = F.binary_cross_entropy_with_logits(model_trace.nodes[f"halt/{n}"]["value"], correct)
     value = (model_trace.nodes[f"value/{n}"]["value"] - correct).square().mean()

@@ -40,8 +40,17 @@ The guided chain is the fixed target; the gradient reaches the prior head and th
 final transition. PlaNet averages over every distance from every posterior state; this term uses
 one distance per step, the whole rollout from ``z0``.
 
+The same chain can train the **halt and value heads** (``heads=prior``): they are scored at test time on
+prior trajectories, where they pick an answer (``select=lprm`` / ``halt``) or weight the particles of
+test-time SMC, so they learn there whether the prior chain's answer at step ``n`` is correct. Trained
+on the guided chain (``heads=guided``, the paper's), they learn how often a trajectory that the target
+steers is correct, which says little of a prior trajectory's answer. The heads read the state detached,
+so where they are trained changes nothing else of the model. Before ``prior_start`` they train on the
+guided chain.
+
 Cost: ``N_sup T`` transitions per example and batch; ``2 N_sup T`` once the prior chain has joined
-(``prior_weight > 0`` or ``overshoot_weight > 0``: its own ``T`` transitions per supervision step).
+(``prior_weight > 0``, ``overshoot_weight > 0`` or ``heads=prior``: its own ``T`` transitions per
+supervision step).
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, e
 from gram_pyro.tasks.base import Batch
 
 PRIOR_TARGETS = ("target", "nearest")
+HEAD_CHAINS = ("guided", "prior")
 
 
 class TruncatedSurrogate(Objective):
@@ -63,8 +73,8 @@ class TruncatedSurrogate(Objective):
     def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
                  kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
                  prior_start: int = 0, overshoot_weight: float = 0.0, beta_start: float | None = None,
-                 beta_batches: int = 0, halt_weight: float = 1.0, value_weight: float = 1.0,
-                 judge: Judge = exact_match, nearest: Nearest | None = None):
+                 beta_batches: int = 0, heads: str = "guided", halt_weight: float = 1.0,
+                 value_weight: float = 1.0, judge: Judge = exact_match, nearest: Nearest | None = None):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
         if beta_start is not None and (isinstance(beta_start, bool) or not isinstance(beta_start, (int, float))
@@ -86,10 +96,13 @@ class TruncatedSurrogate(Objective):
             raise ValueError(f"overshoot_weight must be a finite number >= 0, got {overshoot_weight!r}")
         if isinstance(prior_start, bool) or not isinstance(prior_start, int) or prior_start < 0:
             raise ValueError(f"prior_start must be a whole number >= 0, got {prior_start!r}")
+        if heads not in HEAD_CHAINS:
+            raise ValueError(f"unknown heads {heads!r} (the chain the halt and value heads train on); allowed: "
+                             f"{', '.join(HEAD_CHAINS)}")
         self.beta, self.kl_balance, self.beta_start, self.beta_batches = beta, kl_balance, beta_start, beta_batches
         self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
         self.prior_target, self.nearest, self.prior_start = prior_target, nearest, prior_start
-        self.overshoot_weight = overshoot_weight
+        self.overshoot_weight, self.heads = overshoot_weight, heads
         self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
         self.batches = 0  # batches seen, for prior_start (checkpointed)
 
@@ -102,7 +115,7 @@ class TruncatedSurrogate(Objective):
     @property
     def prior_chain(self) -> bool:
         """Whether a chain of prior rollouts runs (once ``prior_start`` batches have passed)."""
-        return bool(self.prior_weight or self.overshoot_weight)
+        return bool(self.prior_weight or self.overshoot_weight or self.heads == "prior")
 
     def updates_per_batch(self, model) -> int:
         return model.n_sup
@@ -164,6 +177,8 @@ class TruncatedSurrogate(Objective):
             kl = kl + balanced_kl(guide_trace.nodes[site]["fn"], model_trace.nodes[site]["fn"], self.kl_balance)
         nll, kl = -per_token(log_lik, batch.y), per_token(kl, batch.y)
         halt, value, correct = head_losses(model_trace, batch.x, batch.y, n, self.judge)
+        if prior_chain and self.heads == "prior":
+            halt, value, prior_correct = head_losses(prior_trace, batch.x, batch.y, n, self.judge, prior_logits)
         loss = nll + self.kl_penalty(kl)
         metrics = {"nll": nll, "kl": kl}
         if self.beta_start is not None:
@@ -187,5 +202,7 @@ class TruncatedSurrogate(Objective):
                 overshoot = per_token(overshoot, batch.y)
                 loss = loss + self.overshoot_weight * overshoot
             metrics["overshoot"] = overshoot if prior_chain else nan
+        if self.heads == "prior":
+            metrics["prior_acc"] = prior_correct.mean() if prior_chain else nan
         loss = loss + self.halt_weight * halt + self.value_weight * value
         return loss, {"loss": loss, **metrics, "halt": halt, "value": value, "acc": correct.mean()}
