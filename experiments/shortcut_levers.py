@@ -115,7 +115,8 @@ def plot(curves: dict[str, list[dict]], title: str, path: Path) -> None:
 
 def plot_transitions(curves: dict[str, list[dict]], title: str, path: Path) -> bool:
     """One panel per lever: the KL per target token of each transition (``kl_per_token/<n>/<t>``, step
-    ``n``, transition ``t``) over the held-out checks, on the same axes for every lever. Whether it wrote
+    ``n``, transition ``t``) over the held-out checks, on the same axes for every lever, against what a
+    choice of solution needs (``info_per_token``, where the task counts solutions). Whether it wrote
     the figure (not where no run logged the KL: ``trainer.shortcut_action=off``)."""
     levers = {name: rows for name, rows in curves.items() if any(key.startswith("kl_per_token/") for key in
                                                                    (rows[0] if rows else {}))}
@@ -129,6 +130,9 @@ def plot_transitions(curves: dict[str, list[dict]], title: str, path: Path) -> b
             n, t = key.split("/")[1:]
             ax.plot([row["batch"] for row in rows], [row[key] for row in rows], marker=".", color=colour,
                     label=f"step {n}, transition {t}")
+        if "info_per_token" in rows[0]:
+            ax.axhline(rows[0]["info_per_token"], color="black", linewidth=2, alpha=0.4,
+                       label="log(solutions) / token")
         ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("batch")
