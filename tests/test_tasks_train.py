@@ -7,6 +7,7 @@ import math
 import pytest
 from hydra import compose, initialize_config_dir
 
+from gram_pyro.config import compose_config, group_options
 from gram_pyro.training import train
 from tests.helpers import CONFIG_DIR, TINY_MODEL
 
@@ -33,11 +34,11 @@ RELATIONS = {  # what each task's scores must satisfy, trained or not (eval_inpu
 @pytest.mark.parametrize("task", sorted(SMALL_DATA))
 def test_every_task_trains_and_reports_its_metrics(tmp_path, task):
     """Besides the keys: shares in [0, 1], the task's relations, the logged loss the sum of its parts
-    (beta = halt_weight = value_weight = 1) and, after one batch, the KL of a guide that starts at the
-    prior still ~0 (measured < 2e-7 per token in training, |eval KL| < 3e-4)."""
+    (the paper's recipe: beta = halt_weight = value_weight = 1) and, after one batch, the KL of a guide
+    that starts at the prior still ~0 (measured < 2e-7 per token in training, |eval KL| < 3e-4)."""
     overrides, metrics = SMALL_DATA[task]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="train", overrides=[f"task={task}", *overrides, *TINY_MODEL])
+        cfg = compose(config_name="train", overrides=[f"task={task}", *overrides, *TINY_MODEL, "recipe=paper"])
     run = train(cfg, tmp_path / task, quiet=True)
     with (run / "eval.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -52,3 +53,26 @@ def test_every_task_trains_and_reports_its_metrics(tmp_path, task):
     assert abs(logged["kl"]) < 1e-5 and logged["halt"] > 0 and 0 <= logged["value"] <= 1, logged
     assert math.isclose(logged["loss"], logged["nll"] + logged["kl"] + logged["halt"] + logged["value"],
                         abs_tol=1e-5), logged
+
+
+RECIPE_TASKS = sorted(set(SMALL_DATA) & {name.split("_gram_")[0] for name in group_options("recipe")})
+"""The tasks above with a recipe of their own (``<task>_gram_gaussian_truncated``)."""
+
+
+@pytest.mark.parametrize("task", RECIPE_TASKS)
+def test_a_tasks_own_recipe_trains_with_its_prior_rollouts(tmp_path, task):
+    """The task's default recipe (experiments/configs/recipe/), its prior rollouts joining at once: one
+    batch, every logged value finite, the held-out check written."""
+    overrides, metrics = SMALL_DATA[task]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="train", overrides=[f"task={task}", *overrides, *TINY_MODEL])
+    assert cfg != compose_config("train", [f"task={task}", *overrides, *TINY_MODEL, "recipe=paper"])
+    if cfg.objective.prior_weight:
+        cfg.objective.prior_start = 0
+    run = train(cfg, tmp_path / task, quiet=True)
+    with (run / "metrics.csv").open() as f:
+        (logged,) = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert all(math.isfinite(v) for v in logged.values()) and logged["loss"] > 0, logged
+    assert ("prior_nll" in logged) == bool(cfg.objective.prior_weight), logged
+    with (run / "eval.csv").open() as f:
+        assert set(metrics) <= set(next(csv.DictReader(f)))
