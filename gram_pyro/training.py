@@ -211,7 +211,7 @@ class RunLog:
         for path in paths.values():
             drop_rows_after(path, done)
         self.columns = {name: _header(path) for name, path in paths.items()}
-        self.last = {name: _last_batch(path) if self.columns[name] else None for name, path in paths.items()}
+        self.last = {name: None if self.columns[name] is None else _last_batch(path) for name, path in paths.items()}
         self.files = {}
         for name, path in paths.items():
             try:
@@ -227,7 +227,7 @@ class RunLog:
     def row(self, name: str, batch: int, values: dict) -> None:
         """Append ``values`` at ``batch`` to ``<name>.csv`` (header on first use) and to TensorBoard."""
         out = csv.writer(self.files[name])
-        if not self.columns[name]:
+        if self.columns[name] is None:
             out.writerow(["batch", *values])
             self.columns[name] = list(values)
         out.writerow([batch, *(values.get(column, "") for column in self.columns[name])])
