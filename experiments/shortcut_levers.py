@@ -105,10 +105,16 @@ def plot(curves: dict[str, list[dict]], title: str, path: Path) -> None:
             ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(column.replace("_", " "))
         ax.set_xlabel("batch")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
+    save_with_legend(fig, axes[0][-1], title, path, legend_inches=2.0)
+
+
+def save_with_legend(fig, ax, title: str, path: Path, legend_inches: float) -> None:
+    """``fig`` with ``ax``'s legend in a margin of ``legend_inches`` on the right and ``title`` on top,
+    saved to ``path`` and closed."""
+    handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center right")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -137,12 +143,7 @@ def plot_transitions(curves: dict[str, list[dict]], title: str, path: Path) -> b
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("batch")
     axes[0][0].set_ylabel("KL per target token (nats)")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="center right")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_with_legend(fig, axes[0][-1], title, path, legend_inches=1.6)
     return True
 
 
