@@ -54,6 +54,20 @@ def chains_by_hand(model, guide, x, y):
         yield prior, step
 
 
+def losses_and_chains_by_hand(objective, data, seed):
+    """A tiny model and guide; the objective's ``(loss, metrics)`` at every supervision step of one batch
+    drawn from ``seed``, each beside the ``(prior_step, guided_step)`` of :func:`chains_by_hand` drawn
+    from the same seed."""
+    x, y = data
+    model = tiny_model()
+    guide = tiny_guide(model)
+    torch.manual_seed(seed)
+    state = {}
+    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
+    torch.manual_seed(seed)
+    return model, guide, list(zip(ours, chains_by_hand(model, guide, x, y)))
+
+
 @pytest.mark.parametrize("cap_share", [0.5, 2.0])
 def test_kl_cap_adds_its_weight_times_the_excess_over_the_cap(data, cap_share):
     x, y = data
@@ -106,14 +120,9 @@ def test_a_bad_beta_schedule_is_a_one_line_error(options, message):
 
 def test_prior_rollouts_score_a_prior_chain_against_the_target(data):
     x, y = data
-    model = tiny_model()
-    guide = tiny_guide(model)
     weight, beta, tokens = 0.25, 0.3, y.numel()
-    torch.manual_seed(5)
-    objective, state = TruncatedSurrogate(beta=beta, prior_weight=weight), {}
-    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
-    torch.manual_seed(5)
-    for (loss, metrics), (prior, step) in zip(ours, chains_by_hand(model, guide, x, y)):
+    model, _, steps = losses_and_chains_by_hand(TruncatedSurrogate(beta=beta, prior_weight=weight), data, 5)
+    for (loss, metrics), (prior, step) in steps:
         prior_nll = -token_log_likelihood(prior.logits, y).sum() / tokens
         guided = (-token_log_likelihood(step.logits, y).sum() + beta * step.kl_last.sum()) / tokens
         heads = surrogate_loss(model, step, x, y, beta) - guided
@@ -124,14 +133,9 @@ def test_prior_rollouts_score_a_prior_chain_against_the_target(data):
 
 def test_latent_overshooting_pays_the_kl_from_the_guided_state_to_the_prior_chain_state(data):
     x, y = data
-    model = tiny_model()
-    guide = tiny_guide(model)
     weight, tokens = 0.5, y.numel()
-    torch.manual_seed(3)
-    objective, state = TruncatedSurrogate(overshoot_weight=weight), {}
-    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
-    torch.manual_seed(3)
-    for (loss, metrics), (prior, step) in zip(ours, chains_by_hand(model, guide, x, y)):
+    model, guide, steps = losses_and_chains_by_hand(TruncatedSurrogate(overshoot_weight=weight), data, 3)
+    for (loss, metrics), (prior, step) in steps:
         overshoot = gaussian_kl(step.u + step.loc_q, step.scale_q, prior.u + prior.loc, prior.scale).sum() / tokens
         expected = surrogate_loss(model, step, x, y, beta=1.0) + weight * overshoot
         assert "prior_nll" not in metrics
@@ -394,15 +398,11 @@ def test_the_lever_sweep_writes_each_levers_curves_and_kl_per_transition(tmp_pat
 
 def test_heads_on_the_prior_chain_learn_whether_the_prior_chains_answer_is_correct(data):
     x, y = data
-    model = tiny_model()
-    guide = tiny_guide(model)
     beta, tokens = 0.5, y.numel()
-    torch.manual_seed(6)
-    objective, state = TruncatedSurrogate(beta=beta, heads="prior"), {}
-    ours = [objective.loss(model, guide, Batch(x, y), state, n) for n in range(model.n_sup)]
+    objective = TruncatedSurrogate(beta=beta, heads="prior")
+    model, _, steps = losses_and_chains_by_hand(objective, data, 6)
     assert objective.prior_chain and objective.cost(model) == 2 * model.n_sup * model.transitions
-    torch.manual_seed(6)
-    for (loss, metrics), (prior, step) in zip(ours, chains_by_hand(model, guide, x, y)):
+    for (loss, metrics), (prior, step) in steps:
         correct = ((prior.logits.argmax(-1) == y) | (y < 0)).all(-1).float()
         halt = torch.nn.functional.binary_cross_entropy_with_logits(model.halt_head(prior.h), correct)
         value = (model.value_head(prior.h).sigmoid() - correct).square().mean()
