@@ -153,9 +153,9 @@ def pair_config(overrides: list[str], pair: Pair, num_particles: int) -> DictCon
 
 def scheme(cfg: DictConfig):
     """The objective built from ``cfg.objective``, for its cost rule (module docstring). No model is
-    built; the task only for ``prior_target=nearest``, which needs the task's nearest-solution search to
-    be built at all (the judge, used by the loss alone, keeps its default)."""
-    nearest = cfg.objective.get("prior_target") == "nearest"
+    built; the task only for ``prior_target=nearest`` or ``distinct``, which need the task's
+    nearest-solution search to be built at all (the judge, used by the loss alone, keeps its default)."""
+    nearest = cfg.objective.get("prior_target") in ("nearest", "distinct")
     solutions = {"nearest": build(cfg.task, "task").nearest_solution} if nearest else {}
     return build(cfg.objective, "objective", **solutions)
 

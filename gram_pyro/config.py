@@ -342,14 +342,31 @@ def _read_yaml(path) -> DictConfig:
 def load_run_config(path) -> DictConfig:
     """A run's saved ``config.yaml``, checked before anything is built from it (the module docstring),
     with trainer keys added to ``trainer/default.yaml`` since the run was written filled in from their
-    defaults and renamed keys and moved classes translated (:func:`_translate_trainer`,
-    :func:`_translate_targets`), so older runs still load and resume."""
+    defaults, objective options likewise (:func:`_fill_objective`), and renamed keys and moved classes
+    translated (:func:`_translate_trainer`, :func:`_translate_targets`), so older runs still load and
+    resume."""
     saved = _read_yaml(path)
     _translate_targets(saved)
     _check_run_config(saved, str(path))
     defaults = OmegaConf.load(str(resources.files(CONFIG_MODULE) / "trainer" / "default.yaml"))
     saved.trainer = OmegaConf.merge(defaults, _translate_trainer(saved.trainer))
+    _fill_objective(saved)
     return saved
+
+
+def _fill_objective(saved: DictConfig) -> None:
+    """In place: the options that the objective's class gained since the run was written, from the one
+    ``objective/*.yaml`` of that class (whose defaults keep the old behaviour); nothing where no file,
+    or more than one, names the class."""
+    objective = saved.get("objective")
+    target = objective.get("_target_") if isinstance(objective, DictConfig) else None
+    files = [OmegaConf.load(str(f)) for f in (resources.files(CONFIG_MODULE) / "objective").iterdir()
+             if f.name.endswith(".yaml")]
+    matching = [f for f in files if f.get("_target_") == target]
+    if target is not None and len(matching) == 1:
+        with open_dict(objective):
+            for key, value in matching[0].items():
+                objective.setdefault(key, value)
 
 
 MOVED_PACKAGES = ("models.", "guides.")

@@ -194,7 +194,7 @@ def test_diagnose_writes_the_inference_data_report_and_figures(tmp_path, capsys)
     assert summary["inputs"] == 4
 
 
-def test_a_run_saved_before_newer_trainer_keys_still_loads(nqueens_run, tmp_path):
+def test_a_run_saved_before_newer_trainer_and_objective_keys_still_loads(nqueens_run, tmp_path):
     import shutil
 
     from omegaconf import OmegaConf
@@ -208,10 +208,12 @@ def test_a_run_saved_before_newer_trainer_keys_still_loads(nqueens_run, tmp_path
     cfg.trainer.bf16, cfg.trainer.compile = False, False  # the keys before precision and compile modes
     cfg.model._target_ = "models.RecursiveReasoningModel"  # the classes before the gram_pyro namespace
     cfg.guide._target_ = cfg.guide._target_.removeprefix("gram_pyro.")
+    del cfg.objective["prior_rollouts"]  # an objective option added since
     OmegaConf.save(cfg, old / "config.yaml")
     run = load_run(old)
     loaded = run.cfg.trainer
     assert (loaded.precision, loaded.compile, "bf16" in loaded) == ("fp32", "none", False)
+    assert run.cfg.objective.prior_rollouts == 1
     assert (run.cfg.model._target_, run.cfg.guide._target_) == ("gram_pyro.models.RecursiveReasoningModel",
                                                                 "gram_pyro.guides.TargetConditionedGaussian")
     translated = _translate_trainer(OmegaConf.create({"bf16": True, "compile": True}))

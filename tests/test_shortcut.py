@@ -15,8 +15,9 @@ from gram_pyro.experiments import shortcut_levers
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
 from gram_pyro.reference import gaussian_kl, supervision_step, surrogate_loss, token_log_likelihood
-from gram_pyro.tasks.base import IGNORE, Batch, most_likely
+from gram_pyro.tasks.base import IGNORE, Batch, distinct_argmax, most_likely
 from gram_pyro.tasks.coloring import FIRST_COLOUR, ColoringTask, canonicalize
+from gram_pyro.tasks.digits import DigitsTask
 from gram_pyro.tasks.nqueens import NQueensTask
 from gram_pyro.tasks.sudoku import SudokuTask, UnconditionalSudokuTask
 from gram_pyro.training import shortcut_verdict, train
@@ -290,6 +291,48 @@ def test_nearest_9x9_grid_is_valid_and_keeps_a_grid_the_logits_spell_out(tmp_pat
     assert torch.equal(task.nearest_solution(x, spelled), grids)
     monkeypatch.setattr("gram_pyro.tasks.sudoku_solver.MAX_GUIDED_DEAD_ENDS", -1)  # the fallback search
     assert task.judge(x, task.nearest_solution(x, noise)).all()
+    assert torch.equal(task.nearest_solution(x, spelled), grids)  # it keeps the logits' digit preferences
+    assert len(torch.unique(task.nearest_solution(x, noise), dim=0)) == 4  # not one fixed grid for every row
+
+
+def test_distinct_argmax_is_a_greedy_matching_within_each_group():
+    scores = torch.tensor([[5.0, 4.0, 0.0],    # group 0, claims first (best score 5): column 0
+                           [3.0, 1.0, 2.0],    # group 0, claims third: column 0 taken, then 2
+                           [4.5, 4.4, 9.0],    # group 1, alone in its group: its best, column 2
+                           [4.0, 3.5, -1.0],   # group 0, claims second: column 0 taken, so column 1
+                           [float("-inf"), 1.0, float("-inf")]])  # group 0, last: its one allowed column, taken
+    groups = torch.tensor([0, 0, 1, 0, 0])
+    assert distinct_argmax(scores, groups).tolist() == [0, 2, 2, 1, 1]
+
+
+def distinct_task(which, tmp_path):
+    """A small task of each kind whose ``nearest_solution`` takes ``distinct``."""
+    if which == "nqueens":  # inputs of one or two queens: some have two completions
+        return NQueensTask(n=5, removals=(3, 4), cache_dir=str(tmp_path))
+    if which == "coloring":
+        return ColoringTask(n=5, edge_prob=0.5, num_train=20, num_test=8, cache_dir=str(tmp_path))
+    if which == "digits":
+        return DigitsTask(cache_dir=str(tmp_path))
+    return UnconditionalSudokuTask(size=4 if which == "uncond_sudoku4" else 9, num_grids=8, num_test=4,
+                                   cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("which", ["nqueens", "coloring", "digits", "uncond_sudoku4", "uncond_sudoku"])
+def test_distinct_nearest_solutions_give_equal_inputs_different_answers(which, tmp_path):
+    """Rows of one input with the same logits: ``nearest`` gives each the same answer, ``distinct``
+    different valid ones, one of them (the most confident row's) the nearest one itself."""
+    task = distinct_task(which, tmp_path)
+    test = task.splits["test"]
+    rows = 2 if which == "nqueens" else 6
+    first = (test.num_completions >= rows).nonzero()[0] if which == "nqueens" else 0  # with enough answers
+    x = test.inputs[first].expand(rows, -1)
+    logits = torch.randn(1, task.seq_len, task.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits = logits.expand(rows, -1, -1)
+    nearest = task.nearest_solution(x, logits)
+    distinct = task.nearest_solution(x, logits, distinct=True)
+    assert len(torch.unique(nearest, dim=0)) == 1
+    assert len(torch.unique(distinct, dim=0)) == rows and (distinct == nearest[0]).all(-1).any()
+    assert task.judge(x, distinct).all()
 
 
 @pytest.mark.parametrize("permute_colours", [False, True])
@@ -326,9 +369,44 @@ def test_prior_rollouts_against_the_nearest_solution(tmp_path):
     assert torch.allclose(metrics["prior_nll"], expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="nearest_solution"):
         TruncatedSurrogate(prior_weight=0.5, prior_target="nearest")
+    asked = []
+    distinct = TruncatedSurrogate(prior_weight=0.5, prior_target="distinct",
+                                  nearest=lambda *args, **kwargs: asked.append(kwargs) or task.nearest_solution(*args))
+    distinct.loss(model, guide, batch, {}, 0)
+    assert asked == [{"distinct": True}]
     with pytest.raises(UserError, match="does not enumerate its solutions"):
         SudokuTask(size=4, num_train=4, num_test=2, extreme_pool=4, num_extreme=1,
                    cache_dir=str(tmp_path)).nearest_solution(batch.x, prior_logits)
+
+
+def test_several_prior_rollouts_of_each_input_against_distinct_solutions(tmp_path):
+    """``prior_rollouts=2`` on a batch of 5: the prior chain runs inputs 0, 0, 1, 1, 2, each pair scored
+    against two different completions where the input has two, per supervised token of those rows."""
+    task = NQueensTask(n=5, removals=(3, 4), cache_dir=str(tmp_path))
+    train = task.splits["train"]
+    two = (train.num_completions == 2).nonzero()[:, 0]
+    batch = train.batch(torch.cat([two[:2], two[2:5]]), torch.Generator().manual_seed(0))
+    model = tiny_model(vocab_size=task.vocab_size, seq_len=task.seq_len)
+    guide = tiny_guide(model)
+    objective = TruncatedSurrogate(prior_weight=0.5, prior_target="distinct", prior_rollouts=2,
+                                   nearest=task.nearest_solution)
+    torch.manual_seed(4)
+    _, metrics = objective.loss(model, guide, batch, {}, 0)
+    rows = torch.tensor([0, 0, 1, 1, 2])
+    torch.manual_seed(4)
+    prior_logits = prior_step(model, batch.x[rows], *start(model, 5)).logits
+    target = task.nearest_solution(batch.x[rows], prior_logits, distinct=True)
+    assert not torch.equal(target[0], target[1]) and not torch.equal(target[2], target[3])
+    expected = -token_log_likelihood(prior_logits, target).sum() / (batch.y[rows] != IGNORE).sum()
+    assert torch.allclose(metrics["prior_nll"], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"prior_target": "nearest"}, {"overshoot_weight": 0.1},
+                                    {"heads": "prior"}, {"prior_rollouts": 0}])
+def test_several_prior_rollouts_need_distinct_targets_and_no_pairing(kwargs):
+    settings = {"prior_weight": 0.5, "prior_target": "distinct", "prior_rollouts": 2, **kwargs}
+    with pytest.raises(ValueError, match="prior_rollouts"):
+        TruncatedSurrogate(nearest=lambda x, logits, distinct=False: x, **settings)
 
 
 def test_prior_rollouts_join_after_prior_start_batches_and_the_count_is_checkpointed(data):

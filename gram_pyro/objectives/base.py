@@ -42,8 +42,9 @@ from gram_pyro.tasks.base import IGNORE, Batch
 
 Judge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``judge(x, answer, y) -> bool [...]``: whether ``answer`` is a correct answer to ``x``."""
-Nearest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``nearest(x [B, S], logits [B, S, V]) -> [B, S]``: the valid answer of ``x`` most likely under ``logits``."""
+Nearest = Callable[..., torch.Tensor]
+"""``nearest(x [B, S], logits [B, S, V], distinct=False) -> [B, S]``: the valid answer of ``x`` most likely
+under ``logits``; with ``distinct``, different answers for equal rows of ``x`` (``Task.nearest_solution``)."""
 
 
 def exact_match(x: torch.Tensor, answer: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

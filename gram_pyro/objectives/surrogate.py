@@ -24,7 +24,13 @@ supervision step (``updates_per_batch = N_sup``); the KL is analytic, so the gui
   (``prior_target=target``; on a task with several solutions per input it asks the prior chain for
   the average of them) or, with ``prior_target=nearest``, the valid answer of the input that the prior
   chain's own logits make most likely (``task.nearest_solution``): the prior chain learns to end in
-  *some* solution, the posterior chain keeps every solution reachable. The prior chain joins after
+  *some* solution, the posterior chain keeps every solution reachable. ``prior_target=distinct`` gives
+  rollouts of the same input different answers (a greedy matching: each the nearest that no more
+  confident rollout took), so that where one input has many solutions (unconditional generation) the
+  rollouts are not all pulled to the one the prior already favours. With ``prior_rollouts=R`` (and
+  ``distinct``) the chain runs ``R`` rollouts of each of the first ``B / R`` inputs of the batch,
+  at the same cost: on a task with several solutions per input the rollouts of one input learn to
+  end in different ones. The prior chain joins after
   ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
 
 One more option runs on the same prior chain: **latent overshooting** (Hafner et al., 2019, PlaNet).
@@ -63,7 +69,7 @@ from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, e
                                        overshooting_kl, per_token, token_nll)
 from gram_pyro.tasks.base import Batch
 
-PRIOR_TARGETS = ("target", "nearest")
+PRIOR_TARGETS = ("target", "nearest", "distinct")
 HEAD_CHAINS = ("guided", "prior")
 
 
@@ -72,9 +78,10 @@ class TruncatedSurrogate(Objective):
 
     def __init__(self, beta: float = 1.0, kl_balance: float = 0.8, kl_cap: float | None = None,
                  kl_cap_weight: float = 10.0, prior_weight: float = 0.0, prior_target: str = "target",
-                 prior_start: int = 0, overshoot_weight: float = 0.0, beta_start: float | None = None,
-                 beta_batches: int = 0, heads: str = "guided", halt_weight: float = 1.0,
-                 value_weight: float = 1.0, judge: Judge = exact_match, nearest: Nearest | None = None):
+                 prior_rollouts: int = 1, prior_start: int = 0, overshoot_weight: float = 0.0,
+                 beta_start: float | None = None, beta_batches: int = 0, heads: str = "guided",
+                 halt_weight: float = 1.0, value_weight: float = 1.0, judge: Judge = exact_match,
+                 nearest: Nearest | None = None):
         if beta < 0 or not 0 <= kl_balance <= 1:
             raise ValueError(f"need beta >= 0 and 0 <= kl_balance <= 1, got beta={beta}, kl_balance={kl_balance}")
         if beta_start is not None and (isinstance(beta_start, bool) or not isinstance(beta_start, (int, float))
@@ -89,8 +96,13 @@ class TruncatedSurrogate(Objective):
                              f"kl_cap={kl_cap}, kl_cap_weight={kl_cap_weight}, prior_weight={prior_weight}")
         if prior_target not in PRIOR_TARGETS:
             raise ValueError(f"unknown prior_target {prior_target!r}; allowed: {', '.join(PRIOR_TARGETS)}")
-        if prior_target == "nearest" and nearest is None:
-            raise ValueError("prior_target=nearest needs the task's nearest_solution")
+        if prior_target != "target" and nearest is None:
+            raise ValueError(f"prior_target={prior_target} needs the task's nearest_solution")
+        if isinstance(prior_rollouts, bool) or not isinstance(prior_rollouts, int) or prior_rollouts < 1:
+            raise ValueError(f"prior_rollouts must be a whole number >= 1, got {prior_rollouts!r}")
+        if prior_rollouts > 1 and (prior_target != "distinct" or overshoot_weight or heads != "guided"):
+            raise ValueError("prior_rollouts > 1 needs prior_target=distinct, and neither overshoot_weight nor "
+                             "heads=prior (they pair each prior rollout with its guided one)")
         if isinstance(overshoot_weight, bool) or not isinstance(overshoot_weight, (int, float)) or \
                 not 0 <= overshoot_weight < float("inf"):
             raise ValueError(f"overshoot_weight must be a finite number >= 0, got {overshoot_weight!r}")
@@ -102,6 +114,7 @@ class TruncatedSurrogate(Objective):
         self.beta, self.kl_balance, self.beta_start, self.beta_batches = beta, kl_balance, beta_start, beta_batches
         self.kl_cap, self.kl_cap_weight, self.prior_weight = kl_cap, kl_cap_weight, prior_weight
         self.prior_target, self.nearest, self.prior_start = prior_target, nearest, prior_start
+        self.prior_rollouts = prior_rollouts
         self.overshoot_weight, self.heads = overshoot_weight, heads
         self.halt_weight, self.value_weight, self.judge = halt_weight, value_weight, judge
         self.batches = 0  # batches seen, for prior_start (checkpointed)
@@ -116,6 +129,15 @@ class TruncatedSurrogate(Objective):
     def prior_chain(self) -> bool:
         """Whether a chain of prior rollouts runs (once ``prior_start`` batches have passed)."""
         return bool(self.prior_weight or self.overshoot_weight or self.heads == "prior")
+
+    def prior_batch(self, batch: Batch) -> Batch:
+        """The inputs of the prior chain, ``B`` rows as ``batch``: the batch, or with ``prior_rollouts=R``
+        its rows ``i // R`` for ``i < B`` (the first ``ceil(B / R)`` inputs ``R`` times each, the last
+        fewer where ``R`` does not divide ``B``; ``x``, ``y`` and ``puzzle``)."""
+        if self.prior_rollouts == 1:
+            return batch
+        rows = torch.arange(len(batch.x), device=batch.x.device) // self.prior_rollouts
+        return Batch(batch.x[rows], batch.y[rows], None if batch.puzzle is None else batch.puzzle[rows])
 
     def updates_per_batch(self, model) -> int:
         return model.n_sup
@@ -159,12 +181,13 @@ class TruncatedSurrogate(Objective):
             self.batches += 1
             if self.prior_chain and self.batches > self.prior_start:
                 state["prior"] = {}
-                model.init(state["prior"], batch.x)
+                model.init(state["prior"], self.prior_batch(batch).x)
         n, last = update, model.transitions - 1
         prior_chain = "prior" in state
         if prior_chain:  # the prior chain's step n, before the guided one (both are site-named n)
-            prior_trace = poutine.trace(model.step).get_trace(state["prior"], batch.x, truncate=True,
-                                                              puzzle=batch.puzzle)
+            rollouts = self.prior_batch(batch)
+            prior_trace = poutine.trace(model.step).get_trace(state["prior"], rollouts.x, truncate=True,
+                                                              puzzle=rollouts.puzzle)
             prior_logits = prior_trace.nodes["_RETURN"]["value"]
             model._step_index = n
         model_trace, guide_trace = guide.run(model.step, state, batch.x, y=batch.y, truncate=True,
@@ -186,8 +209,9 @@ class TruncatedSurrogate(Objective):
         nan = None if prior_chain else torch.full((), float("nan"), device=loss.device)  # before prior_start
         if self.prior_weight:
             if prior_chain:
-                target = batch.y if self.prior_target == "target" else self.nearest(batch.x, prior_logits.detach())
-                prior_nll = per_token(token_nll(prior_logits, target), batch.y)
+                target = rollouts.y if self.prior_target == "target" else \
+                    self.nearest(rollouts.x, prior_logits.detach(), distinct=self.prior_target == "distinct")
+                prior_nll = per_token(token_nll(prior_logits, target), rollouts.y)
                 loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
             metrics["prior_nll"] = prior_nll if prior_chain else nan
         if self.overshoot_weight:

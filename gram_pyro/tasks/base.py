@@ -17,10 +17,12 @@ A task is a plain object with
   posterior shortcut checks compare between prior and posterior trajectories; a task whose judge
   accepts every well-formed answer (digits) names one that can tell a good answer from a poor one;
 * ``stats() -> dict``: JSON-ready counts (inputs per split, solutions-per-input histogram, vocab, seq_len);
-* ``nearest_solution(x [B, S], logits [B, S, V]) -> LongTensor [B, S]``: the valid answer of each input
-  that the decoder's ``logits`` make most likely, as a target (:data:`IGNORE` where targets hold it;
-  tasks whose solution sets can be enumerated; the others say so in a one-line error). The target of
-  prior rollouts in :class:`gram_pyro.objectives.TruncatedSurrogate` with ``prior_target=nearest``;
+* ``nearest_solution(x [B, S], logits [B, S, V], distinct=False) -> LongTensor [B, S]``: the valid answer
+  of each input that the decoder's ``logits`` make most likely, as a target (:data:`IGNORE` where targets
+  hold it; tasks whose solution sets can be enumerated or searched; the others say so in a one-line
+  error). With ``distinct``, rows with the same input get different answers while the input has enough
+  (:func:`distinct_argmax`). The target of prior rollouts in
+  :class:`gram_pyro.objectives.TruncatedSurrogate` with ``prior_target=nearest`` (or ``distinct``);
 * ``read_inputs(path) -> LongTensor [M, S]`` and ``format_answer(x [S], answer [S]) -> str``: a user's
   puzzles in the task's file format, and one answer as a line of that format with its validity (tasks
   without a user format say so in a one-line error).
@@ -110,7 +112,7 @@ class Task:
     def stats(self) -> dict:
         raise NotImplementedError
 
-    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
         raise UserError(f"task {self.name} does not enumerate its solutions: use objective.prior_target=target")
 
     def read_inputs(self, path) -> torch.Tensor:
@@ -171,16 +173,41 @@ def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_inputs].sort().values
 
 
-def most_likely(logits: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def most_likely(logits: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
     """For each row, the candidate answer with the highest ``log p(candidate | logits)`` under the
     factorized decoder: ``logits [B, S, V]``, ``candidates [C, S]`` tokens, ``allowed [B, C]`` (``None``:
-    all); returns ``[B, S]``. Every row needs at least one allowed candidate."""
+    all); returns ``[B, S]``. Every row needs at least one allowed candidate. With ``groups [B]`` the
+    rows of one group take different candidates (:func:`distinct_argmax`)."""
     log_p = logits.float().log_softmax(-1)
     one_hot = torch.nn.functional.one_hot(candidates.to(logits.device), logits.shape[-1]).to(log_p.dtype)
     scores = torch.einsum("bsv,csv->bc", log_p, one_hot)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return candidates.to(logits.device)[scores.argmax(-1)]
+    choice = scores.argmax(-1) if groups is None else distinct_argmax(scores, groups)
+    return candidates.to(logits.device)[choice]
+
+
+def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The best column of each row of ``scores [B, C]`` (``-inf``: not allowed), ``[B]``, where rows of
+    one group (``groups [B]``, equal values) take different columns: a greedy matching in which the rows
+    claim in order of their best score, each its best column that no earlier row of its group took; a
+    row whose allowed columns are all taken takes its best one."""
+    choice = scores.argmax(-1)
+    taken: dict[int, list[int]] = {}
+    for row in scores.amax(-1).argsort(descending=True, stable=True).tolist():
+        used = taken.setdefault(int(groups[row]), [])
+        if used:
+            free = scores[row].index_fill(0, torch.tensor(used, device=scores.device), float("-inf"))
+            if free.max() > float("-inf"):
+                choice[row] = free.argmax()
+        used.append(int(choice[row]))
+    return choice
+
+
+def same_input_groups(x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` ids equal for equal rows of ``x [B, S]``: the groups of :func:`distinct_argmax`."""
+    return torch.unique(x, dim=0, return_inverse=True)[1]
 
 
 def solutions_histogram(num_solutions: torch.Tensor) -> dict[str, int]:

@@ -42,7 +42,8 @@ import torch
 
 from gram_pyro.config import UserError
 from gram_pyro.tasks.base import (IGNORE, Batch, Task, a_fraction, an_integer, check_arguments, coverage_at_n,
-                                  data_error, data_lines, is_int, most_likely, random_slot, solutions_histogram)
+                                  data_error, data_lines, is_int, most_likely, random_slot, same_input_groups,
+                                  solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 NO_EDGE, EDGE, FIRST_COLOUR = 1, 2, 3
@@ -395,15 +396,17 @@ class ColoringTask(Task):
         return {**{k: v.mean().item() for k, v in metrics.items()},
                 "conflicts_total": metrics["conflicts"].sum().item()}
 
-    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
         """The proper colouring of each graph ``x [B, S]`` that ``logits [B, S, V]`` make most likely at
-        the node positions (:func:`most_likely`), as a target: :data:`IGNORE` on the triangle. Candidates
-        are the canonical colourings, or every colouring when targets permute the colour ids."""
+        the node positions (:func:`most_likely`; with ``distinct``, different ones for equal graphs), as a
+        target: :data:`IGNORE` on the triangle. Candidates are the canonical colourings, or every colouring
+        when targets permute the colour ids."""
         train = self.splits["train"]  # its table of canonical colourings, not built again per batch
         candidates = (all_colourings(self.n) if train.permute_colours else train.colourings).to(x.device)
         proper = graph_edges(x).float() @ same_colour_pairs(candidates) == 0  # [B, C]
         target = torch.full_like(x, IGNORE)
-        target[:, -self.n:] = most_likely(logits[:, -self.n:], FIRST_COLOUR + candidates, proper)
+        groups = same_input_groups(x) if distinct else None
+        target[:, -self.n:] = most_likely(logits[:, -self.n:], FIRST_COLOUR + candidates, proper, groups)
         return target
 
     def read_inputs(self, path) -> torch.Tensor:

@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from gram_pyro.config import UserError
-from gram_pyro.tasks.base import Batch, Task, a_fraction, an_integer, check_arguments, is_int, most_likely
+from gram_pyro.tasks.base import (Batch, Task, a_fraction, an_integer, check_arguments, is_int, most_likely,
+                                  same_input_groups)
 from gram_pyro.tasks.cache import cached
 from gram_pyro.tasks.digits_classifier import NUM_CLASSES, classify, frechet_distance, inception_score
 
@@ -236,10 +237,11 @@ class BinaryImageTask(Task):
         seen[inverse[:len(train)]] = True
         return seen[inverse[len(train):]]
 
-    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The training image of highest likelihood under ``logits [B, S, V]`` for each row (``x [B, S]``,
-        blank, is not read); returns ``[B, S]`` tokens."""
-        return most_likely(logits, self.splits["train"].images.long())
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
+        """The training image of highest likelihood under ``logits [B, S, V]`` for each row (``x [B, S]``
+        is blank), different ones for different rows with ``distinct``; returns ``[B, S]`` tokens."""
+        groups = same_input_groups(x) if distinct else None
+        return most_likely(logits, self.splits["train"].images.long(), groups=groups)
 
     def reference_features(self, split: str) -> torch.Tensor:
         """Classifier features ``[M, 64]`` of every real image of ``split`` (computed once)."""

@@ -24,7 +24,8 @@ import torch
 
 from gram_pyro.config import UserError
 from gram_pyro.tasks.base import (Batch, Task, a_fraction, an_integer, check_arguments, coverage_at_n, data_error,
-                                  data_lines, is_int, most_likely, random_slot, solutions_histogram)
+                                  data_lines, is_int, most_likely, random_slot, same_input_groups,
+                                  solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 EMPTY, QUEEN = 1, 2
@@ -346,13 +347,13 @@ class NQueensTask(Task):
         ids = solution_ids(data.completions[index], data.solutions, answers)
         return {"accuracy": valid.float().mean(0), "coverage": coverage_at_n(ids, data.num_completions[index])}
 
-    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
         """Among all n-queens solutions holding every queen of ``x [B, S]``, the most likely under
-        ``logits [B, S, V]`` (:func:`most_likely`)."""
+        ``logits [B, S, V]`` (:func:`most_likely`; with ``distinct``, different ones for equal inputs)."""
         solutions = self.splits["train"].solutions.to(x.device)
         queens = (x == QUEEN).float()
         allowed = queens @ (solutions == QUEEN).float().T == queens.sum(-1, keepdim=True)
-        return most_likely(logits, solutions, allowed)
+        return most_likely(logits, solutions, allowed, same_input_groups(x) if distinct else None)
 
     def read_inputs(self, path) -> torch.Tensor:
         return read_boards(path, self.n)

@@ -39,7 +39,8 @@ import torch
 from gram_pyro.config import UserError
 from gram_pyro.tasks import sudoku_solver as solver
 from gram_pyro.tasks.base import (Batch, Task, a_fraction, an_integer, check_arguments, coverage_at_n, data_error,
-                                  data_lines, is_int, most_likely, random_slot, solutions_histogram)
+                                  data_lines, is_int, most_likely, random_slot, same_input_groups,
+                                  solutions_histogram)
 from gram_pyro.tasks.cache import cached, progress
 
 PAD, BLANK, FIRST_DIGIT = 0, 1, 2
@@ -351,18 +352,27 @@ class UnconditionalSudokuTask(SudokuRules):
             scores["coverage"] = coverage_at_n(ids.reshape(-1, 1), all_grids).item()
         return scores
 
-    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """A valid grid that ``logits [B, S, V]`` make likely, ``[B, S]`` tokens (``x``, blank, is not
-        read). 4x4: the most likely of the 288 grids (:func:`most_likely`). Larger grids are not
-        enumerated: the greedy completion :func:`sudoku_solver.guided_grid` decides the cells from the
-        most to the least confident (highest digit probability first) and tries each cell's digits from
-        the most likely down, so a grid the logits already spell out is returned as it is."""
+    def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
+        """A valid grid that ``logits [B, S, V]`` make likely, ``[B, S]`` tokens (``x``, blank, is read
+        only for ``distinct``: rows with equal inputs then get different grids). 4x4: the most likely of
+        the 288 grids (:func:`most_likely`). Larger grids are not enumerated: the greedy completion
+        :func:`sudoku_solver.guided_grid` decides the cells from the most to the least confident (highest
+        digit probability first) and tries each cell's digits from the most likely down, so a grid the
+        logits already spell out is returned as it is; with ``distinct`` the rows search in order of
+        their logits' confidence, each passing over the grids earlier rows of its input took."""
+        groups = same_input_groups(x) if distinct else None
         if self.num_all_grids:
-            return most_likely(logits, self.grids)
+            return most_likely(logits, self.grids, groups=groups)
         log_p = logits.detach().float()[..., FIRST_DIGIT:FIRST_DIGIT + self.size].log_softmax(-1).cpu()
-        cell_orders = log_p.amax(-1).argsort(dim=-1, descending=True, stable=True).tolist()  # [B, S]
+        confidence = log_p.amax(-1)  # [B, S]
+        cell_orders = confidence.argsort(dim=-1, descending=True, stable=True).tolist()  # [B, S]
         digit_orders = (log_p.argsort(dim=-1, descending=True, stable=True) + 1).tolist()  # [B, S, n] values 1..n
-        grids = [solver.guided_grid(cells, digits, self.size) for cells, digits in zip(cell_orders, digit_orders)]
+        grids: list[list[int]] = [[] for _ in cell_orders]
+        taken: dict[int, set[tuple[int, ...]]] = {}
+        for row in confidence.sum(-1).argsort(descending=True, stable=True).tolist():
+            exclude = taken.setdefault(int(groups[row]), set()) if distinct else set()
+            grids[row] = solver.guided_grid(cell_orders[row], digit_orders[row], self.size, exclude)
+            exclude.add(tuple(grids[row]))
         return to_tokens(grids).to(logits.device)
 
     def stats(self) -> dict:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Container
 
 import numpy as np
 
@@ -99,9 +99,13 @@ def initial_masks(grid, geo: Geometry) -> list[int] | None:
     return masks if propagate(masks, clues, geo.peers) else None
 
 
-def search(masks: list[int], geo: Geometry, limit: int, rng: random.Random | None = None) -> tuple[list, int]:
+def search(masks: list[int], geo: Geometry, limit: int, rng: random.Random | None = None,
+           digit_order: list[list[int]] | None = None, exclude: Container[tuple[int, ...]] = frozenset()
+           ) -> tuple[list, int]:
     """``(solutions, dead_ends)``: up to ``limit`` solved mask lists below ``masks`` (already propagated),
-    digits tried in increasing order, or shuffled with ``rng``."""
+    digits tried in increasing order, shuffled with ``rng``, or for cell ``c`` in the order
+    ``digit_order[c]`` (values ``1..n``, all of them); a solution whose grid is in ``exclude`` counts as
+    a dead end."""
     solutions: list[list[int]] = []
     dead_ends = 0
 
@@ -115,9 +119,13 @@ def search(masks: list[int], geo: Geometry, limit: int, rng: random.Random | Non
                 if count == 2:
                     break
         if best < 0:
-            solutions.append(masks)
+            if tuple(masks_to_grid(masks)) in exclude:
+                dead_ends += 1
+            else:
+                solutions.append(masks)
             return
-        bits = [1 << d for d in range(geo.size) if masks[best] >> d & 1]
+        digits = digit_order[best] if digit_order is not None else range(1, geo.size + 1)
+        bits = [1 << (d - 1) for d in digits if masks[best] >> (d - 1) & 1]
         if rng is not None:
             rng.shuffle(bits)
         for bit in bits:
@@ -162,12 +170,14 @@ MAX_GUIDED_DEAD_ENDS = 200
 """Dead ends :func:`guided_grid` accepts before it gives up its fixed order for the fewest-candidates one."""
 
 
-def guided_grid(cell_order: list[int], digit_order: list[list[int]], size: int) -> list[int]:
+def guided_grid(cell_order: list[int], digit_order: list[list[int]], size: int,
+                exclude: Container[tuple[int, ...]] = frozenset()) -> list[int]:
     """A complete grid by depth-first search from the empty grid that decides the cells in ``cell_order``
     (cells left with one candidate are skipped) and tries the digits of cell ``c`` in the order
-    ``digit_order[c]`` (values ``1..size``, all of them). After ``MAX_GUIDED_DEAD_ENDS`` dead ends it
-    starts again with :func:`search`'s fixed order (fewest candidates, increasing digits), so it always
-    returns a grid."""
+    ``digit_order[c]`` (values ``1..size``, all of them); a complete grid in ``exclude`` counts as a dead
+    end. After ``MAX_GUIDED_DEAD_ENDS`` dead ends it starts again with :func:`search`'s order of cells
+    (fewest candidates first), which rarely meets one, and the same digit orders; a grid in ``exclude``
+    comes back only when every grid is in it."""
     geo = geometry(size)
     dead_ends = 0
 
@@ -176,7 +186,10 @@ def guided_grid(cell_order: list[int], digit_order: list[list[int]], size: int) 
         while position < len(cell_order) and POPCOUNT[masks[cell_order[position]]] == 1:
             position += 1
         if position == len(cell_order):
-            return masks
+            if tuple(masks_to_grid(masks)) not in exclude:
+                return masks
+            dead_ends += 1
+            return None
         cell = cell_order[position]
         for digit in digit_order[cell]:
             bit = 1 << (digit - 1)
@@ -193,7 +206,11 @@ def guided_grid(cell_order: list[int], digit_order: list[list[int]], size: int) 
         return None
 
     found = descend([geo.full] * (size * size), 0)
-    return masks_to_grid(found if found is not None else search([geo.full] * (size * size), geo, 1)[0][0])
+    if found is None:
+        empty = [geo.full] * (size * size)
+        found = (search(empty, geo, 1, digit_order=digit_order, exclude=exclude)[0]
+                 or search(empty, geo, 1, digit_order=digit_order)[0])[0]
+    return masks_to_grid(found)
 
 
 def random_grid(size: int, rng: random.Random) -> list[int]:
