@@ -238,8 +238,9 @@ class BinaryImageTask(Task):
         return seen[inverse[len(train):]]
 
     def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
-        """The training image of highest likelihood under ``logits [B, S, V]`` for each row (``x [B, S]``
-        is blank), different ones for different rows with ``distinct``; returns ``[B, S]`` tokens."""
+        """The training image of highest likelihood under ``logits [B, S, V]`` for each row, with
+        ``distinct`` a different one for each row (``x [B, S]`` is blank: every row has the same input);
+        returns ``[B, S]`` tokens."""
         groups = same_input_groups(x) if distinct else None
         return most_likely(logits, self.splits["train"].images.long(), groups=groups)
 
