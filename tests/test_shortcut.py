@@ -14,6 +14,7 @@ from gram_pyro.diagnostics.shortcut import shortcut_check
 from gram_pyro.experiments import shortcut_levers
 from gram_pyro.inference import guided_trajectory
 from gram_pyro.objectives import TruncatedSurrogate
+from gram_pyro.objectives.base import matched_targets
 from gram_pyro.reference import gaussian_kl, supervision_step, surrogate_loss, token_log_likelihood
 from gram_pyro.tasks.base import IGNORE, Batch, distinct_argmax, most_likely
 from gram_pyro.tasks.coloring import FIRST_COLOUR, ColoringTask, canonicalize
@@ -303,6 +304,60 @@ def test_distinct_argmax_is_a_greedy_matching_within_each_group():
                            [float("-inf"), 1.0, float("-inf")]])  # group 0, last: its one allowed column, taken
     groups = torch.tensor([0, 0, 1, 0, 0])
     assert distinct_argmax(scores, groups).tolist() == [0, 2, 2, 1, 1]
+
+
+def test_distinct_argmax_with_class_shares_caps_each_class_per_group():
+    """Four rows of one group, columns of classes 0, 0, 0, 1, 1 with shares 1/2 each: at most two rows per
+    class. Rows 0 and 1 take their best class-0 columns, row 2 (next by confidence) finds class 0 full and
+    takes the best class-1 column, row 3 the other one, though it scores the free class-0 column higher."""
+    scores = torch.tensor([[9.0, 1.0, 1.0, 0.0, 0.0],
+                           [8.0, 7.0, 1.0, 0.0, 0.0],
+                           [1.0, 1.0, 6.5, 2.0, 0.0],
+                           [1.0, 1.0, 6.0, 0.0, 1.0]])
+    groups, classes, shares = torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0.5, 0.5])
+    assert distinct_argmax(scores, groups).tolist() == [0, 1, 2, 4]
+    assert distinct_argmax(scores, groups, classes, shares).tolist() == [0, 1, 3, 4]
+
+
+def test_distinct_digits_come_in_the_training_sets_class_shares(tmp_path):
+    """Rows with the same logits: ``distinct`` gives each its own training image, and no digit more often
+    than its share of the training set allows (``ceil(rows * share)``)."""
+    task = DigitsTask(cache_dir=str(tmp_path))
+    train, rows = task.splits["train"], 60
+    logits = 3 * torch.randn(1, task.seq_len, task.vocab_size, generator=torch.Generator().manual_seed(2))
+    answers = task.nearest_solution(train.inputs[:rows], logits.expand(rows, -1, -1), distinct=True)
+    labels = {tuple(image): label for image, label in zip(train.images.tolist(), train.labels.tolist())}
+    counts = torch.bincount(torch.tensor([labels[tuple(answer)] for answer in answers.tolist()]), minlength=10)
+    allowed = torch.ceil(rows * torch.bincount(train.labels, minlength=10) / len(train))
+    assert (counts <= allowed).all() and counts.sum() == rows and (counts > 0).all()
+
+
+def test_matched_targets_deal_the_batchs_targets_out_within_each_input_by_likelihood():
+    """Rows 0, 1, 3 share an input, row 2 has its own. Targets are one token each (vocab 3; -1 unsupervised
+    in a second position). Row 0 is the most confident (token 2 at log 0.9) and takes row 3's target; row 3
+    next (token 0 at 0.8, row 0's target); row 1 last gets what is left, its own target (token 1), though
+    it would rather have token 2; row 2 keeps its own."""
+    x = torch.tensor([[0, 0], [0, 0], [5, 5], [0, 0]])
+    y = torch.tensor([[0, IGNORE], [1, IGNORE], [2, IGNORE], [2, IGNORE]])
+    p = torch.tensor([[0.05, 0.05, 0.9], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]])
+    logits = torch.stack([p.log(), torch.zeros(4, 3)], 1)
+    logits[1, 1, 0] = 50.0  # counted, the unsupervised position would put row 1 first (it would take token 2)
+    matched = matched_targets(x, y, logits)
+    assert matched.tolist() == [[2, IGNORE], [1, IGNORE], [2, IGNORE], [0, IGNORE]]
+
+
+def test_prior_rollouts_against_the_batchs_matched_targets_need_no_solution_set(data):
+    """``prior_target=matched``: the prior chain's loss is the NLL of the targets that
+    :func:`matched_targets` deals out by the chain's own logits; no ``nearest_solution`` is asked for."""
+    x, y = data
+    x = x[:1].expand_as(x)  # one input: every target may go to every row
+    objective = TruncatedSurrogate(prior_weight=0.5, prior_target="matched")
+    model, _, steps = losses_and_chains_by_hand(objective, (x, y), 7)
+    for (_, metrics), (prior, _) in steps:
+        target = matched_targets(x, y, prior.logits)
+        assert not torch.equal(target, y) and sorted(target.tolist()) == sorted(y.tolist())
+        expected = -token_log_likelihood(prior.logits, target).sum() / y.numel()
+        assert torch.allclose(metrics["prior_nll"], expected, atol=1e-5, rtol=0)
 
 
 def distinct_task(which, tmp_path):

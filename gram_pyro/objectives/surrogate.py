@@ -27,11 +27,16 @@ supervision step (``updates_per_batch = N_sup``); the KL is analytic, so the gui
   *some* solution, the posterior chain keeps every solution reachable. ``prior_target=distinct`` gives
   rollouts of the same input different answers (a greedy matching: each the nearest that no more
   confident rollout took), so that where one input has many solutions (unconditional generation) the
-  rollouts are not all pulled to the one the prior already favours. With ``prior_rollouts=R`` (and
-  ``distinct``) the chain runs ``R`` rollouts of each of the first ``B / R`` inputs of the batch,
-  at the same cost: on a task with several solutions per input the rollouts of one input learn to
-  end in different ones. The prior chain joins after
-  ``prior_start`` batches (before that the posterior chain alone has made the states worth finishing).
+  rollouts are not all pulled to the one the prior already favours. ``prior_target=matched`` needs no
+  solution set: the batch's own targets are dealt out again among the rollouts of the same input, each
+  to the rollout whose logits make it most likely in a greedy matching
+  (:func:`~gram_pyro.objectives.base.matched_targets`); in unconditional generation this couples a batch
+  of prior samples to a batch of data one-to-one, so the rollouts are pulled towards the data's spread
+  of answers, not towards the answers nearest to them. With ``prior_rollouts=R`` (and ``distinct``) the
+  chain runs ``R`` rollouts of each of the first ``B / R`` inputs of the batch, at the same cost: on a
+  task with several solutions per input the rollouts of one input learn to end in different ones. The
+  prior chain joins after ``prior_start`` batches (before that the posterior chain alone has made the
+  states worth finishing).
 
 One more option runs on the same prior chain: **latent overshooting** (Hafner et al., 2019, PlaNet).
 The prior chain has drawn every eps from the prior since ``z0``, so its state at step ``n`` is an
@@ -66,10 +71,10 @@ import torch
 
 from gram_pyro.guides.base import proposal_site
 from gram_pyro.objectives.base import (Judge, Nearest, Objective, balanced_kl, exact_match, head_losses,
-                                       overshooting_kl, per_token, token_nll)
+                                       matched_targets, overshooting_kl, per_token, token_nll)
 from gram_pyro.tasks.base import Batch
 
-PRIOR_TARGETS = ("target", "nearest", "distinct")
+PRIOR_TARGETS = ("target", "nearest", "distinct", "matched")
 HEAD_CHAINS = ("guided", "prior")
 
 
@@ -96,7 +101,7 @@ class TruncatedSurrogate(Objective):
                              f"kl_cap={kl_cap}, kl_cap_weight={kl_cap_weight}, prior_weight={prior_weight}")
         if prior_target not in PRIOR_TARGETS:
             raise ValueError(f"unknown prior_target {prior_target!r}; allowed: {', '.join(PRIOR_TARGETS)}")
-        if prior_target != "target" and nearest is None:
+        if prior_target in ("nearest", "distinct") and nearest is None:
             raise ValueError(f"prior_target={prior_target} needs the task's nearest_solution")
         if isinstance(prior_rollouts, bool) or not isinstance(prior_rollouts, int) or prior_rollouts < 1:
             raise ValueError(f"prior_rollouts must be a whole number >= 1, got {prior_rollouts!r}")
@@ -209,8 +214,12 @@ class TruncatedSurrogate(Objective):
         nan = None if prior_chain else torch.full((), float("nan"), device=loss.device)  # before prior_start
         if self.prior_weight:
             if prior_chain:
-                target = rollouts.y if self.prior_target == "target" else \
-                    self.nearest(rollouts.x, prior_logits.detach(), distinct=self.prior_target == "distinct")
+                if self.prior_target == "target":
+                    target = rollouts.y
+                elif self.prior_target == "matched":
+                    target = matched_targets(rollouts.x, rollouts.y, prior_logits.detach())
+                else:
+                    target = self.nearest(rollouts.x, prior_logits.detach(), distinct=self.prior_target == "distinct")
                 prior_nll = per_token(token_nll(prior_logits, target), rollouts.y)
                 loss = (1 - self.prior_weight) * loss + self.prior_weight * prior_nll
             metrics["prior_nll"] = prior_nll if prior_chain else nan

@@ -174,34 +174,48 @@ def held_out_index(size: int, num_inputs: int, seed: int) -> torch.Tensor:
 
 
 def most_likely(logits: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor | None = None,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
+                groups: torch.Tensor | None = None, classes: torch.Tensor | None = None,
+                shares: torch.Tensor | None = None) -> torch.Tensor:
     """For each row, the candidate answer with the highest ``log p(candidate | logits)`` under the
     factorized decoder: ``logits [B, S, V]``, ``candidates [C, S]`` tokens, ``allowed [B, C]`` (``None``:
     all); returns ``[B, S]``. Every row needs at least one allowed candidate. With ``groups [B]`` the
-    rows of one group take different candidates (:func:`distinct_argmax`)."""
+    rows of one group take different candidates, spread over the candidates' ``classes [C]`` by
+    ``shares [K]`` where given (:func:`distinct_argmax`)."""
     log_p = logits.float().log_softmax(-1)
     one_hot = torch.nn.functional.one_hot(candidates.to(logits.device), logits.shape[-1]).to(log_p.dtype)
     scores = torch.einsum("bsv,csv->bc", log_p, one_hot)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    choice = scores.argmax(-1) if groups is None else distinct_argmax(scores, groups)
+    choice = scores.argmax(-1) if groups is None else distinct_argmax(scores, groups, classes, shares)
     return candidates.to(logits.device)[choice]
 
 
-def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor, classes: torch.Tensor | None = None,
+                    shares: torch.Tensor | None = None) -> torch.Tensor:
     """The best column of each row of ``scores [B, C]`` (``-inf``: not allowed), ``[B]``, where rows of
     one group (``groups [B]``, equal values) take different columns: a greedy matching in which the rows
     claim in order of their best score, each its best column that no earlier row of its group took; a
-    row whose allowed columns are all taken takes its best one."""
+    row whose allowed columns are all taken takes its best one. With ``classes [C]`` (each column's class
+    ``0..K-1``) and ``shares [K]`` (summing to 1), a group of ``n`` rows takes at most ``ceil(n * share)``
+    columns of each class, so that its rows spread over the classes in those shares."""
     choice = scores.argmax(-1)
+    sizes = torch.bincount(groups).tolist()
     taken: dict[int, list[int]] = {}
+    counts: dict[int, torch.Tensor] = {}
     for row in scores.amax(-1).argsort(descending=True, stable=True).tolist():
-        used = taken.setdefault(int(groups[row]), [])
+        group = int(groups[row])
+        used = taken.setdefault(group, [])
+        free = scores[row]
         if used:
-            free = scores[row].index_fill(0, torch.tensor(used, device=scores.device), float("-inf"))
-            if free.max() > float("-inf"):
-                choice[row] = free.argmax()
+            free = free.index_fill(0, torch.tensor(used, device=scores.device), float("-inf"))
+        if classes is not None:
+            count = counts.setdefault(group, torch.zeros(len(shares), device=scores.device))
+            free = free.masked_fill((count >= torch.ceil(sizes[group] * shares))[classes], float("-inf"))
+        if free.max() > float("-inf"):
+            choice[row] = free.argmax()
         used.append(int(choice[row]))
+        if classes is not None:
+            count[classes[choice[row]]] += 1
     return choice
 
 

@@ -239,10 +239,15 @@ class BinaryImageTask(Task):
 
     def nearest_solution(self, x: torch.Tensor, logits: torch.Tensor, distinct: bool = False) -> torch.Tensor:
         """The training image of highest likelihood under ``logits [B, S, V]`` for each row, with
-        ``distinct`` a different one for each row (``x [B, S]`` is blank: every row has the same input);
-        returns ``[B, S]`` tokens."""
-        groups = same_input_groups(x) if distinct else None
-        return most_likely(logits, self.splits["train"].images.long(), groups=groups)
+        ``distinct`` a different one for each row (``x [B, S]`` is blank: every row has the same input)
+        and, where the images have labels, the rows' digits in the training set's shares (at most
+        ``ceil(B * share)`` rows of each digit); returns ``[B, S]`` tokens."""
+        train = self.splits["train"]
+        if not distinct:
+            return most_likely(logits, train.images.long())
+        shares = None if train.labels is None else torch.bincount(train.labels, minlength=NUM_CLASSES) / len(train)
+        return most_likely(logits, train.images.long(), groups=same_input_groups(x),
+                           classes=train.labels, shares=shares)
 
     def reference_features(self, split: str) -> torch.Tensor:
         """Classifier features ``[M, 64]`` of every real image of ``split`` (computed once)."""
