@@ -13,7 +13,7 @@ SHIPPED = sorted(p.name for p in PRETRAINED.iterdir() if (p / "weights.pt").is_f
 
 
 def test_weights_are_shipped_for_the_reproduced_results():
-    assert {"coloring", "digits", "nqueens", "nqueens10", "sudoku", "uncond_sudoku4"} <= set(SHIPPED)
+    assert {"coloring", "coloring10", "digits", "nqueens", "nqueens10", "sudoku", "uncond_sudoku4"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
