@@ -314,14 +314,15 @@ def test_distinct_argmax_with_class_shares_caps_each_class_per_group():
                            [8.0, 7.0, 1.0, 0.0, 0.0],
                            [1.0, 1.0, 6.5, 2.0, 0.0],
                            [1.0, 1.0, 6.0, 0.0, 1.0]])
-    groups, classes, shares = torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0.5, 0.5])
+    groups, classes, shares = torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1]), torch.full((2,), 0.5)
     assert distinct_argmax(scores, groups).tolist() == [0, 1, 2, 4]
     assert distinct_argmax(scores, groups, classes, shares).tolist() == [0, 1, 3, 4]
 
 
 def test_distinct_digits_come_in_the_training_sets_class_shares(tmp_path):
-    """Rows with the same logits: ``distinct`` gives each its own training image, and no digit more often
-    than its share of the training set allows (``ceil(rows * share)``)."""
+    """Rows with the same logits: ``distinct`` gives each a training image, and no digit more often than
+    its share of the training set allows (``ceil(rows * share)``; without the shares 19 of these 60 rows
+    show one digit)."""
     task = DigitsTask(cache_dir=str(tmp_path))
     train, rows = task.splits["train"], 60
     logits = 3 * torch.randn(1, task.seq_len, task.vocab_size, generator=torch.Generator().manual_seed(2))
@@ -486,7 +487,7 @@ def test_a_task_recipe_applies_to_its_combination_only_and_paper_or_an_override_
                 cfg.objective.get("prior_start"))
 
     assert levers("task=coloring") == (0.1, 1, 0.35, 600)  # experiments/configs/recipe/coloring_gram_...yaml
-    assert levers("task=coloring10") == (0.1, 1, 0.35, 450)
+    assert levers("task=coloring10") == (0.1, 1, 0.35, 300)
     paper = (1.0, None, None, 0)
     assert levers("task=coloring", "recipe=paper") == levers("task=nqueens") == paper  # nqueens has no recipe
     assert levers("task=coloring", "model=trm", "guide=prior") == paper  # the combination has no recipe

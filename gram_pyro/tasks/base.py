@@ -199,6 +199,8 @@ def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor, classes: torch.T
     ``0..K-1``) and ``shares [K]`` (summing to 1), a group of ``n`` rows takes at most ``ceil(n * share)``
     columns of each class, so that its rows spread over the classes in those shares."""
     choice = scores.argmax(-1)
+    if classes is not None:
+        classes, shares = classes.to(scores.device), shares.to(scores.device)
     sizes = torch.bincount(groups).tolist()
     taken: dict[int, list[int]] = {}
     counts: dict[int, torch.Tensor] = {}
