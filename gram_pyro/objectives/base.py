@@ -38,7 +38,7 @@ from pyro.distributions import Independent, Normal
 from pyro.poutine.trace_struct import Trace
 from torch.distributions import kl_divergence
 
-from gram_pyro.tasks.base import IGNORE, Batch, distinct_argmax, same_input_groups
+from gram_pyro.tasks.base import IGNORE, Batch, most_likely, same_input_groups
 
 Judge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``judge(x, answer, y) -> bool [...]``: whether ``answer`` is a correct answer to ``x``."""
@@ -116,16 +116,12 @@ def matched_targets(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> t
     """The batch's targets ``y [B, S]`` dealt out again among the rows of equal ``x [B, S]``, one each:
     row ``b`` may take the target of any row ``c`` of its input, scored ``log p(y_c | logits_b)`` over the
     supervised tokens (``logits [B, S, V]``), and the rows claim in order of their best score, each its best
-    target that no earlier row took (:func:`~gram_pyro.tasks.base.distinct_argmax`). Returns ``[B, S]``, a
-    permutation of the rows of ``y`` within each input. Rows of an input seen once keep their target; in
-    unconditional generation every row is one input and this is a minibatch coupling of the prior's
-    samples to the data's."""
-    supervised = (y != IGNORE).unsqueeze(-1)
-    one_hot = F.one_hot(y.clamp(min=0), logits.shape[-1]).float() * supervised
-    scores = torch.einsum("bsv,csv->bc", logits.float().log_softmax(-1), one_hot)
+    target that no earlier row took (:func:`~gram_pyro.tasks.base.most_likely` with groups). Returns
+    ``[B, S]``, a permutation of the rows of ``y`` within each input. Rows of an input seen once keep their
+    target; in unconditional generation every row is one input and this is a minibatch coupling of the
+    prior's samples to the data's."""
     groups = same_input_groups(x)
-    scores = scores.masked_fill(groups[:, None] != groups[None, :], float("-inf"))
-    return y[distinct_argmax(scores, groups)]
+    return most_likely(logits, y, allowed=groups[:, None] == groups[None, :], groups=groups)
 
 
 class Objective(ABC):

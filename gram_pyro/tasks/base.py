@@ -177,17 +177,18 @@ def most_likely(logits: torch.Tensor, candidates: torch.Tensor, allowed: torch.T
                 groups: torch.Tensor | None = None, classes: torch.Tensor | None = None,
                 shares: torch.Tensor | None = None) -> torch.Tensor:
     """For each row, the candidate answer with the highest ``log p(candidate | logits)`` under the
-    factorized decoder: ``logits [B, S, V]``, ``candidates [C, S]`` tokens, ``allowed [B, C]`` (``None``:
-    all); returns ``[B, S]``. Every row needs at least one allowed candidate. With ``groups [B]`` the
-    rows of one group take different candidates, spread over the candidates' ``classes [C]`` by
-    ``shares [K]`` where given (:func:`distinct_argmax`)."""
+    factorized decoder, summed over the candidate's tokens that are not :data:`IGNORE`: ``logits [B, S, V]``,
+    ``candidates [C, S]`` tokens, ``allowed [B, C]`` (``None``: all); returns ``[B, S]``. Every row needs at
+    least one allowed candidate. With ``groups [B]`` the rows of one group take different candidates,
+    spread over the candidates' ``classes [C]`` by ``shares [K]`` where given (:func:`distinct_argmax`)."""
     log_p = logits.float().log_softmax(-1)
-    one_hot = torch.nn.functional.one_hot(candidates.to(logits.device), logits.shape[-1]).to(log_p.dtype)
-    scores = torch.einsum("bsv,csv->bc", log_p, one_hot)
+    candidates = candidates.to(logits.device)
+    one_hot = torch.nn.functional.one_hot(candidates.clamp(min=0), logits.shape[-1]).to(log_p.dtype)
+    scores = torch.einsum("bsv,csv->bc", log_p, one_hot * (candidates != IGNORE).unsqueeze(-1))
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     choice = scores.argmax(-1) if groups is None else distinct_argmax(scores, groups, classes, shares)
-    return candidates.to(logits.device)[choice]
+    return candidates[choice]
 
 
 def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor, classes: torch.Tensor | None = None,
@@ -200,10 +201,10 @@ def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor, classes: torch.T
     columns of each class, so that its rows spread over the classes in those shares."""
     choice = scores.argmax(-1)
     if classes is not None:
-        classes, shares = classes.to(scores.device), shares.to(scores.device)
-    sizes = torch.bincount(groups).tolist()
+        classes = classes.to(scores.device)
+        quota = torch.ceil(torch.bincount(groups)[:, None] * shares.to(scores.device))  # [groups, K]
+        counts = torch.zeros_like(quota)
     taken: dict[int, list[int]] = {}
-    counts: dict[int, torch.Tensor] = {}
     for row in scores.amax(-1).argsort(descending=True, stable=True).tolist():
         group = int(groups[row])
         used = taken.setdefault(group, [])
@@ -211,13 +212,12 @@ def distinct_argmax(scores: torch.Tensor, groups: torch.Tensor, classes: torch.T
         if used:
             free = free.index_fill(0, torch.tensor(used, device=scores.device), float("-inf"))
         if classes is not None:
-            count = counts.setdefault(group, torch.zeros(len(shares), device=scores.device))
-            free = free.masked_fill((count >= torch.ceil(sizes[group] * shares))[classes], float("-inf"))
+            free = free.masked_fill((counts[group] >= quota[group])[classes], float("-inf"))
         if free.max() > float("-inf"):
             choice[row] = free.argmax()
         used.append(int(choice[row]))
         if classes is not None:
-            count[classes[choice[row]]] += 1
+            counts[group, classes[choice[row]]] += 1
     return choice
 
 
