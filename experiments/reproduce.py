@@ -18,6 +18,8 @@ per input decoded along prior trajectories (:func:`gram_pyro.evaluation.evaluate
 
 * ``GRAM`` and ``TRM`` (deterministic: its answers are one answer repeated);
 * ``PTRM``: the TRM run with ``N(0, eval.ptrm_sigma^2)`` noise on ``h`` after each step (no training);
+* ``GRAM T=<t>`` for each ``t`` of ``eval.prior_temperatures``: the GRAM run with its noise drawn at prior
+  temperature ``t`` (:func:`gram_pyro.inference.sample_trajectories`: ``eps ~ N(mu, (t * sigma)^2)``);
 * ``data`` (``eval.data``): the training targets themselves as answers, the ceiling of a generation score.
 
 Metrics (mean and 95% interval over inputs; set-level scores have no interval):
@@ -42,6 +44,7 @@ checkpoint keeps it across resumed invocations) plus this invocation's evaluatio
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -113,6 +116,9 @@ def check_eval(settings: DictConfig) -> None:
     def positive_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
+    def positive_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
     if not (OmegaConf.is_list(settings.splits) and len(settings.splits) >= 1):
         raise UserError(f"eval.splits={settings.splits} must list at least one split")
     if not (settings.inputs is None or positive_int(settings.inputs)):
@@ -122,8 +128,12 @@ def check_eval(settings: DictConfig) -> None:
     unknown = [rule for rule in settings.select if rule not in SELECTORS]
     if unknown:
         raise UserError(f"unknown selector {unknown[0]!r} in eval.select; allowed: {', '.join(SELECTORS)}")
-    if not (isinstance(settings.ptrm_sigma, (int, float)) and settings.ptrm_sigma > 0):
+    if not positive_number(settings.ptrm_sigma):
         raise UserError(f"eval.ptrm_sigma={settings.ptrm_sigma!r} must be a positive number")
+    temperatures = settings.prior_temperatures
+    if not (OmegaConf.is_list(temperatures) and all(positive_number(t) and t != 1 for t in temperatures)):
+        raise UserError(f"eval.prior_temperatures={temperatures} must list positive numbers other than 1 "
+                        f"(1 is the GRAM row itself)")
 
 
 def run_config(recipe: DictConfig, model: str, run_dir: Path, extra: list[str]) -> DictConfig:
@@ -195,11 +205,13 @@ def num_inputs(task, split: str, settings: DictConfig) -> int:
     return size if settings.inputs is None else min(settings.inputs, size)
 
 
-def evaluate_model(loaded, split: str, settings: DictConfig, out_dir: Path, perturbation=None) -> dict:
-    """Sample ``settings.samples`` prior trajectories for the scored inputs of ``split``, write the
-    evaluation's files to ``out_dir`` and return the metrics."""
+def evaluate_model(loaded, split: str, settings: DictConfig, out_dir: Path, perturbation=None,
+                   prior_temperature: float = 1.0) -> dict:
+    """Sample ``settings.samples`` prior trajectories (at ``prior_temperature``) for the scored inputs of
+    ``split``, write the evaluation's files to ``out_dir`` and return the metrics."""
     inputs = num_inputs(loaded.task, split, settings)
-    report, arrays = evaluate_run(loaded, split, inputs, settings.samples, perturbation=perturbation)
+    report, arrays = evaluate_run(loaded, split, inputs, settings.samples, perturbation=perturbation,
+                                  prior_temperature=prior_temperature)
     write_evaluation(report, arrays, out_dir)
     tensors = {k: torch.from_numpy(arrays[k]) for k in ("index", "answers", "value", "halt_logit")}
     return answer_metrics(loaded.task, split, tensors["index"], tensors["answers"], tensors["value"],
@@ -215,17 +227,19 @@ def data_metrics(task, split: str) -> dict:
 
 
 def evaluate_split(runs: dict, split: str, settings: DictConfig, out: Path) -> dict:
-    """``{"inputs": scored inputs, "models": {model: metrics}}`` on ``split`` for GRAM, TRM, PTRM and
-    (``settings.data``) the data."""
+    """``{"inputs": scored inputs, "models": {model: metrics}}`` on ``split`` for GRAM, TRM, PTRM, GRAM at
+    each of ``settings.prior_temperatures`` and (``settings.data``) the data."""
     trm = runs["TRM"]
-    evaluations = {**{name: (loaded, None) for name, loaded in runs.items()},
-                   "PTRM": (trm, {"kind": "ptrm", "sigma": settings.ptrm_sigma, "which": "h"})}
+    evaluations = {**{name: (loaded, None, 1.0) for name, loaded in runs.items()},
+                   "PTRM": (trm, {"kind": "ptrm", "sigma": settings.ptrm_sigma, "which": "h"}, 1.0),
+                   **{f"GRAM T={t:g}": (runs["GRAM"], None, t) for t in settings.prior_temperatures}}
     inputs = num_inputs(trm.task, split, settings)
     models = {}
-    for name, (loaded, perturbation) in evaluations.items():
+    for name, (loaded, perturbation, temperature) in evaluations.items():
         started = time.time()
         print(f"evaluating {name} on {split}: {inputs} inputs x {settings.samples} prior trajectories", flush=True)
-        models[name] = evaluate_model(loaded, split, settings, out / "eval" / f"{name}-{split}", perturbation)
+        models[name] = evaluate_model(loaded, split, settings, out / "eval" / f"{name.replace(' ', '-')}-{split}",
+                                      perturbation, temperature)
         print(f"  {time.time() - started:.0f} s", flush=True)
     if settings.data:
         models["data"] = data_metrics(trm.task, split)

@@ -143,8 +143,10 @@ def metric_key(metric: str) -> tuple[int, str]:
 
 
 def model_key(model: str) -> tuple[int, str]:
-    """Sort key of a row's model: its place in :data:`MODEL_ORDER`, then its name."""
-    return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), model)
+    """Sort key of a row's model: the place in :data:`MODEL_ORDER` of its first word (``GRAM T=1.3``
+    follows ``GRAM``), then its name."""
+    base = model.split(" ")[0]
+    return (MODEL_ORDER.index(base) if base in MODEL_ORDER else len(MODEL_ORDER), model)
 
 
 def number(metric: str, value: float) -> str:

@@ -73,7 +73,7 @@ def _train_multirun(overrides: list[str]) -> None:
 
 
 SAMPLING_RULES = {"samples": Whole(1), "depth": Whole(1, null=True), "halting": Flag(), "seed": Whole(*SEED_RANGE),
-                  "memory_budget_mb": Number(null=True)}
+                  "memory_budget_mb": Number(null=True), "prior_temperature": Number()}
 """What the keys of ``sampling.yaml`` (eval, solve, sample) may be."""
 DIAGNOSE_RULES = {"inputs": Whole(1), "particles": Whole(2), "samples": Whole(1), "mcmc_chains": Whole(0),
                   "mcmc_inputs": Whole(1), "mcmc_samples": Whole(1), "mcmc_warmup": Whole(0),
@@ -100,7 +100,8 @@ def _sampling(cfg: DictConfig) -> dict:
         raise UserError(f"the smc.* options apply to select=smc, not select={cfg.select}")
     perturbation = OmegaConf.to_container(cfg.perturbation) if cfg.perturbation.kind else None
     return {"depth": cfg.depth, "halting": cfg.halting, "seed": cfg.seed, "memory_budget_mb": cfg.memory_budget_mb,
-            "perturbation": perturbation, **({"smc": smc} if cfg.select == "smc" else {})}
+            "prior_temperature": cfg.prior_temperature, "perturbation": perturbation,
+            **({"smc": smc} if cfg.select == "smc" else {})}
 
 
 def _run_source(cfg) -> tuple[Path, Path]:
@@ -126,7 +127,8 @@ def _eval(overrides: list[str]) -> None:
     source, home = _run_source(cfg)
     loaded = load_run(source, cfg.device)
     tag = f"{cfg.split}-N{cfg.samples}-d{cfg.depth or loaded.model.n_sup}-{cfg.select}" + \
-        ("-halt" if cfg.halting else "") + (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "")
+        ("-halt" if cfg.halting else "") + (f"-{cfg.perturbation.kind}" if cfg.perturbation.kind else "") + \
+        (f"-T{cfg.prior_temperature:g}" if cfg.prior_temperature != 1 else "")
     out = make_dir(Path(cfg.out or home / "eval" / tag), "out")  # before the work: a bad out fails fast
     with inference_speed(loaded, cfg.precision, cfg.compile):
         report, arrays = evaluate_run(loaded, cfg.split, cfg.inputs, cfg.samples, rule=cfg.select, **sampling)

@@ -82,10 +82,12 @@ def draw(model, x: torch.Tensor, num_samples: int, rule: str = "vote", smc=None,
 
 def evaluate_run(loaded: LoadedRun, split: str = "test", num_inputs: int = 256, num_samples: int = 20,
                  depth: int | None = None, rule: str = "vote", halting: bool = False, seed: int = 0,
-                 memory_budget_mb: float | None = None, perturbation=None, smc=None) -> tuple[dict, dict]:
+                 memory_budget_mb: float | None = None, perturbation=None, smc=None, prior_temperature: float = 1.0
+                 ) -> tuple[dict, dict]:
     """``(report, arrays)``: the metrics (see the module docstring) and what ``samples.npz`` holds;
     ``smc``: the options of test-time SMC (:class:`gram_pyro.test_time_smc.SMCOptions` or a mapping of
-    them) for ``rule="smc"``, default options where ``None``."""
+    them) for ``rule="smc"``, default options where ``None``; ``prior_temperature`` as
+    :func:`gram_pyro.inference.sample_trajectories`."""
     task, model = loaded.task, loaded.model
     if split not in task.splits:
         raise UserError(f"unknown split {split!r}; this task has: {', '.join(task.splits)}")
@@ -95,7 +97,7 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", num_inputs: int = 256, 
     puzzle = None if data.puzzles is None else data.puzzles[index].to(loaded.device)
     start = time.perf_counter()
     drawn = draw(model, x, num_samples, rule, smc, halting, perturbation, depth=depth, puzzle=puzzle,
-                 memory_budget_mb=memory_budget_mb, seed=seed)
+                 memory_budget_mb=memory_budget_mb, seed=seed, prior_temperature=prior_temperature)
     seconds = time.perf_counter() - start
     paths = drawn.trajectories if isinstance(drawn, SMCResult) else drawn
     answers = paths.answers.cpu()
@@ -116,7 +118,8 @@ def evaluate_run(loaded: LoadedRun, split: str = "test", num_inputs: int = 256, 
             metrics[key] = score
     report = {"run": str(loaded.run_dir), "task": task.name, "split": split, "inputs": len(index),
               "samples": num_samples, "depth": depth or model.n_sup, "select": rule, "halting": halting,
-              "seed": seed, "perturbation": None if perturbation is None else dict(perturbation),
+              "seed": seed, "prior_temperature": prior_temperature,
+              "perturbation": None if perturbation is None else dict(perturbation),
               "sampling_seconds": round(seconds, 3), "metrics": metrics}
     if isinstance(drawn, SMCResult):
         report["smc"] = {**dataclasses.asdict(as_smc_options(smc)), "ess_by_step": drawn.ess.mean(1).tolist(),
@@ -157,7 +160,8 @@ def write_evaluation(report: dict, arrays: dict, out_dir: Path) -> None:
 def format_table(report: dict) -> str:
     """The metrics as an aligned text table (mean and 95% interval)."""
     lines = [f"{report['task']} {report['split']}: {report['inputs']} inputs, N={report['samples']}, "
-             f"depth={report['depth']}, select={report['select']}" + (", halting" if report["halting"] else "")]
+             f"depth={report['depth']}, select={report['select']}" + (", halting" if report["halting"] else "")
+             + (f", prior temperature {report['prior_temperature']:g}" if report["prior_temperature"] != 1 else "")]
     for name, value in report["metrics"].items():
         if isinstance(value, dict):
             low, high = value["ci95"]

@@ -27,15 +27,16 @@ per input takes the values ``j = d * 2^32 + k``: two 23-bit fields of value ``k`
 (``sqrt(-2 ln u1)`` times ``cos`` and ``sin`` of ``2 pi u2``); a uniform draw ``e`` is ``u1`` and an
 Exp(1) draw ``-ln u1``, of value ``k = e``. The draws of a trajectory, in order: ``h0``, ``l0``
 (perturbation ``z0``), then per step the model's noise sites in program order (each eps site becomes
-``loc + scale * z``, a :class:`KeyedNoise` messenger), the decoder's Gumbel noise (perturbation
-``decoder``) and the latent noise (perturbation ``ptrm``). Lane ``i = -1``, which no trajectory has, is
-the stream of test-time SMC's resampler (:mod:`gram_pyro.test_time_smc`). So every random number is a
-function of ``(seed, i, r, d, e)`` alone and the result of ``(seed, model, x)``: chunked and unchunked
-sampling agree (up to the float rounding of matmul kernels picked for other chunk sizes), trajectory
-``i`` is the same whatever ``N``, an input's trajectories do not depend on the other inputs (a batch fed
-in blocks, each with its ``first_row``, gives the answers of the whole batch at once), and a chunk
-computes only its own rows' numbers. The network always runs batched over the chunk. CPU and CUDA
-compute the same streams (their float functions may round the last bit differently).
+``loc + t * scale * z``, a :class:`KeyedNoise` messenger, ``t`` the prior temperature below), the
+decoder's Gumbel noise (perturbation ``decoder``) and the latent noise (perturbation ``ptrm``). Lane
+``i = -1``, which no trajectory has, is the stream of test-time SMC's resampler
+(:mod:`gram_pyro.test_time_smc`). So every random number is a function of ``(seed, i, r, d, e)``
+alone and the result of ``(seed, model, x)``: chunked and unchunked sampling agree (up to the float
+rounding of matmul kernels picked for other chunk sizes), trajectory ``i`` is the same whatever ``N``,
+an input's trajectories do not depend on the other inputs (a batch fed in blocks, each with its
+``first_row``, gives the answers of the whole batch at once), and a chunk computes only its own rows'
+numbers. The network always runs batched over the chunk. CPU and CUDA compute the same streams (their
+float functions may round the last bit differently).
 
 Chunking: one trajectory over ``b`` inputs needs about
 ``b * L * D * element size * ACTIVATION_FACTOR`` bytes of working memory (:func:`trajectory_bytes`;
@@ -60,6 +61,12 @@ are expanded to ``N`` (views). Perturbations (:class:`Perturbation`), the baseli
 * ``z0``: ``h0`` and ``l0`` are replaced by fresh ``N(0, I)`` draws per trajectory and input.
 
 A deterministic model under ``decoder`` alone runs the network on one lane and samples ``N`` decodes.
+
+The prior temperature ``t`` (``prior_temperature``, default 1: the prior itself) scales the standard
+deviation of the model's own noise, ``eps ~ N(mu, (t * sigma)^2)``: below 1 the trajectories keep closer
+to the prior's mean (fewer, surer answers), above 1 they spread (more distinct answers, more errors).
+It is the usual temperature of a generative model's latent noise, a test-time choice like ``N``; it
+changes nothing for a deterministic model.
 """
 
 from __future__ import annotations
@@ -247,11 +254,12 @@ class KeyedRandom:
 
 class KeyedNoise(Messenger):
     """Draws every sample site named ``{kind}/...`` with ``kind`` in ``sites`` (the model's Normal noise
-    sites) as ``loc + scale * z``, ``z`` from ``keyed.normal``: the prior draw, with keyed randomness."""
+    sites) as ``loc + temperature * scale * z``, ``z`` from ``keyed.normal``: the prior draw (at
+    ``temperature`` 1), with keyed randomness."""
 
-    def __init__(self, sites: tuple[str, ...], keyed: KeyedRandom):
+    def __init__(self, sites: tuple[str, ...], keyed: KeyedRandom, temperature: float = 1.0):
         super().__init__()
-        self.sites, self.keyed = sites, keyed
+        self.sites, self.keyed, self.temperature = sites, keyed, temperature
 
     def _pyro_sample(self, msg: dict) -> None:
         if msg["name"].partition("/")[0] not in self.sites or msg["is_observed"] or msg["value"] is not None:
@@ -259,7 +267,7 @@ class KeyedNoise(Messenger):
         normal = msg["fn"].base_dist
         if not isinstance(normal, pyro.distributions.Normal):
             raise TypeError(f"site {msg['name']}: keyed noise needs a Normal prior, got {type(normal).__name__}")
-        msg["value"] = normal.loc + normal.scale * self.keyed.normal(msg["fn"].event_shape)
+        msg["value"] = normal.loc + self.temperature * normal.scale * self.keyed.normal(msg["fn"].event_shape)
 
 
 class HeadRecorder(Messenger):
@@ -322,7 +330,8 @@ def _decode(logits: torch.Tensor, perturbation: Perturbation | None, keyed: Keye
 
 
 def _sample_chunk(model, x: torch.Tensor, puzzle: torch.Tensor | None, depth: int, halting: bool,
-                  perturbation: Perturbation | None, keyed: KeyedRandom, record_steps: bool) -> dict:
+                  perturbation: Perturbation | None, keyed: KeyedRandom, record_steps: bool,
+                  prior_temperature: float) -> dict:
     """The trajectories of one chunk (``x [b, S]``, ``len(keyed)`` trajectories) as a dict of the
     :class:`Trajectories` tensor fields, each with leading dims ``[n | 1, b]`` (after ``depth`` for the
     step fields)."""
@@ -333,7 +342,8 @@ def _sample_chunk(model, x: torch.Tensor, puzzle: torch.Tensor | None, depth: in
     steps = torch.zeros_like(halted, dtype=torch.long)
     answer = halt = value = None
     recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    with pyro.plate("trajectories", lanes, dim=-2), KeyedNoise(model.noise_sites, keyed), heads:
+    noise = KeyedNoise(model.noise_sites, keyed, prior_temperature)
+    with pyro.plate("trajectories", lanes, dim=-2), noise, heads:
         model.init(state, x)
         if perturbation is not None and perturbation.kind == "z0":
             state["h"], state["l"] = keyed.normal(model.h0.shape), keyed.normal(model.l0.shape)
@@ -367,29 +377,34 @@ def sample_trajectories(model, x: torch.Tensor, num_samples: int, depth: int | N
                         halting: bool = False, puzzle: torch.Tensor | None = None,
                         memory_budget_mb: float | None = None, seed: int | None = None,
                         perturbation: Perturbation | Mapping | str | None = None,
-                        record_steps: bool = False, first_row: int = 0) -> Trajectories:
+                        record_steps: bool = False, first_row: int = 0, prior_temperature: float = 1.0
+                        ) -> Trajectories:
     """``num_samples`` prior trajectories of ``depth`` (default ``model.n_sup``) supervision steps for
     each input of ``x [B, S]`` (``puzzle [B]`` where the model embeds puzzle identifiers); see the
     module docstring. ``seed=None`` draws the seed from torch's global generator;
     ``memory_budget_mb=None`` is :func:`default_memory_budget_mb` of ``x``'s device; ``first_row`` is
-    the row index of ``x[0]`` in the keyed streams (a block of a larger batch passes its offset)."""
+    the row index of ``x[0]`` in the keyed streams (a block of a larger batch passes its offset);
+    ``prior_temperature`` scales the noise's standard deviation (module docstring)."""
     perturbation = as_perturbation(perturbation)
-    depth, memory_budget_mb, seed = resolve_sampling(model, x, num_samples, depth, memory_budget_mb, seed)
+    depth, memory_budget_mb, seed = resolve_sampling(model, x, num_samples, depth, memory_budget_mb, seed,
+                                                     prior_temperature)
     lanes = num_samples if model.stochastic or perturbation is not None else 1
     check_result_size(lanes, x.shape[0], x.shape[-1], depth if record_steps else 0, x.device)
     sampled = _sample(model, x, lanes, depth, halting, puzzle, memory_budget_mb, seed, perturbation, record_steps,
-                      first_row)
+                      first_row, prior_temperature)
     return sampled.expand(num_samples) if lanes < num_samples else sampled
 
 
 def resolve_sampling(model, x: torch.Tensor, num_samples: int, depth: int | None, memory_budget_mb: float | None,
-                     seed: int | None) -> tuple[int, float, int]:
+                     seed: int | None, prior_temperature: float = 1.0) -> tuple[int, float, int]:
     """``(depth, memory_budget_mb, seed)`` of a sampler call with their defaults filled in (the trained
     depth, :func:`default_memory_budget_mb` of ``x``'s device, a seed from torch's global generator);
-    a count, depth or budget out of range is a one-line :class:`UserError`."""
+    a count, depth, budget or prior temperature out of range is a one-line :class:`UserError`."""
     depth = model.n_sup if depth is None else depth
     if num_samples < 1 or depth < 1:
         raise UserError(f"need at least one trajectory and one step, got num_samples={num_samples}, depth={depth}")
+    if not (_is_number(prior_temperature) and math.isfinite(prior_temperature) and prior_temperature > 0):
+        raise UserError(f"prior_temperature must be a positive finite number, got {prior_temperature!r}")
     if memory_budget_mb is None:
         memory_budget_mb = default_memory_budget_mb(x.device)
     if not memory_budget_mb > 0:
@@ -427,7 +442,7 @@ def check_result_size(num_samples: int, batch: int, seq_len: int, recorded_steps
 
 
 def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, seed, perturbation,
-            record_steps, first_row) -> Trajectories:
+            record_steps, first_row, prior_temperature) -> Trajectories:
     """:func:`sample_trajectories` once its arguments are checked: chunk, sample, assemble."""
     batch = x.shape[0]
     per_chunk, inputs_per_chunk = plan_chunks(num_samples, batch, trajectory_bytes(model, 1),
@@ -440,7 +455,7 @@ def _sample(model, x, num_samples, depth, halting, puzzle, memory_budget_mb, see
             keyed = KeyedRandom(seed, lanes, range(first_row + rows.start, first_row + rows.stop), x.device,
                                 model.h0.dtype)
             chunk = _sample_chunk(model, x[rows], None if puzzle is None else puzzle[rows], depth, halting,
-                                  perturbation, keyed, record_steps)
+                                  perturbation, keyed, record_steps, prior_temperature)
             for name, tensor in chunk.items():
                 lead = (slice(None),) * _FIELD_SAMPLE_DIM[name]
                 if name not in out:

@@ -147,7 +147,8 @@ def _gather(tensor: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
 
 
 def _smc_chunk(model, x: torch.Tensor, puzzle: torch.Tensor | None, depth: int, options: SMCOptions,
-               keyed: KeyedRandom, resampler: KeyedRandom) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               keyed: KeyedRandom, resampler: KeyedRandom, prior_temperature: float
+               ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """One chunk of inputs ``x [b, S]`` with all ``len(keyed)`` trajectories: the survivors' fields
     (``answers``, ``value``, ``halt_logit``, each ``[N, b, ...]``), ``ess`` and ``resampled`` ``[D, b]``."""
     state: dict = {}
@@ -164,7 +165,8 @@ def _smc_chunk(model, x: torch.Tensor, puzzle: torch.Tensor | None, depth: int, 
             for key, tensor in store.items():
                 store[key] = _gather(tensor, ancestors)
 
-    with pyro.plate("trajectories", len(keyed), dim=-2), KeyedNoise(model.noise_sites, keyed), heads:
+    noise = KeyedNoise(model.noise_sites, keyed, prior_temperature)
+    with pyro.plate("trajectories", len(keyed), dim=-2), noise, heads:
         model.init(state, x)
         ess, resampled = smc_sweep(advance, reorder, depth, options, lambda n: resampler.uniform(torch.Size())[0])
     return current, ess, resampled
@@ -173,8 +175,8 @@ def _smc_chunk(model, x: torch.Tensor, puzzle: torch.Tensor | None, depth: int, 
 @torch.no_grad()
 def smc_trajectories(model, x: torch.Tensor, num_samples: int, options: SMCOptions | Mapping | None = None,
                      depth: int | None = None, puzzle: torch.Tensor | None = None,
-                     memory_budget_mb: float | None = None, seed: int | None = None, first_row: int = 0
-                     ) -> SMCResult:
+                     memory_budget_mb: float | None = None, seed: int | None = None, first_row: int = 0,
+                     prior_temperature: float = 1.0) -> SMCResult:
     """Test-time SMC with ``num_samples`` trajectories of ``depth`` (default ``model.n_sup``) steps for
     each input of ``x [B, S]`` (module docstring). Arguments as
     :func:`gram_pyro.inference.sample_trajectories`; a chunk holds all ``N`` trajectories of as many
@@ -183,7 +185,8 @@ def smc_trajectories(model, x: torch.Tensor, num_samples: int, options: SMCOptio
     if not model.stochastic:
         raise UserError("select=smc needs a stochastic model (noise != none): a deterministic model's "
                         "trajectories are all the same")
-    depth, memory_budget_mb, seed = resolve_sampling(model, x, num_samples, depth, memory_budget_mb, seed)
+    depth, memory_budget_mb, seed = resolve_sampling(model, x, num_samples, depth, memory_budget_mb, seed,
+                                                     prior_temperature)
     batch = x.shape[0]
     check_result_size(num_samples, batch, x.shape[-1], 0, x.device)
     per_chunk = max(1, int(memory_budget_mb * 2**20 // (num_samples * trajectory_bytes(model, 1))))
@@ -195,7 +198,7 @@ def smc_trajectories(model, x: torch.Tensor, num_samples: int, options: SMCOptio
         resampler = KeyedRandom(seed, range(RESAMPLER_LANE, RESAMPLER_LANE + 1), global_rows, x.device,
                                 torch.float64)
         parts.append(_smc_chunk(model, x[rows], None if puzzle is None else puzzle[rows], depth, options, keyed,
-                                resampler))
+                                resampler, prior_temperature))
     survivors = {key: torch.cat([part[0][key] for part in parts], 1) for key in parts[0][0]}
     steps = torch.full((num_samples, batch), depth, dtype=torch.long, device=x.device)
     trajectories = Trajectories(seed=seed, steps=steps, **survivors)

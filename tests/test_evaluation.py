@@ -44,6 +44,21 @@ def test_eval_writes_metrics_that_the_samples_reproduce(nqueens_run, tmp_path, c
     assert report["metrics"]["pass@3"]["mean"] == pytest.approx(valid.amax(0).mean().item())
 
 
+def test_eval_at_a_prior_temperature_records_it_and_refuses_a_bad_one(nqueens_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for rule in ("vote", "smc"):  # near zero every trajectory (every SMC survivor) follows the prior's mean
+        assert main(["eval", f"run={nqueens_run}", "samples=4", "inputs=6", f"select={rule}",
+                     "prior_temperature=1e-6"]) == 0
+        assert "prior temperature 1e-06" in capsys.readouterr().out
+        out = nqueens_run / "eval" / f"test-N4-d{load_run(nqueens_run).model.n_sup}-{rule}-T1e-06"
+        answers = np.load(out / "samples.npz")["answers"]
+        assert json.loads((out / "metrics.json").read_text())["prior_temperature"] == 1e-6
+        assert (answers == answers[:1]).all()
+    assert main(["eval", f"run={nqueens_run}", "samples=4", "inputs=6", "prior_temperature=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prior_temperature=0" in err and "above 0" in err
+
+
 def test_solve_round_trips_a_user_file(nqueens_run, tmp_path, capsys):
     source = tmp_path / "boards.jsonl"
     source.write_text('{"n": 6, "queens": [[0, 1]]}\n# a comment\n{"n": 6, "queens": []}\n')

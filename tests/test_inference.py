@@ -196,6 +196,32 @@ def test_keyed_noise_draws_prior_loc_plus_scale_times_keyed_normal(x):
     assert torch.equal(rows, z[1:3, 1:3])
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_keyed_noise_at_a_temperature_scales_the_prior_spread(x, temperature):
+    model = tiny_model()
+    values = {}
+    for t in (1.0, temperature):
+        keyed = KeyedRandom(7, range(3), range(BATCH), x.device, torch.float32)
+        with poutine.trace() as tracer, pyro.plate("trajectories", 3, dim=-2), \
+                KeyedNoise(model.noise_sites, keyed, temperature=t):
+            state = {}
+            model.init(state, x)
+            model.step(state, x)
+        site = tracer.trace.nodes["eps/0/0"]  # the first site: its loc and scale do not depend on earlier noise
+        values[t], loc = site["value"], site["fn"].base_dist.loc
+    torch.testing.assert_close(values[temperature] - loc, temperature * (values[1.0] - loc))
+
+
+def test_prior_temperature_spreads_or_collapses_the_trajectories(x):
+    model = tiny_model()
+    default = sample_trajectories(model, x, N, seed=3)
+    assert_same(default, sample_trajectories(model, x, N, seed=3, prior_temperature=1.0))
+    assert differ(default.answers)
+    collapsed = sample_trajectories(model, x, N, seed=3, prior_temperature=1e-6)  # every trajectory at the mean
+    assert not differ(collapsed.answers)
+    torch.testing.assert_close(collapsed.value, collapsed.value[:1].expand_as(collapsed.value))
+
+
 def splitmix64_reference(z: int) -> int:
     """SplitMix64's finalizer on Python integers (unsigned 64-bit words)."""
     mask = 2**64 - 1
@@ -294,6 +320,9 @@ def test_bad_sizes_are_user_errors(x):
         sample_trajectories(tiny_model(), x, 0)
     with pytest.raises(UserError, match="memory_budget_mb must be positive"):
         sample_trajectories(tiny_model(), x, N, memory_budget_mb=0)
+    for temperature in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(UserError, match="prior_temperature must be a positive finite number"):
+            sample_trajectories(tiny_model(), x, N, prior_temperature=temperature)
 
 
 def test_network_dtype_resolves_auto_from_the_hardware_and_rejects_unknown_names(monkeypatch):

@@ -26,6 +26,8 @@ FIXTURE = {
         "GRAM": {"accuracy": {"mean": 0.8823, "ci95": [0.8613, 0.9033]},
                  "coverage@20": {"mean": 0.9451, "ci95": [0.9351, 0.9551]}, "by_solutions": {}},
         "PTRM": {"accuracy": {"mean": 0.75, "ci95": None}, "coverage@20": {"mean": 0.7, "ci95": [None, None]}},
+        "GRAM T=1.3": {"accuracy": {"mean": 0.87, "ci95": [0.85, 0.89]},
+                       "coverage@20": {"mean": 0.96, "ci95": [0.95, 0.97]}, "by_solutions": {}},
     },
 }
 
@@ -52,7 +54,7 @@ def test_every_recipe_composes_with_both_train_configs(tmp_path):
 
 def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "nqueens-cpu"
-    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY]
+    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "eval.prior_temperatures=[0.5]"]
     assert reproduce.main([*argv, "trainer.max_batches=1"]) == 0
     assert reproduce.main([*argv, "trainer.max_batches=2"]) == 0
     assert "GRAM: resuming at batch 1" in capsys.readouterr().out
@@ -67,7 +69,7 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert {"task", "budget", "device", "wall_seconds", "test_inputs", "samples", "recipe", "models"} <= set(results)
     assert (results["task"], results["budget"], results["test_inputs"], results["samples"]) == ("nqueens", "cpu", 5, 3)
     assert results["recipe"]["gram"][:2] == ["model=gram", "guide=gaussian"] and "model.dim=16" in results["recipe"]["overrides"]
-    assert set(results["models"]) == {"GRAM", "TRM", "PTRM"}
+    assert set(results["models"]) == {"GRAM", "TRM", "PTRM", "GRAM T=0.5"}
     for metrics in results["models"].values():
         for name in ["accuracy", "coverage@3", "pass@3", "vote@3"]:
             low, high = metrics[name]["ci95"]
@@ -75,6 +77,8 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
         assert isinstance(metrics["by_solutions"], dict)
     assert results["wall_seconds"] >= sum(results["seconds"]["train"].values()) > 0
     assert (out / "eval" / "PTRM-test" / "metrics.json").is_file()
+    tempered = json.loads((out / "eval" / "GRAM-T=0.5-test" / "metrics.json").read_text())
+    assert tempered["prior_temperature"] == 0.5 and tempered["run"] == str(out / "gram")
 
 
 @pytest.mark.parametrize("native, model, expected", [
@@ -125,6 +129,8 @@ def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
     (["task=nqueens"], "budget=<name> is required"),
     (["task=nqueens", "budget=cpu", "eval.select=[best]"], "unknown selector 'best' in eval.select"),
     (["task=nqueens", "budget=cpu", "eval.bogus=1"], "unknown config key 'eval.bogus'"),
+    (["task=nqueens", "budget=cpu", "eval.prior_temperatures=[1]"], "must list positive numbers other than 1"),
+    (["task=nqueens", "budget=cpu", "eval.prior_temperatures=[-0.5]"], "must list positive numbers other than 1"),
     (["task=nqueens", "budget=cpu", "publish=yes"], "publish='yes'; allowed: true, false"),
     (["task=nqueens", "budget=cpu", "train.trainer.max_batches=2"], "a dotted key cannot reach into a list"),
 ])
@@ -149,7 +155,8 @@ def test_results_table_renders_a_fixture_deterministically(tmp_path, capsys):
     assert "| N-Queens 8x8 | cpu | cpu (2 cores) | GRAM | 88.2 ± 2.1 | 94.5 ± 1.0 | accuracy 99.7, coverage 90.3 |" in text
     assert "| N-Queens 8x8 | cpu | cpu (2 cores) | TRM | 74.0 ± 3.0 | 69.5 ± 1.5 | accuracy 66.8, coverage 36.1 |" in text
     assert "| PTRM | 75.0 | 70.0 |  |" in text
-    assert text.index("| GRAM |") < text.index("| TRM |") < text.index("| PTRM |")
+    rows = ["| GRAM |", "| GRAM T=1.3 | 87.0 ± 2.0 |", "| TRM |", "| PTRM |"]
+    assert [text.index(row) for row in rows] == sorted(text.index(row) for row in rows)
     assert "- `nqueens-cpu`: 772 test inputs, 20 prior trajectories each; 30.5 min in all on cpu (2 cores)" in text
     assert results_table.main([*args, "--check"]) == 0
     assert results_table.main(args) == 0 and page.read_text() == text
