@@ -14,7 +14,8 @@ kept as it is; one that stopped early, or whose config differs only in ``trainer
 ``trainer.threads``, is resumed from its checkpoint, so an interrupted reproduction continues where it
 stopped; one of another config is a one-line error (nothing is replaced). Then it scores,
 on every input of each ``eval.splits`` split (or ``eval.inputs`` of them), ``eval.samples`` answers
-per input decoded along prior trajectories (:func:`gram_pyro.evaluation.evaluate_run`, EMA weights):
+per input decoded along prior trajectories of ``eval.depth`` supervision steps (null: the trained
+depth; :func:`gram_pyro.evaluation.evaluate_run`, EMA weights):
 
 * ``GRAM`` and ``TRM`` (deterministic: its answers are one answer repeated);
 * ``PTRM``: the TRM run with ``N(0, eval.ptrm_sigma^2)`` noise on ``h`` after each step (no training);
@@ -34,7 +35,8 @@ Metrics (mean and 95% interval over inputs; set-level scores have no interval):
   valid grids of the 288), ``inception_score``, ``fid`` and whatever else the task scores.
 
 Writes ``<out>/results.json`` (``task``, ``budget``, ``device``, ``wall_seconds``, ``test_inputs``,
-``samples``, ``recipe``, ``seconds``, ``models``; other splits under ``splits``), each evaluation's
+``samples``, ``depth``, ``trained_depth``, ``recipe``, ``seconds``, ``models``; other splits under
+``splits``), each evaluation's
 ``metrics.json`` and ``samples.npz`` under ``<out>/eval/<model>-<split>/``, and with ``publish=true`` a
 copy of the results as ``docs/results/<task>-<budget>.json`` (``experiments/results_table.py`` renders
 ``docs/results.md`` from those). ``wall_seconds`` is the training time of both runs (each run's
@@ -44,7 +46,6 @@ checkpoint keeps it across resumed invocations) plus this invocation's evaluatio
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -57,6 +58,7 @@ from omegaconf import DictConfig, OmegaConf
 from gram_pyro.experiments.results_table import markdown_table
 from gram_pyro.config import UserError, command_line, compose_config, group_options
 from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, write_evaluation
+from gram_pyro.inference import is_positive_finite
 from gram_pyro.nn import native_bf16
 from gram_pyro.run import load_run
 from gram_pyro.selection import SELECTORS, select
@@ -116,22 +118,21 @@ def check_eval(settings: DictConfig) -> None:
     def positive_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    def positive_number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
     if not (OmegaConf.is_list(settings.splits) and len(settings.splits) >= 1):
         raise UserError(f"eval.splits={settings.splits} must list at least one split")
     if not (settings.inputs is None or positive_int(settings.inputs)):
         raise UserError(f"eval.inputs={settings.inputs!r}; allowed: null (every input) or an integer >= 1")
     if not positive_int(settings.samples):
         raise UserError(f"eval.samples={settings.samples!r}; allowed: an integer >= 1")
+    if not (settings.depth is None or positive_int(settings.depth)):
+        raise UserError(f"eval.depth={settings.depth!r}; allowed: null (the trained depth) or an integer >= 1")
     unknown = [rule for rule in settings.select if rule not in SELECTORS]
     if unknown:
         raise UserError(f"unknown selector {unknown[0]!r} in eval.select; allowed: {', '.join(SELECTORS)}")
-    if not positive_number(settings.ptrm_sigma):
+    if not is_positive_finite(settings.ptrm_sigma):
         raise UserError(f"eval.ptrm_sigma={settings.ptrm_sigma!r} must be a positive number")
     temperatures = settings.prior_temperatures
-    if not (OmegaConf.is_list(temperatures) and all(positive_number(t) and t != 1 for t in temperatures)):
+    if not (OmegaConf.is_list(temperatures) and all(is_positive_finite(t) and t != 1 for t in temperatures)):
         raise UserError(f"eval.prior_temperatures={temperatures} must list positive numbers other than 1 "
                         f"(1 is the GRAM row itself)")
 
@@ -207,11 +208,12 @@ def num_inputs(task, split: str, settings: DictConfig) -> int:
 
 def evaluate_model(loaded, split: str, settings: DictConfig, out_dir: Path, perturbation=None,
                    prior_temperature: float = 1.0) -> dict:
-    """Sample ``settings.samples`` prior trajectories (at ``prior_temperature``) for the scored inputs of
-    ``split``, write the evaluation's files to ``out_dir`` and return the metrics."""
+    """Sample ``settings.samples`` prior trajectories of ``settings.depth`` supervision steps (at
+    ``prior_temperature``) for the scored inputs of ``split``, write the evaluation's files to ``out_dir``
+    and return the metrics."""
     inputs = num_inputs(loaded.task, split, settings)
-    report, arrays = evaluate_run(loaded, split, inputs, settings.samples, perturbation=perturbation,
-                                  prior_temperature=prior_temperature)
+    report, arrays = evaluate_run(loaded, split, inputs, settings.samples, depth=settings.depth,
+                                  perturbation=perturbation, prior_temperature=prior_temperature)
     write_evaluation(report, arrays, out_dir)
     tensors = {k: torch.from_numpy(arrays[k]) for k in ("index", "answers", "value", "halt_logit")}
     return answer_metrics(loaded.task, split, tensors["index"], tensors["answers"], tensors["value"],
@@ -237,7 +239,8 @@ def evaluate_split(runs: dict, split: str, settings: DictConfig, out: Path) -> d
     models = {}
     for name, (loaded, perturbation, temperature) in evaluations.items():
         started = time.time()
-        print(f"evaluating {name} on {split}: {inputs} inputs x {settings.samples} prior trajectories", flush=True)
+        print(f"evaluating {name} on {split}: {inputs} inputs x {settings.samples} prior trajectories"
+              + (f" of depth {settings.depth}" if settings.depth else ""), flush=True)
         models[name] = evaluate_model(loaded, split, settings, out / "eval" / f"{name.replace(' ', '-')}-{split}",
                                       perturbation, temperature)
         print(f"  {time.time() - started:.0f} s", flush=True)
@@ -261,9 +264,11 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
     first, *others = recipe.eval.splits
     scored = {split: evaluate_split(runs, split, recipe.eval, out) for split in recipe.eval.splits}
     eval_seconds = time.time() - started
+    trained_depth = runs["GRAM"].model.n_sup
     results = {"task": task, "budget": budget, "device": device_name(runs["GRAM"].device),
                "wall_seconds": round(sum(train_seconds.values()) + eval_seconds, 1),
                "test_inputs": scored[first]["inputs"], "samples": recipe.eval.samples,
+               "depth": recipe.eval.depth or trained_depth, "trained_depth": trained_depth,
                "recipe": {**OmegaConf.to_container(recipe, resolve=True), "overrides": extra},
                "seconds": {"train": {k: round(v, 1) for k, v in train_seconds.items()},
                            "eval": round(eval_seconds, 1)},

@@ -195,7 +195,9 @@ def note(result: dict) -> str:
     name = f"{result['task']}-{result['budget']}"
     inputs = " and ".join(f"{n} {split} inputs" for split, n, _ in sections(result))
     extra = result.get("recipe", {}).get("overrides", [])
-    return (f"- `{name}`: {inputs}, {result['samples']} prior trajectories each; "
+    depth, trained = result.get("depth"), result.get("trained_depth")
+    deeper = f" of {depth} supervision steps (trained with {trained})" if depth != trained else ""
+    return (f"- `{name}`: {inputs}, {result['samples']} prior trajectories each{deeper}; "
             f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}; recipe "
             f"`experiments/configs/reproduce/{name}.yaml`" + (f" with `{' '.join(extra)}`" if extra else "") + ".")
 

@@ -105,6 +105,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_positive_finite(value) -> bool:
+    """Whether ``value`` is a finite int or float above 0 (a bool is not a number here)."""
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
 @dataclass(frozen=True)
 class Perturbation:
     """A test-time source of randomness (see the module docstring): ``kind`` in ``ptrm`` | ``decoder``
@@ -122,7 +127,7 @@ class Perturbation:
             raise UserError(f"unknown perturbation latent which={self.which!r}; allowed: {', '.join(LATENTS)}")
         for name in ("sigma", "temperature"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
+            if not is_positive_finite(value):
                 raise UserError(f"perturbation {name} must be a positive finite number, got {value!r}")
 
     @property
@@ -403,7 +408,7 @@ def resolve_sampling(model, x: torch.Tensor, num_samples: int, depth: int | None
     depth = model.n_sup if depth is None else depth
     if num_samples < 1 or depth < 1:
         raise UserError(f"need at least one trajectory and one step, got num_samples={num_samples}, depth={depth}")
-    if not (_is_number(prior_temperature) and math.isfinite(prior_temperature) and prior_temperature > 0):
+    if not is_positive_finite(prior_temperature):
         raise UserError(f"prior_temperature must be a positive finite number, got {prior_temperature!r}")
     if memory_budget_mb is None:
         memory_budget_mb = default_memory_budget_mb(x.device)

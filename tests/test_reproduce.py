@@ -54,7 +54,7 @@ def test_every_recipe_composes_with_both_train_configs(tmp_path):
 
 def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "nqueens-cpu"
-    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "eval.prior_temperatures=[0.5]"]
+    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "eval.prior_temperatures=[0.5]", "eval.depth=3"]
     assert reproduce.main([*argv, "trainer.max_batches=1"]) == 0
     assert reproduce.main([*argv, "trainer.max_batches=2"]) == 0
     assert "GRAM: resuming at batch 1" in capsys.readouterr().out
@@ -68,6 +68,8 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert (tmp_path / "published" / "nqueens-cpu.json").read_text() == (out / "results.json").read_text()
     assert {"task", "budget", "device", "wall_seconds", "test_inputs", "samples", "recipe", "models"} <= set(results)
     assert (results["task"], results["budget"], results["test_inputs"], results["samples"]) == ("nqueens", "cpu", 5, 3)
+    assert (results["depth"], results["trained_depth"]) == (3, 2)
+    assert "3 prior trajectories each of 3 supervision steps (trained with 2)" in results_table.note(results)
     assert results["recipe"]["gram"][:2] == ["model=gram", "guide=gaussian"] and "model.dim=16" in results["recipe"]["overrides"]
     assert set(results["models"]) == {"GRAM", "TRM", "PTRM", "GRAM T=0.5"}
     for metrics in results["models"].values():
@@ -78,7 +80,7 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert results["wall_seconds"] >= sum(results["seconds"]["train"].values()) > 0
     assert (out / "eval" / "PTRM-test" / "metrics.json").is_file()
     tempered = json.loads((out / "eval" / "GRAM-T=0.5-test" / "metrics.json").read_text())
-    assert tempered["prior_temperature"] == 0.5 and tempered["run"] == str(out / "gram")
+    assert tempered["prior_temperature"] == 0.5 and tempered["run"] == str(out / "gram") and tempered["depth"] == 3
 
 
 @pytest.mark.parametrize("native, model, expected", [
@@ -131,6 +133,7 @@ def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
     (["task=nqueens", "budget=cpu", "eval.bogus=1"], "unknown config key 'eval.bogus'"),
     (["task=nqueens", "budget=cpu", "eval.prior_temperatures=[1]"], "must list positive numbers other than 1"),
     (["task=nqueens", "budget=cpu", "eval.prior_temperatures=[-0.5]"], "must list positive numbers other than 1"),
+    (["task=nqueens", "budget=cpu", "eval.depth=0"], "eval.depth=0; allowed: null (the trained depth) or an"),
     (["task=nqueens", "budget=cpu", "publish=yes"], "publish='yes'; allowed: true, false"),
     (["task=nqueens", "budget=cpu", "train.trainer.max_batches=2"], "a dotted key cannot reach into a list"),
 ])
