@@ -36,11 +36,13 @@ Metrics (mean and 95% interval over inputs; set-level scores have no interval):
 
 Writes ``<out>/results.json`` (``task``, ``budget``, ``device``, ``wall_seconds``, ``test_inputs``,
 ``samples``, ``depth``, ``trained_depth``, ``recipe``, ``seconds``, ``models``; other splits under
-``splits``), each evaluation's
-``metrics.json`` and ``samples.npz`` under ``<out>/eval/<model>-<split>/``, and with ``publish=true`` a
-copy of the results as ``docs/results/<task>-<budget>.json`` (``experiments/results_table.py`` renders
-``docs/results.md`` from those). ``wall_seconds`` is the training time of both runs (each run's
-checkpoint keeps it across resumed invocations) plus this invocation's evaluation.
+``splits``), each evaluation's ``metrics.json`` and ``samples.npz`` under
+``<out>/eval/<model>-<split>/`` (a rerun keeps an evaluation written there after its run's last
+checkpoint with the same settings, so a reproduction stopped while scoring continues), and with
+``publish=true`` a copy of the results as ``docs/results/<task>-<budget>.json``
+(``experiments/results_table.py`` renders ``docs/results.md`` from those). ``wall_seconds`` is the
+training time of both runs (each run's checkpoint keeps it across resumed invocations) plus the
+evaluation: this invocation's, and the sampling time of evaluations it kept from an earlier one.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -206,18 +210,50 @@ def num_inputs(task, split: str, settings: DictConfig) -> int:
     return size if settings.inputs is None else min(settings.inputs, size)
 
 
+def kept_evaluation(out_dir: Path, run_dir: Path, request: dict) -> tuple[dict, dict] | None:
+    """``(report, arrays)`` of the evaluation in ``out_dir`` where it was written after the run's last
+    checkpoint with the settings of ``request`` (the keys of a report it must match), else ``None``."""
+    report_file, arrays_file, checkpoint = out_dir / "metrics.json", out_dir / "samples.npz", run_dir / "checkpoint.pt"
+    if not (report_file.is_file() and arrays_file.is_file() and checkpoint.is_file()):
+        return None
+    if min(report_file.stat().st_mtime, arrays_file.stat().st_mtime) < checkpoint.stat().st_mtime:
+        return None
+    try:
+        report = json.loads(report_file.read_text())
+        with np.load(arrays_file) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    if any(report.get(key) != value for key, value in request.items()):
+        return None
+    return report, arrays
+
+
 def evaluate_model(loaded, split: str, settings: DictConfig, out_dir: Path, perturbation=None,
-                   prior_temperature: float = 1.0) -> dict:
+                   prior_temperature: float = 1.0) -> tuple[dict, float]:
     """Sample ``settings.samples`` prior trajectories of ``settings.depth`` supervision steps (at
-    ``prior_temperature``) for the scored inputs of ``split``, write the evaluation's files to ``out_dir``
-    and return the metrics."""
+    ``prior_temperature``) for the scored inputs of ``split`` and write the evaluation's files to
+    ``out_dir``, or keep the files there if they were written after the run's last checkpoint with these
+    settings (a reproduction stopped while scoring continues where it stopped). Returns the metrics and
+    the sampling seconds of a kept evaluation (0 for one made now)."""
     inputs = num_inputs(loaded.task, split, settings)
-    report, arrays = evaluate_run(loaded, split, inputs, settings.samples, depth=settings.depth,
-                                  perturbation=perturbation, prior_temperature=prior_temperature)
-    write_evaluation(report, arrays, out_dir)
+    request = {"run": str(loaded.run_dir), "split": split, "inputs": inputs, "samples": settings.samples,
+               "depth": settings.depth or loaded.model.n_sup, "select": "vote", "halting": False, "seed": 0,
+               "prior_temperature": prior_temperature, "perturbation": perturbation}
+    kept = kept_evaluation(out_dir, loaded.run_dir, request)
+    if kept is None:
+        report, arrays = evaluate_run(loaded, split, inputs, settings.samples, depth=settings.depth,
+                                      perturbation=perturbation, prior_temperature=prior_temperature)
+        write_evaluation(report, arrays, out_dir)
+        kept_seconds = 0.0
+    else:
+        print(f"  kept the evaluation in {out_dir} (written after the run's last checkpoint, same settings)",
+              flush=True)
+        (report, arrays), kept_seconds = kept, kept[0]["sampling_seconds"]
     tensors = {k: torch.from_numpy(arrays[k]) for k in ("index", "answers", "value", "halt_logit")}
-    return answer_metrics(loaded.task, split, tensors["index"], tensors["answers"], tensors["value"],
-                          tensors["halt_logit"], list(settings.select))
+    metrics = answer_metrics(loaded.task, split, tensors["index"], tensors["answers"], tensors["value"],
+                             tensors["halt_logit"], list(settings.select))
+    return metrics, kept_seconds
 
 
 def data_metrics(task, split: str) -> dict:
@@ -229,24 +265,27 @@ def data_metrics(task, split: str) -> dict:
 
 
 def evaluate_split(runs: dict, split: str, settings: DictConfig, out: Path) -> dict:
-    """``{"inputs": scored inputs, "models": {model: metrics}}`` on ``split`` for GRAM, TRM, PTRM, GRAM at
-    each of ``settings.prior_temperatures`` and (``settings.data``) the data."""
+    """``{"inputs": scored inputs, "models": {model: metrics}, "kept_seconds": sampling seconds of the
+    evaluations kept from an earlier invocation}`` on ``split`` for GRAM, TRM, PTRM, GRAM at each of
+    ``settings.prior_temperatures`` and (``settings.data``) the data."""
     trm = runs["TRM"]
     evaluations = {**{name: (loaded, None, 1.0) for name, loaded in runs.items()},
                    "PTRM": (trm, {"kind": "ptrm", "sigma": settings.ptrm_sigma, "which": "h"}, 1.0),
                    **{f"GRAM T={t:g}": (runs["GRAM"], None, t) for t in settings.prior_temperatures}}
     inputs = num_inputs(trm.task, split, settings)
-    models = {}
+    models, kept_seconds = {}, 0.0
     for name, (loaded, perturbation, temperature) in evaluations.items():
         started = time.time()
         print(f"evaluating {name} on {split}: {inputs} inputs x {settings.samples} prior trajectories"
               + (f" of depth {settings.depth}" if settings.depth else ""), flush=True)
-        models[name] = evaluate_model(loaded, split, settings, out / "eval" / f"{name.replace(' ', '-')}-{split}",
-                                      perturbation, temperature)
+        models[name], kept = evaluate_model(loaded, split, settings,
+                                            out / "eval" / f"{name.replace(' ', '-')}-{split}", perturbation,
+                                            temperature)
+        kept_seconds += kept
         print(f"  {time.time() - started:.0f} s", flush=True)
     if settings.data:
         models["data"] = data_metrics(trm.task, split)
-    return {"inputs": inputs, "models": models}
+    return {"inputs": inputs, "models": models, "kept_seconds": kept_seconds}
 
 
 def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_overrides: list[str],
@@ -263,7 +302,7 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
     runs = {model: load_run(out / key) for model, key in MODELS.items()}
     first, *others = recipe.eval.splits
     scored = {split: evaluate_split(runs, split, recipe.eval, out) for split in recipe.eval.splits}
-    eval_seconds = time.time() - started
+    eval_seconds = time.time() - started + sum(scored[split].pop("kept_seconds") for split in scored)
     trained_depth = runs["GRAM"].model.n_sup
     results = {"task": task, "budget": budget, "device": device_name(runs["GRAM"].device),
                "wall_seconds": round(sum(train_seconds.values()) + eval_seconds, 1),

@@ -57,11 +57,14 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "eval.prior_temperatures=[0.5]", "eval.depth=3"]
     assert reproduce.main([*argv, "trainer.max_batches=1"]) == 0
     assert reproduce.main([*argv, "trainer.max_batches=2"]) == 0
-    assert "GRAM: resuming at batch 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "GRAM: resuming at batch 1" in printed and "kept the evaluation" not in printed  # newer checkpoints
+    first = json.loads((out / "results.json").read_text())
     monkeypatch.setattr(reproduce, "PUBLISHED", tmp_path / "published")
     assert reproduce.main([*argv, "trainer.max_batches=2", "publish=true"]) == 0
     printed = capsys.readouterr().out
     assert "GRAM: " in printed and "holds the finished run (2 batches); kept" in printed
+    assert printed.count("kept the evaluation in") == 4  # GRAM, TRM, PTRM, GRAM T=0.5: same runs, same settings
     assert "| N-Queens 8x8 | cpu | cpu (" in printed
 
     results = json.loads((out / "results.json").read_text())
@@ -81,6 +84,11 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert (out / "eval" / "PTRM-test" / "metrics.json").is_file()
     tempered = json.loads((out / "eval" / "GRAM-T=0.5-test" / "metrics.json").read_text())
     assert tempered["prior_temperature"] == 0.5 and tempered["run"] == str(out / "gram") and tempered["depth"] == 3
+    assert results["models"] == first["models"]  # the kept evaluations score as they did
+    assert results["seconds"]["eval"] >= sum(json.loads((out / "eval" / f"{name}-test" / "metrics.json").read_text())
+                                             ["sampling_seconds"] for name in ("GRAM", "TRM", "PTRM", "GRAM-T=0.5"))
+    assert reproduce.main([*argv, "trainer.max_batches=2", "eval.samples=2"]) == 0
+    assert "kept the evaluation" not in capsys.readouterr().out  # other settings: scored again
 
 
 @pytest.mark.parametrize("native, model, expected", [
