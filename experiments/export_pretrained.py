@@ -6,7 +6,8 @@ Writes ``config.yaml`` (the run's, with ``trainer.device=auto`` so it loads on a
 ``weights.pt`` (the model's and guide's state dicts holding the EMA weights; no optimizer, no RNG) and
 ``check.json``: the GRAM accuracy of ``results`` (the whole-test-split figure the weights stand for)
 and the accuracy of the exported weights on :data:`CHECK_INPUTS` held-out inputs with
-:data:`CHECK_SAMPLES` prior trajectories each, with its 95% interval, which ``tests/test_pretrained.py``
+:data:`CHECK_SAMPLES` prior trajectories each, as deep as the results' trajectories (their ``depth``;
+the trained depth without results), with its 95% interval, which ``tests/test_pretrained.py``
 reproduces. Load them with ``gram-pyro eval pretrained=<name>`` (or ``solve`` / ``sample``).
 """
 
@@ -37,14 +38,15 @@ def export(run: Path, name: str, results: Path | None) -> Path:
     save_checkpoint(out / "weights.pt", {"model": loaded.model.state_dict(), "guide": loaded.guide.state_dict()})
     if (out / "weights.pt").stat().st_size > MAX_BYTES:
         raise UserError(f"{out / 'weights.pt'} is over {MAX_BYTES // 2**20} MB")
-    shipped = load_run(out, "cpu")  # what users get, checked on what they load
-    report, _ = evaluate_run(shipped, "test", CHECK_INPUTS, CHECK_SAMPLES)
-    check = {"inputs": CHECK_INPUTS, "samples": CHECK_SAMPLES, "metric": "sample_accuracy",
-             **{k: report["metrics"]["sample_accuracy"][k] for k in ("mean", "ci95")}}
-    recorded = None
+    recorded, depth = None, None
     if results is not None:
-        recorded = json.loads(results.read_text())["models"]["GRAM"]
-        recorded = {"file": str(results), "accuracy": recorded.get("accuracy", recorded.get("validity"))}
+        published = json.loads(results.read_text())
+        gram, depth = published["models"]["GRAM"], published.get("depth")
+        recorded = {"file": str(results), "accuracy": gram.get("accuracy", gram.get("validity"))}
+    shipped = load_run(out, "cpu")  # what users get, checked on what they load
+    report, _ = evaluate_run(shipped, "test", CHECK_INPUTS, CHECK_SAMPLES, depth=depth)
+    check = {"inputs": CHECK_INPUTS, "samples": CHECK_SAMPLES, "depth": report["depth"], "metric": "sample_accuracy",
+             **{k: report["metrics"]["sample_accuracy"][k] for k in ("mean", "ci95")}}
     (out / "check.json").write_text(json.dumps({"source": str(run), "results": recorded, "check": check},
                                                indent=2) + "\n")
     return out

@@ -21,7 +21,7 @@ def test_shipped_weights_reproduce_their_recorded_accuracy(name):
     record = json.loads((PRETRAINED / name / "check.json").read_text())
     check = record["check"]
     loaded = load_run(pretrained_dir(name), "cpu")
-    report, _ = evaluate_run(loaded, "test", check["inputs"], check["samples"])
+    report, _ = evaluate_run(loaded, "test", check["inputs"], check["samples"], depth=check.get("depth"))
     low, high = check["ci95"]
     assert low <= report["metrics"][check["metric"]]["mean"] <= high
     recorded_low, recorded_high = record["results"]["accuracy"]["ci95"]

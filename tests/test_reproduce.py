@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gram_pyro.experiments import reproduce, results_table
+from gram_pyro.experiments import export_pretrained, reproduce, results_table
 from gram_pyro.checkpoint import FORMAT, REQUIRED
 from gram_pyro.config import compose_config, group_options
 from gram_pyro.training import config_differences, training_seconds
@@ -211,3 +211,13 @@ def test_results_table_renders_the_shortcut_checks_and_rejects_a_foreign_summary
     (folder / "shortcut" / "x.json").write_text(json.dumps({"task": "coloring"}))
     assert results_table.main(["--results", str(folder), "--out", str(page)]) == 2
     assert "x.json: not a diagnose summary" in capsys.readouterr().err
+
+
+def test_exported_weights_are_checked_as_deep_as_their_results(tmp_path, monkeypatch):
+    out = tmp_path / "nqueens-cpu"
+    assert reproduce.main(["task=nqueens", "budget=cpu", f"out={out}", *TINY, "trainer.max_batches=1",
+                           "eval.depth=3"]) == 0
+    monkeypatch.setattr(export_pretrained, "PRETRAINED", tmp_path / "pretrained")
+    shipped = export_pretrained.export(out / "gram", "tiny", out / "results.json")
+    record = json.loads((shipped / "check.json").read_text())
+    assert record["check"]["depth"] == 3 and record["results"]["file"] == str(out / "results.json")
