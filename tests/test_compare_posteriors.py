@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gram_pyro.config import compose_config
+from gram_pyro.experiments import reproduce
 from gram_pyro.experiments.compare_posteriors import Pair, compare_posteriors, main, pair_config, plan, transitions_spent
 
 TINY = ["task.n=6", "task.removals=[2,3]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
@@ -217,3 +218,17 @@ def test_the_steps_preset_gives_the_particle_schemes_the_surrogate_s_optimizer_s
         assert cfg.trainer.max_batches == base["gaussian-truncated"].trainer.max_batches == 500
         cfg.trainer.max_batches = base[name].trainer.max_batches
         assert cfg == base[name]  # the same run as in the comparison but for its length
+
+
+def test_the_coloring_preset_s_recipe_pair_is_the_reproduction_s_gram_run_at_its_cost(tmp_path):
+    settings = compose_config("compare_posteriors", ["comparison=coloring"])
+    runs = {pair.name: cfg for pair, cfg in plan(settings, ["comparison=coloring"])}
+    reproduction = reproduce.run_config(compose_config("reproduce/coloring-cpu", []), "gram", tmp_path, [])
+    trained = runs["gaussian-truncated-recipe"]
+    for section in ("task", "model", "guide", "objective"):
+        assert trained[section] == reproduction[section], section
+    for key in ("batch_size", "max_batches", "lr", "warmup_steps", "lr_schedule"):
+        assert trained.trainer[key] == reproduction.trainer[key], key  # 600 + 2 x 200 = 1,000 batches' worth
+    assert runs["gaussian-truncated"].trainer.max_batches == runs["prior-truncated"].trainer.max_batches == 1000
+    assert runs["gaussian-smc-first-step"].trainer.max_batches == 250  # 4 particles
+    assert {cfg.guide.posterior_steps for name, cfg in runs.items() if name.endswith("first-step")} == {1}
