@@ -249,7 +249,8 @@ def evaluate_model(loaded, split: str, settings: DictConfig, out_dir: Path, pert
     else:
         print(f"  kept the evaluation in {out_dir} (written after the run's last checkpoint, same settings)",
               flush=True)
-        (report, arrays), kept_seconds = kept, kept[0]["sampling_seconds"]
+        report, arrays = kept
+        kept_seconds = report["sampling_seconds"]
     tensors = {k: torch.from_numpy(arrays[k]) for k in ("index", "answers", "value", "halt_logit")}
     metrics = answer_metrics(loaded.task, split, tensors["index"], tensors["answers"], tensors["value"],
                              tensors["halt_logit"], list(settings.select))
