@@ -140,9 +140,16 @@ class ReasoningNet(nn.Module):
         self.compute_dtype: torch.dtype | None = None  # set by network_precision
 
     def forward(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        return self.run_blocks(z + injection)
+
+    def run_blocks(self, z: torch.Tensor) -> torch.Tensor:
+        """``blocks(z)``, the part :func:`compile_networks` compiles. The sum ``z + injection`` stays
+        outside it: the sum is a fresh tensor that requires grad wherever either term does, so one
+        graph per grad mode serves every call, where the two terms' own layouts would each be a
+        guard (the first state is ``z0`` expanded, with stride 0; a truncated step's first call
+        takes a detached state) and cost a recompilation apiece."""
         dtype = z.dtype
         with autocast_to(self.compute_dtype, z.device):
-            z = z + injection
             for block in self.blocks:
                 z = block(z)
         return z.to(dtype)
@@ -212,9 +219,9 @@ outputs: a graph replay overwrites them (on an H200 the training step failed at 
 
 
 def compile_networks(modules: list[nn.Module], mode: str) -> int:
-    """Compile every :class:`ReasoningNet` and :class:`GaussianHead` in ``modules`` in place
-    (``nn.Module.compile``: each call goes through the compiled ``forward``) under ``mode`` (one of
-    :data:`COMPILE_MODES`). These are where the time goes and hold no Pyro effect: the program around
+    """Compile every :class:`ReasoningNet` and :class:`GaussianHead` in ``modules`` in place under
+    ``mode`` (one of :data:`COMPILE_MODES`): a head's ``forward`` (``nn.Module.compile``), a backbone's
+    :meth:`ReasoningNet.run_blocks`. These are where the time goes and hold no Pyro effect: the program around
     them, its sample sites and the guide's messengers stay eager, so every trace is unchanged. Returns
     the number of networks compiled."""
     if mode not in COMPILE_MODES:
@@ -224,7 +231,10 @@ def compile_networks(modules: list[nn.Module], mode: str) -> int:
     torch_mode = None if mode == "default" else "max-autotune-no-cudagraphs"
     nets = {id(m): m for module in modules for m in module.modules() if isinstance(m, (ReasoningNet, GaussianHead))}
     for net in nets.values():
-        net.compile(mode=torch_mode)
+        if isinstance(net, ReasoningNet):
+            net.run_blocks = torch.compile(net.run_blocks, mode=torch_mode)
+        else:
+            net.compile(mode=torch_mode)
     return len(nets)
 
 

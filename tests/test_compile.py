@@ -4,6 +4,7 @@ and ``trainer.precision`` picks the autocast a step runs under."""
 import pyro.poutine as poutine
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from gram_pyro import nn
 from gram_pyro.nn import GaussianHead, ReasoningNet, compile_networks, training_dtype
@@ -26,7 +27,7 @@ def test_compiled_step_matches_the_eager_step_and_keeps_the_sites(one_thread):
     for name, value in eager.model.state_dict().items():
         assert torch.allclose(compiled.model.state_dict()[name], value, atol=1e-5), name
     nets = [m for m in compiled.model.modules() if isinstance(m, ReasoningNet)]
-    assert nets and all(net._compiled_call_impl is not None for net in nets)
+    assert nets and all(hasattr(net.run_blocks, "_torchdynamo_orig_callable") for net in nets)
 
     def sites(run):
         with torch.no_grad():
@@ -75,3 +76,14 @@ def test_a_bf16_step_on_cpu_rounds_but_does_not_change_the_loss(monkeypatch, one
     _, fp32, _ = first_batch("trainer.device=cpu")
     _, bf16, _ = first_batch("trainer.device=cpu", "trainer.precision=bf16")
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05, abs=0.01)
+
+
+def test_a_truncated_step_compiles_one_backbone_graph_per_grad_mode(one_thread):
+    """The backbone sees a stride-0 first state (z0 expanded) and, in a truncated step, detached and
+    attached states; none of that may cost a recompilation: one graph without grad (the first
+    transitions), one with (the last)."""
+    torch._dynamo.reset()
+    run, _, batch = first_batch("trainer.device=cpu", "trainer.compile=default", "objective=truncated")
+    train_batch(run, batch)
+    graphs = _debug_get_cache_entry_list(ReasoningNet.run_blocks.__code__)
+    assert len(graphs) == 2
