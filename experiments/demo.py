@@ -8,7 +8,8 @@ completions of the input). Writes ``results.json`` and ``results.png`` into the 
 
 The two runs train side by side in two processes, each with half of the CPU's cores (``jobs=2``, the
 default where there are at least two cores; on the 2-core machine 305 s against 353 s one after the
-other, from an empty compile cache, docs/performance.md). ``jobs=1`` trains them one after the other.
+other, from an empty compile cache, docs/performance.md); a run that finishes hands its cores to the
+other's final evaluation. ``jobs=1`` trains them one after the other.
 
     python -m gram_pyro.experiments.demo [out=runs/demo] [jobs=1|2] [key=value overrides for both runs]
 """
@@ -60,33 +61,59 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+_training = None
+"""In a worker of :func:`train_models`: the shared count of runs still training (``None`` elsewhere)."""
+
+
+def share_count(training) -> None:
+    """Worker initializer: keep the shared count of runs still training."""
+    global _training
+    _training = training
+
+
+def cores_for_me() -> int:
+    """This run's share of the CPU's cores among the runs still training (itself included)."""
+    return (os.cpu_count() or 1) // max(_training.value, 1)
+
+
 def train_model(cfg: DictConfig, out: Path, position: int) -> dict:
     """Train ``cfg`` into ``out/<noise>``, moving an older run there aside (the demo owns its directory);
-    its final scores and train seconds. ``position`` is the line of its progress bar."""
+    its final scores and train seconds. ``position`` is the line of its progress bar. In a worker of
+    :func:`train_models`, its evaluation takes the cores of the runs that finished before it."""
     run_dir = out / cfg.model.noise
     started = time.time()
-    train(cfg, run_dir, overwrite=True, position=position)
+    try:
+        train(cfg, run_dir, overwrite=True, position=position, eval_threads=None if _training is None else cores_for_me)
+    finally:
+        if _training is not None:
+            with _training.get_lock():
+                _training.value -= 1
     return {**final_scores(run_dir), "train_seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
 
 
-def train_models(configs: dict[str, DictConfig], out: Path, jobs: int) -> dict:
+def train_models(configs: dict[str, DictConfig], out: Path, jobs: int, hand_over: bool = True) -> dict:
     """:func:`train_model` for every config (by model name), ``jobs`` at a time in fresh (spawned)
-    processes; the results by model name."""
+    processes, a finished run's cores handed to the others' evaluations where ``hand_over``; the results
+    by model name."""
     if jobs == 1:
         return {name: train_model(cfg, out, 0) for name, cfg in configs.items()}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    sharing = {"initializer": share_count, "initargs": (context.Value("i", len(configs)),)} if hand_over else {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **sharing) as pool:
         futures = {name: pool.submit(train_model, cfg, out, i) for i, (name, cfg) in enumerate(configs.items())}
         return {name: future.result() for name, future in futures.items()}
 
 
 def run_demo(out: Path, overrides: list[str], jobs: int = 2) -> dict:
-    """Train and score both models (``jobs`` at a time, each with ``cores // jobs`` threads unless
-    ``trainer.threads`` is overridden); write and print the comparison; returns ``results.json``'s content."""
+    """Train and score both models (``jobs`` at a time, each with ``cores // jobs`` threads and the
+    cores of a finished run for its evaluation, unless ``trainer.threads`` is overridden); write and
+    print the comparison; returns ``results.json``'s content."""
     started = time.time()
-    if jobs > 1 and not any(o.startswith("trainer.threads=") for o in overrides):
+    own_threads = any(o.startswith("trainer.threads=") for o in overrides)
+    if jobs > 1 and not own_threads:
         overrides = [*overrides, f"trainer.threads={max((os.cpu_count() or 1) // jobs, 1)}"]
     configs = {name: compose_config("demo", [*choice, *overrides]) for name, choice in MODELS.items()}
-    results = train_models(configs, out, jobs)
+    results = train_models(configs, out, jobs, hand_over=not own_threads)
     # the runs differ only in model and guide: task and trainer are read from GRAM's config
     task, trainer = configs["GRAM"].task, configs["GRAM"].trainer
     summary = {"task": "nqueens", "n": task.n, "removals": list(task.removals),

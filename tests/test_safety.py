@@ -219,6 +219,28 @@ def test_the_demo_reruns_into_its_directory(tmp_path):
     assert sorted(path.name.partition(".old-")[0] for path in tmp_path.glob("*.old-*")) == ["learned", "none"]
 
 
+
+def test_a_demo_run_that_finishes_hands_its_cores_to_the_other_runs_evaluation(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from gram_pyro.experiments import demo
+
+    offered = []
+
+    def train(cfg, run_dir, eval_threads, **kwargs):  # records the threads its evaluation would get
+        offered.append(eval_threads())
+        run_dir.mkdir(parents=True)
+        (run_dir / "eval.csv").write_text("batch,accuracy,coverage\n1,0.5,0.25\n")
+
+    monkeypatch.setattr(demo, "train", train)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(demo, "_training", None)
+    demo.share_count(multiprocessing.Value("i", 2))  # as in a worker of train_models, both runs training
+    config = tiny_config()
+    demo.train_model(config, tmp_path / "first", 0)
+    demo.train_model(config, tmp_path / "second", 1)
+    assert offered == [2, 4] and demo._training.value == 0
+
 def test_the_demo_refuses_a_bad_jobs_value(tmp_path, capsys):
     from gram_pyro.experiments.demo import main as demo
 

@@ -48,6 +48,26 @@ def test_resuming_a_finished_run_changes_none_of_its_rows(tmp_path):
     assert {name: (run / f"{name}.csv").read_text() for name in rows} == rows
 
 
+
+def test_each_evaluation_runs_with_the_threads_eval_threads_gives(tmp_path, monkeypatch):
+    """Runs side by side hand a finished run's cores to the others' evaluations: ``eval_threads`` is
+    asked before every evaluation, and training goes on with its own threads after it."""
+    from gram_pyro import training
+
+    seen = []
+    scores = training.evaluate
+
+    def evaluate(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return scores(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    offered = iter([3, 2])
+    train(tiny_config("trainer.max_batches=2", "trainer.eval_every=1", "trainer.threads=1"), tmp_path / "run",
+          quiet=True, eval_threads=lambda: next(offered))
+    assert seen == [3, 2]
+    assert torch.get_num_threads() == 1
+
 def test_lr_factor_warms_up_then_follows_the_schedule():
     """Warm-up of 4 steps, then 8 more: constant stays at 1; cosine halves the way to ``final`` at the
     middle and ends on it (0.1 + 0.9 (1 + cos(pi / 2)) / 2 = 0.55)."""
