@@ -9,7 +9,7 @@ completions of the input). Writes ``results.json`` and ``results.png`` into the 
 The two runs train side by side in two processes, each with half of the CPU's cores (``jobs=2``, the
 default where there are at least two cores; on the 2-core machine 305 s against 353 s one after the
 other, from an empty compile cache, docs/performance.md); a run that finishes hands its cores to the
-other's final evaluation. ``jobs=1`` trains them one after the other.
+other. ``jobs=1`` trains them one after the other.
 
     python -m gram_pyro.experiments.demo [out=runs/demo] [jobs=1|2] [key=value overrides for both runs]
 """
@@ -66,9 +66,14 @@ _training = None
 
 
 def share_count(training) -> None:
-    """Worker initializer: keep the shared count of runs still training."""
+    """Worker initializer: keep the shared count of runs still training, and compile CPU kernels that
+    take the thread count of the moment rather than the one they were compiled under (inductor's
+    ``cpp.dynamic_threads``), so that a run goes on with the cores another one hands over."""
+    import torch._inductor.config
+
     global _training
     _training = training
+    torch._inductor.config.cpp.dynamic_threads = True
 
 
 def cores_for_me() -> int:
@@ -79,11 +84,11 @@ def cores_for_me() -> int:
 def train_model(cfg: DictConfig, out: Path, position: int) -> dict:
     """Train ``cfg`` into ``out/<noise>``, moving an older run there aside (the demo owns its directory);
     its final scores and train seconds. ``position`` is the line of its progress bar. In a worker of
-    :func:`train_models`, its evaluation takes the cores of the runs that finished before it."""
+    :func:`train_models`, it takes the cores of the runs that finish before it."""
     run_dir = out / cfg.model.noise
     started = time.time()
     try:
-        train(cfg, run_dir, overwrite=True, position=position, eval_threads=None if _training is None else cores_for_me)
+        train(cfg, run_dir, overwrite=True, position=position, threads=None if _training is None else cores_for_me)
     finally:
         if _training is not None:
             with _training.get_lock():
@@ -93,8 +98,7 @@ def train_model(cfg: DictConfig, out: Path, position: int) -> dict:
 
 def train_models(configs: dict[str, DictConfig], out: Path, jobs: int, hand_over: bool = True) -> dict:
     """:func:`train_model` for every config (by model name), ``jobs`` at a time in fresh (spawned)
-    processes, a finished run's cores handed to the others' evaluations where ``hand_over``; the results
-    by model name."""
+    processes, a finished run's cores handed to the others where ``hand_over``; the results by model name."""
     if jobs == 1:
         return {name: train_model(cfg, out, 0) for name, cfg in configs.items()}
     context = multiprocessing.get_context("spawn")
@@ -105,9 +109,9 @@ def train_models(configs: dict[str, DictConfig], out: Path, jobs: int, hand_over
 
 
 def run_demo(out: Path, overrides: list[str], jobs: int = 2) -> dict:
-    """Train and score both models (``jobs`` at a time, each with ``cores // jobs`` threads and the
-    cores of a finished run for its evaluation, unless ``trainer.threads`` is overridden); write and
-    print the comparison; returns ``results.json``'s content."""
+    """Train and score both models (``jobs`` at a time, each with ``cores // jobs`` threads and then the
+    cores of a finished run, unless ``trainer.threads`` is overridden); write and print the comparison;
+    returns ``results.json``'s content."""
     started = time.time()
     own_threads = any(o.startswith("trainer.threads=") for o in overrides)
     if jobs > 1 and not own_threads:

@@ -23,7 +23,6 @@ its checkpoint, one without a checkpoint starts afresh, and one of another confi
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
@@ -247,14 +246,14 @@ class RunLog:
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
-          overwrite: bool = False, position: int = 0, eval_threads: Callable[[], int] | None = None) -> Path:
+          overwrite: bool = False, position: int = 0, threads: Callable[[], int] | None = None) -> Path:
     """Train per ``cfg`` into ``run_dir`` (continuing its checkpoint when ``resume``, or starting again from
     batch 0 where the run stopped before its first checkpoint); returns the dir.
     A ``run_dir`` that already holds a run is an error unless ``overwrite``, which moves that run aside
     (:func:`prepare_run_dir`). ``position`` is the line of the progress bar (runs trained side by side
-    each take their own); ``eval_threads``, asked before each held-out evaluation, gives the torch
-    threads it runs with (runs side by side hand a finished run's cores to the others; ``None``: the
-    training threads). Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
+    each take their own); ``threads``, asked before every batch and every held-out evaluation, gives the
+    torch threads it runs with (runs side by side hand a finished run's cores to the others; ``None``:
+    ``trainer.threads`` throughout). Under ``torchrun`` every rank calls this; see :mod:`gram_pyro.distributed`."""
     trainer = cfg.trainer
     check_trainer(trainer)  # before its values are used (threads, validate_pyro)
     world = launched()
@@ -281,11 +280,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     split = run.task.splits["train"]
     start = time.time() - run.seconds
 
+    def take_threads() -> None:
+        if threads is not None:
+            torch.set_num_threads(max(threads(), 1))
+
     def log_eval() -> None:
         # eager even where training compiles: evaluation's shapes are not training's, and compiling them
         # for one evaluation costs more than it saves; the networks' matmuls in the training step's dtype
         # (bf16 runs evaluate in bf16: 0.7 times the fp32 time of the demo's evaluation)
-        with run.ema.applied(), torch.compiler.set_stance("force_eager"), threads_set(eval_threads), \
+        take_threads()
+        with run.ema.applied(), torch.compiler.set_stance("force_eager"), \
                 network_precision([run.model, run.guide], training_dtype(trainer.precision, run.device)):
             scores = evaluate(run.task, run.model, "test", trainer.eval_inputs, trainer.eval_samples, run.device)
             if run.model.stochastic and trainer.shortcut_action != "off":
@@ -303,6 +307,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
 
     try:
         while run.batches_done < trainer.max_batches:
+            take_threads()
             batch = batch_at(split, run.batches_done, trainer.batch_size, trainer.seed, run.device)
             metrics = train_batch(run, batch)
             run.batches_done += 1
@@ -336,19 +341,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
             log.close()
         leave(world)
     return run_dir
-
-
-@contextlib.contextmanager
-def threads_set(threads: Callable[[], int] | None):
-    """Torch's CPU threads set to ``threads()`` within the block, as they were after it (``None``: unchanged).
-    Compiled CPU kernels keep the thread count they were compiled for: this is for eager work."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(max(threads(), 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 RUN_KEYS = ("task", "model", "guide", "objective", "trainer")

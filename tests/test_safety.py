@@ -227,8 +227,8 @@ def test_a_demo_run_that_finishes_hands_its_cores_to_the_other_runs_evaluation(t
 
     offered = []
 
-    def train(cfg, run_dir, eval_threads, **kwargs):  # records the threads its evaluation would get
-        offered.append(eval_threads())
+    def train(cfg, run_dir, threads, **kwargs):  # records the threads it would get
+        offered.append(threads())
         run_dir.mkdir(parents=True)
         (run_dir / "eval.csv").write_text("batch,accuracy,coverage\n1,0.5,0.25\n")
 

@@ -49,24 +49,27 @@ def test_resuming_a_finished_run_changes_none_of_its_rows(tmp_path):
 
 
 
-def test_each_evaluation_runs_with_the_threads_eval_threads_gives(tmp_path, monkeypatch):
-    """Runs side by side hand a finished run's cores to the others' evaluations: ``eval_threads`` is
-    asked before every evaluation, and training goes on with its own threads after it."""
+def test_each_batch_and_evaluation_runs_with_the_threads_threads_gives(tmp_path, monkeypatch, one_thread):
+    """Runs side by side hand a finished run's cores to the others: ``threads`` is asked before every
+    batch and every evaluation."""
     from gram_pyro import training
 
     seen = []
-    scores = training.evaluate
+    train_batch, evaluate = training.train_batch, training.evaluate
 
-    def evaluate(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return scores(*args, **kwargs)
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            seen.append((name, torch.get_num_threads()))
+            return function(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
-    offered = iter([3, 2])
+    monkeypatch.setattr(training, "train_batch", recorded("batch", train_batch))
+    monkeypatch.setattr(training, "evaluate", recorded("eval", evaluate))
+    offered = iter([1, 3, 2, 2])
     train(tiny_config("trainer.max_batches=2", "trainer.eval_every=1", "trainer.threads=1"), tmp_path / "run",
-          quiet=True, eval_threads=lambda: next(offered))
-    assert seen == [3, 2]
-    assert torch.get_num_threads() == 1
+          quiet=True, threads=lambda: next(offered))
+    assert seen == [("batch", 1), ("eval", 3), ("batch", 2), ("eval", 2)]
+
 
 def test_lr_factor_warms_up_then_follows_the_schedule():
     """Warm-up of 4 steps, then 8 more: constant stays at 1; cosine halves the way to ``final`` at the
