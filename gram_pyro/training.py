@@ -281,8 +281,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     start = time.time() - run.seconds
 
     def take_threads() -> None:
-        if threads is not None:
-            torch.set_num_threads(max(threads(), 1))
+        wanted = None if threads is None else max(threads(), 1)
+        if wanted is not None and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
 
     def log_eval() -> None:
         # eager even where training compiles: evaluation's shapes are not training's, and compiling them
