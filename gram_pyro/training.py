@@ -281,8 +281,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False, qu
     start = time.time() - run.seconds
 
     def take_threads() -> None:
-        wanted = None if threads is None else max(threads(), 1)
-        if wanted is not None and wanted != torch.get_num_threads():
+        if threads is None:
+            return
+        wanted = max(threads(), 1)
+        if wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
 
     def log_eval() -> None:

@@ -220,8 +220,10 @@ def test_the_demo_reruns_into_its_directory(tmp_path):
 
 
 
-def test_a_demo_run_that_finishes_hands_its_cores_to_the_other_runs_evaluation(tmp_path, monkeypatch):
+def test_a_demo_run_that_finishes_hands_its_cores_to_the_other_run(tmp_path, monkeypatch):
     import multiprocessing
+
+    import torch._inductor.config
 
     from gram_pyro.experiments import demo
 
@@ -235,7 +237,9 @@ def test_a_demo_run_that_finishes_hands_its_cores_to_the_other_runs_evaluation(t
     monkeypatch.setattr(demo, "train", train)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(demo, "_training", None)
+    monkeypatch.setattr(torch._inductor.config.cpp, "dynamic_threads", False)  # restored for later tests
     demo.share_count(multiprocessing.Value("i", 2))  # as in a worker of train_models, both runs training
+    assert torch._inductor.config.cpp.dynamic_threads
     config = tiny_config()
     demo.train_model(config, tmp_path / "first", 0)
     demo.train_model(config, tmp_path / "second", 1)
