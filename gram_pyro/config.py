@@ -169,6 +169,9 @@ def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
                 f"written key=[a,b], a string with commas key='a,b'")
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
+        if "no viable alternative" in message and value.startswith("[") and "=" in value:
+            return (f"{first_line(error)}: a list element holding '=' is quoted, "
+                    f"{key}=['model=gram','guide=gaussian']")
         if "/" not in key and "." not in key and f"'{key}/{value}'" in message:
             return f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}"
         if f"'{key}'" in message and ("not in struct" in message or "Could not override" in message):

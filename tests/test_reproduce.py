@@ -144,6 +144,7 @@ def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
     (["task=nqueens", "budget=cpu", "eval.depth=0"], "eval.depth=0; allowed: null (the trained depth) or an"),
     (["task=nqueens", "budget=cpu", "publish=yes"], "publish='yes'; allowed: true, false"),
     (["task=nqueens", "budget=cpu", "train.trainer.max_batches=2"], "a dotted key cannot reach into a list"),
+    (["task=nqueens", "budget=cpu", "gram=[model=gram,guide=gaussian]"], "gram=['model=gram','guide=gaussian']"),
 ])
 def test_bad_names_are_one_line_errors(argv, message, capsys, tmp_path):
     assert reproduce.main([*argv, f"out={tmp_path}"]) == 2
