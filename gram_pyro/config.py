@@ -170,8 +170,8 @@ def _explain(error: Exception, config_name: str, overrides: list[str]) -> str:
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if "no viable alternative" in message and value.startswith("[") and "=" in value:
-            return (f"{first_line(error)}: a list element holding '=' is quoted, "
-                    f"{key}=['model=gram','guide=gaussian']")
+            quoted = ",".join(f"'{element.strip()}'" for element in value.strip("[]").split(","))
+            return f"{first_line(error)}: a list element holding '=' is quoted, {key}=[{quoted}]"
         if "/" not in key and "." not in key and f"'{key}/{value}'" in message:
             return f"unknown {key} {value!r}; allowed: {', '.join(group_options(key))}"
         if f"'{key}'" in message and ("not in struct" in message or "Could not override" in message):
