@@ -55,7 +55,8 @@ def test_every_recipe_composes_with_both_train_configs(tmp_path):
 
 def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "nqueens-cpu"
-    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "eval.prior_temperatures=[0.5]", "eval.depth=3"]
+    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "eval.prior_temperatures=[0.5]", "eval.depth=3",
+            "trainer.lr_schedule=constant", "trainer.compile=none"]  # a constant rate: continued to 2 batches
     assert reproduce.main([*argv, "trainer.max_batches=1"]) == 0
     assert reproduce.main([*argv, "trainer.max_batches=2"]) == 0
     printed = capsys.readouterr().out
