@@ -43,11 +43,15 @@ TRAINER_LIMITS = {
     "batch_size": (1, None), "max_batches": (0, None), "lr": (0, 1), "weight_decay": (0, None),
     "warmup_steps": (0, None), "lr_final": (0, 1), "grad_clip": (0, None), "ema_decay": (0, 1), "log_every": (1, None),
     "eval_every": (0, None), "eval_inputs": (1, None), "eval_samples": (1, None),
-    "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None),
+    "checkpoint_every": (1, None), "max_bad_steps": (0, None), "threads": (1, None), "spike_factor": (1, None),
     "shortcut_gap": (0, 1), "shortcut_after": (0, None), "seed": SEED_RANGE,
 }
-"""Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; ``threads`` may be null).
-A learning rate above 1 moves every weight by more than 1 per AdamW step: never a useful setting."""
+"""Inclusive ``(lowest, highest)`` of the numeric trainer keys (``None``: unbounded; the keys of
+:data:`TRAINER_NULLABLE` may also be null). A learning rate above 1 moves every weight by more than 1 per
+AdamW step: never a useful setting."""
+
+TRAINER_NULLABLE = ("threads", "spike_factor")
+"""The numeric trainer keys whose null means "not set": the cores, no spike guard."""
 
 TRAINER_INTEGERS = ("seed", "batch_size", "max_batches", "warmup_steps", "log_every", "eval_every", "eval_inputs",
                     "eval_samples", "checkpoint_every", "max_bad_steps", "threads", "shortcut_after")
@@ -67,7 +71,7 @@ def check_trainer(trainer: DictConfig) -> None:
     number, a fraction where :data:`TRAINER_INTEGERS` want a whole number, or a flag that is not a bool."""
     for key, (low, high) in TRAINER_LIMITS.items():
         value = trainer[key]
-        if key == "threads" and value is None:
+        if key in TRAINER_NULLABLE and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"trainer.{key}={value!r} is not a number")
@@ -77,7 +81,7 @@ def check_trainer(trainer: DictConfig) -> None:
         if value < low or (high is not None and value > high):
             raise UserError(f"trainer.{key}={value} is out of range; allowed: {allowed}")
     for key in TRAINER_INTEGERS:
-        if not (is_int(trainer[key]) or (key == "threads" and trainer[key] is None)):
+        if not (is_int(trainer[key]) or (key in TRAINER_NULLABLE and trainer[key] is None)):
             raise UserError(f"trainer.{key}={trainer[key]!r} is not an integer")
     for key in TRAINER_FLAGS:
         if not isinstance(trainer[key], bool):
@@ -185,7 +189,8 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.params, lr=trainer.lr, weight_decay=trainer.weight_decay,
                                            betas=tuple(trainer.betas), fused=True)
         warmup, schedule, final = trainer.warmup_steps, trainer.lr_schedule, trainer.lr_final
-        total = trainer.max_batches * self.objective.updates_per_batch(self.model)
+        updates = self.objective.updates_per_batch(self.model)
+        total = trainer.max_batches * updates
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, total, schedule, final))
         self.ema = EMA([self.model, self.guide], trainer.ema_decay)
@@ -193,6 +198,11 @@ class Run:
         self.saved_at: int | None = None  # batches_done of the last checkpoint written or loaded
         self.seconds = 0.0  # training time up to batches_done (set from the clock by the loop)
         self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        # the spike guard (trainer.spike_factor): per update of a batch, the running mean of its gradient
+        # norms (NaN before the first) and whether the last batch's was skipped; the count of skipped updates
+        self.grad_norm_mean = torch.full((updates,), math.nan, device=self.device)
+        self.spiked = torch.zeros(updates, dtype=torch.bool, device=self.device)
+        self.spikes = torch.zeros((), dtype=torch.long, device=self.device)
         if world.rank:  # identical initial weights on every rank, then a random stream of its own
             torch.manual_seed(trainer.seed + world.rank)
 
@@ -200,7 +210,8 @@ class Run:
         return {"model": self.model.state_dict(), "guide": self.guide.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict(), "rng": rng_state(), "objective": self.objective.state_dict(),
-                "batches_done": self.batches_done, "bad_steps": int(self.bad_steps), "seconds": self.seconds}
+                "batches_done": self.batches_done, "bad_steps": int(self.bad_steps), "seconds": self.seconds,
+                "grad_norm_mean": self.grad_norm_mean.tolist(), "spiked": self.spiked.tolist(), "spikes": int(self.spikes)}
 
     def load(self, payload: dict, source: Path | str = "the checkpoint") -> None:
         """Continue from a checkpoint's ``payload`` (read from ``source``, named in errors). One that does
@@ -231,6 +242,10 @@ class Run:
         self.batches_done = self.saved_at = payload["batches_done"]
         self.bad_steps.fill_(payload["bad_steps"])
         self.seconds = float(payload.get("seconds", 0.0))  # checkpoints before it was kept: 0
+        if "grad_norm_mean" in payload:  # checkpoints before the spike guard start it afresh
+            self.grad_norm_mean.copy_(torch.tensor(payload["grad_norm_mean"]))
+            self.spiked.copy_(torch.tensor(payload["spiked"]))
+        self.spikes.fill_(payload.get("spikes", 0))
 
     def apply_hyperparameters(self) -> None:
         """Give a loaded optimizer and scheduler the configured learning rate, weight decay and betas

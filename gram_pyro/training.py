@@ -146,10 +146,16 @@ def train_batch(run: Run, batch: Batch) -> dict:
         finite = all_finite(loss, run.world)
         (loss * scale).backward()
         average_gradients(run.params, run.world)
-        torch.nn.utils.clip_grad_norm_(run.params, trainer.grad_clip)
-        # a non-finite loss (on any rank) leaves parameters and optimizer state as they were, without a
-        # host sync: the fused AdamW skips its update where ``found_inf`` is 1 (torch's GradScaler contract)
-        run.optimizer.found_inf = (~finite).float()
+        norm = torch.nn.utils.clip_grad_norm_(run.params, trainer.grad_clip)
+        skip = ~finite
+        if trainer.spike_factor is not None:
+            spike = gradient_spike(run, update, norm, finite, trainer.spike_factor)
+            skip = skip | spike
+            step_metrics = {**step_metrics, "spikes": spike.float()}
+        # a non-finite loss (on any rank) or a spike leaves parameters and optimizer state as they were,
+        # without a host sync: the fused AdamW skips its update where ``found_inf`` is 1 (torch's
+        # GradScaler contract)
+        run.optimizer.found_inf = skip.float()
         run.optimizer.step()
         run.scheduler.step()
         run.ema.update()
@@ -157,6 +163,29 @@ def train_batch(run: Run, batch: Batch) -> dict:
         for key, value in step_metrics.items():
             metrics[key] = metrics.get(key, 0) + value.detach() / updates
     return metrics
+
+
+SPIKE_MEAN_DECAY = 0.99
+"""Decay of the running means of gradient norms that :func:`gradient_spike` compares against."""
+
+
+def gradient_spike(run: Run, update: int, norm: torch.Tensor, finite: torch.Tensor, factor: float) -> torch.Tensor:
+    """Whether a finite update is a spike: its gradient norm (before clipping, a 0-d device tensor) is above
+    ``factor`` times ``m = run.grad_norm_mean[update]``, the running mean of the norms of this update of
+    earlier batches (each update of a batch has its own: the truncated surrogate's steps differ in size),
+    and the same update of the batch before was not a spike. A spike is a lone batch: of two in a row the
+    second is taken, so a lasting rise is followed, never locked out. Every update taken moves the mean,
+    ``m <- 0.99 m + 0.01 |g|`` (started at the first norm). Updates the mean, ``run.spiked`` and
+    ``run.spikes`` in place on the device: no host sync."""
+    mean = run.grad_norm_mean[update]
+    known = mean.isfinite()
+    # a non-finite loss is a bad step, not a spike
+    spike = finite & known & (norm > factor * mean) & ~run.spiked[update]
+    followed = torch.where(known, SPIKE_MEAN_DECAY * mean + (1 - SPIKE_MEAN_DECAY) * norm, norm)
+    run.grad_norm_mean[update] = torch.where(finite & ~spike, followed, mean)
+    run.spiked[update] = spike
+    run.spikes += spike
+    return spike
 
 
 def drop_rows_after(path: Path, done: int) -> None:

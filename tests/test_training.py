@@ -139,6 +139,7 @@ def test_trace_elbo_objective_trains(tmp_path):
     ("trainer.betas=0.9", "trainer.betas=0.9 must be two numbers in [0, 1)"),
     ("trainer.lr_schedule=linear", "unknown trainer.lr_schedule 'linear'; allowed: constant, cosine"),
     ("trainer.lr_final=2", "trainer.lr_final=2 is out of range; allowed: in [0, 1]"),
+    ("trainer.spike_factor=0.5", "trainer.spike_factor=0.5 is out of range; allowed: >= 1"),
 ])
 def test_bad_config_is_one_line_and_exit_2(capsys, override, message):
     assert main(["train", override]) == 2
@@ -212,6 +213,58 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_without_a_poisoned_chec
     assert saved["bad_steps"] == 2  # the first batch's two updates were skipped and counted
     for name, value in saved["model"].items():
         assert torch.isfinite(value).all() and torch.equal(value, good[name]), name
+
+
+def test_the_spike_guard_skips_a_lone_update_far_above_its_running_gradient_norm():
+    from types import SimpleNamespace
+
+    from gram_pyro.training import gradient_spike
+
+    run = SimpleNamespace(grad_norm_mean=torch.full((2,), math.nan), spiked=torch.zeros(2, dtype=torch.bool),
+                          spikes=torch.tensor(0))
+    seen = []
+    for update, norm, finite in [(0, 2.0, True), (1, 50.0, True), (0, 2.2, True), (0, math.inf, False),
+                                 (0, 50.0, True), (0, 60.0, True), (0, 70.0, True), (1, 60.0, True)]:
+        spike = gradient_spike(run, update, torch.tensor(norm), torch.tensor(finite), factor=10.0)
+        seen.append((bool(spike), run.grad_norm_mean.tolist()))
+    # the infinite loss is neither taken nor a spike; 50 is update 1's usual, update 0's 50 is a spike, 60
+    # right after it is taken (a lasting rise), 70 after that taken 60 is a spike again
+    assert [spike for spike, _ in seen] == [False, False, False, False, True, False, True, False]
+    first = 0.99 * 2.0 + 0.01 * 2.2  # update 0's mean starts at its first norm
+    followed = 0.99 * first + 0.01 * 60
+    assert [means[0] for _, means in seen] == pytest.approx([2.0, 2.0, first, first, first, followed, followed,
+                                                              followed])
+    assert seen[-1][1][1] == pytest.approx(0.99 * 50 + 0.01 * 60)
+    assert int(run.spikes) == 2
+
+
+@pytest.mark.parametrize("factor,changed", [("10", False), ("null", True)])
+def test_a_spiking_batch_leaves_the_weights_as_they_were_when_guarded(monkeypatch, factor, changed):
+    from gram_pyro.objectives import TruncatedSurrogate
+    from gram_pyro.run import Run
+    from gram_pyro.training import batch_at, train_batch
+
+    run = Run(tiny_config("trainer.device=cpu", f"trainer.spike_factor={factor}"))
+    split, size = run.task.splits["train"], run.cfg.trainer.batch_size
+    for index in range(3):
+        metrics = train_batch(run, batch_at(split, index, size, 0, run.device))
+    if factor != "null":
+        assert float(metrics["spikes"]) == 0 and run.grad_norm_mean.isfinite().all()
+    before = {name: value.clone() for name, value in run.model.state_dict().items()}
+    real_loss = TruncatedSurrogate.loss
+
+    def spiking(self, *args):
+        loss, metrics = real_loss(self, *args)
+        return loss * 1e6, metrics
+
+    monkeypatch.setattr(TruncatedSurrogate, "loss", spiking)
+    metrics = train_batch(run, batch_at(split, 3, size, 0, run.device))
+    same = all(torch.equal(value, before[name]) for name, value in run.model.state_dict().items())
+    assert same != changed
+    if factor != "null":
+        updates = run.objective.updates_per_batch(run.model)
+        assert float(metrics["spikes"]) == 1 and int(run.spikes) == updates and int(run.bad_steps) == 0
+        assert run.state()["spikes"] == updates  # and the checkpoint keeps the count
 
 
 def test_keep_checkpoints_writes_one_file_per_checkpoint(tmp_path):
