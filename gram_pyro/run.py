@@ -199,10 +199,9 @@ class Run:
         self.seconds = 0.0  # training time up to batches_done (set from the clock by the loop)
         self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
         # the spike guard (trainer.spike_factor): per update of a batch, the running mean of its gradient
-        # norms (NaN before the first) and whether the last batch's was skipped; the count of skipped updates
+        # norms (NaN before the first) and whether the last batch's was skipped
         self.grad_norm_mean = torch.full((updates,), math.nan, device=self.device)
         self.spiked = torch.zeros(updates, dtype=torch.bool, device=self.device)
-        self.spikes = torch.zeros((), dtype=torch.long, device=self.device)
         if world.rank:  # identical initial weights on every rank, then a random stream of its own
             torch.manual_seed(trainer.seed + world.rank)
 
@@ -211,7 +210,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict(), "rng": rng_state(), "objective": self.objective.state_dict(),
                 "batches_done": self.batches_done, "bad_steps": int(self.bad_steps), "seconds": self.seconds,
-                "grad_norm_mean": self.grad_norm_mean.tolist(), "spiked": self.spiked.tolist(), "spikes": int(self.spikes)}
+                "grad_norm_mean": self.grad_norm_mean.tolist(), "spiked": self.spiked.tolist()}
 
     def load(self, payload: dict, source: Path | str = "the checkpoint") -> None:
         """Continue from a checkpoint's ``payload`` (read from ``source``, named in errors). One that does
@@ -245,7 +244,6 @@ class Run:
         if "grad_norm_mean" in payload:  # checkpoints before the spike guard start it afresh
             self.grad_norm_mean.copy_(torch.tensor(payload["grad_norm_mean"]))
             self.spiked.copy_(torch.tensor(payload["spiked"]))
-        self.spikes.fill_(payload.get("spikes", 0))
 
     def apply_hyperparameters(self) -> None:
         """Give a loaded optimizer and scheduler the configured learning rate, weight decay and betas

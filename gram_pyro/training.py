@@ -175,8 +175,8 @@ def gradient_spike(run: Run, update: int, norm: torch.Tensor, finite: torch.Tens
     earlier batches (each update of a batch has its own: the truncated surrogate's steps differ in size),
     and the same update of the batch before was not a spike. A spike is a lone batch: of two in a row the
     second is taken, so a lasting rise is followed, never locked out. Every update taken moves the mean,
-    ``m <- 0.99 m + 0.01 |g|`` (started at the first norm). Updates the mean, ``run.spiked`` and
-    ``run.spikes`` in place on the device: no host sync."""
+    ``m <- 0.99 m + 0.01 |g|`` (started at the first norm). Updates the mean and ``run.spiked`` in place on
+    the device: no host sync."""
     mean = run.grad_norm_mean[update]
     known = mean.isfinite()
     # a non-finite loss is a bad step, not a spike
@@ -184,7 +184,6 @@ def gradient_spike(run: Run, update: int, norm: torch.Tensor, finite: torch.Tens
     followed = torch.where(known, SPIKE_MEAN_DECAY * mean + (1 - SPIKE_MEAN_DECAY) * norm, norm)
     run.grad_norm_mean[update] = torch.where(finite & ~spike, followed, mean)
     run.spiked[update] = spike
-    run.spikes += spike
     return spike
 
 
