@@ -17,12 +17,11 @@ other. ``jobs=1`` trains them one after the other.
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gram_pyro.config import UserError, command_line, compose_config  # noqa: E402
+from gram_pyro.side_by_side import train_side_by_side  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 
 MODELS = {"GRAM": ["model=gram", "guide=gaussian"], "TRM (deterministic)": ["model=trm", "guide=prior"]}
@@ -61,51 +61,14 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-_training = None
-"""In a worker of :func:`train_models`: the shared count of runs still training (``None`` elsewhere)."""
-
-
-def share_count(training) -> None:
-    """Worker initializer: keep the shared count of runs still training, and compile CPU kernels that
-    take the thread count of the moment rather than the one they were compiled under (inductor's
-    ``cpp.dynamic_threads``), so that a run goes on with the cores another one hands over."""
-    import torch._inductor.config
-
-    global _training
-    _training = training
-    torch._inductor.config.cpp.dynamic_threads = True
-
-
-def cores_for_me() -> int:
-    """This run's share of the CPU's cores among the runs still training (itself included)."""
-    return (os.cpu_count() or 1) // max(_training.value, 1)
-
-
-def train_model(cfg: DictConfig, out: Path, position: int) -> dict:
+def train_model(cfg: DictConfig, out: Path, position: int = 0, threads=None) -> dict:
     """Train ``cfg`` into ``out/<noise>``, moving an older run there aside (the demo owns its directory);
-    its final scores and train seconds. ``position`` is the line of its progress bar. In a worker of
-    :func:`train_models`, it takes the cores of the runs that finish before it."""
+    its final scores and train seconds. ``position`` is the line of its progress bar; ``threads`` as
+    :func:`gram_pyro.training.train` (side by side: the cores of the runs that finish before it)."""
     run_dir = out / cfg.model.noise
     started = time.time()
-    try:
-        train(cfg, run_dir, overwrite=True, position=position, threads=None if _training is None else cores_for_me)
-    finally:
-        if _training is not None:
-            with _training.get_lock():
-                _training.value -= 1
+    train(cfg, run_dir, overwrite=True, position=position, threads=threads)
     return {**final_scores(run_dir), "train_seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
-
-
-def train_models(configs: dict[str, DictConfig], out: Path, jobs: int, hand_over: bool = True) -> dict:
-    """:func:`train_model` for every config (by model name), ``jobs`` at a time in fresh (spawned)
-    processes, a finished run's cores handed to the others where ``hand_over``; the results by model name."""
-    if jobs == 1:
-        return {name: train_model(cfg, out, 0) for name, cfg in configs.items()}
-    context = multiprocessing.get_context("spawn")
-    sharing = {"initializer": share_count, "initargs": (context.Value("i", len(configs)),)} if hand_over else {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **sharing) as pool:
-        futures = {name: pool.submit(train_model, cfg, out, i) for i, (name, cfg) in enumerate(configs.items())}
-        return {name: future.result() for name, future in futures.items()}
 
 
 def run_demo(out: Path, overrides: list[str], jobs: int = 2) -> dict:
@@ -117,7 +80,8 @@ def run_demo(out: Path, overrides: list[str], jobs: int = 2) -> dict:
     if jobs > 1 and not own_threads:
         overrides = [*overrides, f"trainer.threads={max((os.cpu_count() or 1) // jobs, 1)}"]
     configs = {name: compose_config("demo", [*choice, *overrides]) for name, choice in MODELS.items()}
-    results = train_models(configs, out, jobs, hand_over=not own_threads)
+    calls = {name: functools.partial(train_model, cfg, out) for name, cfg in configs.items()}
+    results = train_side_by_side(calls, jobs, hand_over=not own_threads)
     # the runs differ only in model and guide: task and trainer are read from GRAM's config
     task, trainer = configs["GRAM"].task, configs["GRAM"].trainer
     summary = {"task": "nqueens", "n": task.n, "removals": list(task.removals),

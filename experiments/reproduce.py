@@ -1,6 +1,6 @@
 """One command per result: GRAM against the same-size deterministic TRM and the test-time-noise TRM.
 
-    python experiments/reproduce.py task=<name> budget=<cpu|gpu> [out=DIR] [publish=true]
+    python experiments/reproduce.py task=<name> budget=<cpu|gpu> [out=DIR] [publish=true] [jobs=1|2]
                                     [eval.inputs=64 ...] [key=value train overrides ...]
 
 The recipe ``experiments/configs/reproduce/<task>-<budget>.yaml`` holds the train-config overrides of
@@ -9,7 +9,10 @@ evaluation settings (``eval``); ``train.*``, ``gram``, ``trm`` and ``eval.*`` ar
 recipe, every other ``key=value`` is added to the train config of both runs.
 
 The script trains GRAM and TRM into ``<out>/gram`` and ``<out>/trm`` (default ``out``:
-``runs/reproduce/<task>-<budget>``). A run directory that holds a finished run of the same config is
+``runs/reproduce/<task>-<budget>``): with ``jobs=2`` (the default where both runs train on a CPU of at
+least two cores) side by side in two processes, each on half of the cores until the other finishes and
+hands its cores over (:mod:`gram_pyro.side_by_side`; unless ``trainer.threads`` is given), with
+``jobs=1`` one after the other. A run directory that holds a finished run of the same config is
 kept as it is; one that stopped early, or whose config differs only in ``trainer.max_batches`` or
 ``trainer.threads``, is resumed from its checkpoint, so an interrupted reproduction continues where it
 stopped; one of another config is a one-line error (nothing is replaced). Then it scores,
@@ -42,11 +45,14 @@ checkpoint with the same settings, so a reproduction stopped while scoring conti
 ``publish=true`` a copy of the results as ``docs/results/<task>-<budget>.json``
 (``experiments/results_table.py`` renders ``docs/results.md`` from those). ``wall_seconds`` is the
 training time of both runs (each run's checkpoint keeps it across resumed invocations) plus the
-evaluation: this invocation's, and the sampling time of evaluations it kept from an earlier one.
+evaluation: this invocation's, and the sampling time of evaluations it kept from an earlier one; the
+training time is the two runs' summed with ``jobs=1`` and the longer of the two with ``jobs=2``
+(``jobs`` is recorded).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -64,9 +70,10 @@ from gram_pyro.config import UserError, command_line, compose_config, group_opti
 from gram_pyro.evaluation import breakdown, evaluate_run, interval, json_ready, write_evaluation
 from gram_pyro.inference import is_positive_finite
 from gram_pyro.nn import native_bf16
-from gram_pyro.run import load_run
+from gram_pyro.run import load_run, resolve_device
 from gram_pyro.selection import SELECTORS, select
-from gram_pyro.training import train_or_keep
+from gram_pyro.side_by_side import train_side_by_side
+from gram_pyro.training import batches_done, train_or_keep
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results"
 """Where ``publish=true`` copies the results (what ``experiments/results_table.py`` renders)."""
@@ -86,9 +93,9 @@ def recipes() -> dict[str, list[str]]:
 
 
 def parse_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
-    """``(options, recipe overrides, train overrides)``: ``task``, ``budget``, ``out`` and ``publish``
-    from ``argv``; the arguments under a recipe key; the rest."""
-    options = {"task": None, "budget": None, "out": None, "publish": "false"}
+    """``(options, recipe overrides, train overrides)``: ``task``, ``budget``, ``out``, ``publish`` and
+    ``jobs`` from ``argv``; the arguments under a recipe key; the rest."""
+    options = {"task": None, "budget": None, "out": None, "publish": "false", "jobs": None}
     recipe, extra = [], []
     for argument in argv:
         key, equals, value = argument.partition("=")
@@ -102,6 +109,8 @@ def parse_arguments(argv: list[str]) -> tuple[dict, list[str], list[str]]:
             extra.append(argument)
     if options["publish"] not in ("true", "false"):
         raise UserError(f"publish={options['publish']!r}; allowed: true, false")
+    if options["jobs"] not in (None, "1", "2"):
+        raise UserError(f"jobs={options['jobs']!r}; allowed: 1 (one run after the other), 2 (both runs at once)")
     return options, recipe, extra
 
 
@@ -289,16 +298,38 @@ def evaluate_split(runs: dict, split: str, settings: DictConfig, out: Path) -> d
     return {"inputs": inputs, "models": models, "kept_seconds": kept_seconds}
 
 
+def default_jobs(configs: dict[str, DictConfig]) -> int:
+    """2 where every run trains on a CPU (``trainer.device`` resolved) of at least two cores, else 1."""
+    on_cpu = all(resolve_device(cfg.trainer.device).type == "cpu" for cfg in configs.values())
+    return 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+
+
+def train_models(configs: dict[str, DictConfig], out: Path, jobs: int) -> dict[str, float]:
+    """Train or keep each model's run (:func:`gram_pyro.training.train_or_keep`), ``jobs`` at a time,
+    each on ``cores // jobs`` threads and then the cores of a finished run unless the config names its
+    ``trainer.threads``; each run's training seconds by model name."""
+    for model, cfg in configs.items():  # before any training: a directory of another run is an error now
+        batches_done(out / MODELS[model], cfg)
+    own_threads = any(cfg.trainer.threads is not None for cfg in configs.values())
+    if jobs > 1 and not own_threads:
+        for cfg in configs.values():
+            cfg.trainer.threads = max((os.cpu_count() or 1) // jobs, 1)
+    calls = {model: functools.partial(train_or_keep, model, cfg, out / MODELS[model]) for model, cfg in configs.items()}
+    return train_side_by_side(calls, jobs, hand_over=not own_threads)
+
+
 def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_overrides: list[str],
-              extra: list[str]) -> Path:
-    """Train, evaluate and write ``<out>/results.json``; returns that file."""
+              extra: list[str], jobs: int | None = None) -> Path:
+    """Train, evaluate and write ``<out>/results.json``; returns that file. ``jobs``: runs trained at
+    once (``None``: :func:`default_jobs`)."""
     name = recipe_name(task, budget)
     recipe = compose_config(f"reproduce/{name}", recipe_overrides)
     check_eval(recipe.eval)
     out = out or Path("runs") / "reproduce" / name
     configs = {model: run_config(recipe, key, out / key, extra) for model, key in MODELS.items()}
+    jobs = jobs or default_jobs(configs)
     out.mkdir(parents=True, exist_ok=True)
-    train_seconds = {model: train_or_keep(model, cfg, out / MODELS[model]) for model, cfg in configs.items()}
+    train_seconds = train_models(configs, out, jobs)
     started = time.time()
     runs = {model: load_run(out / key) for model, key in MODELS.items()}
     first, *others = recipe.eval.splits
@@ -306,7 +337,8 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
     eval_seconds = time.time() - started + sum(scored[split].pop("kept_seconds") for split in scored)
     trained_depth = runs["GRAM"].model.n_sup
     results = {"task": task, "budget": budget, "device": device_name(runs["GRAM"].device),
-               "wall_seconds": round(sum(train_seconds.values()) + eval_seconds, 1),
+               "wall_seconds": round((sum if jobs == 1 else max)(train_seconds.values()) + eval_seconds, 1),
+               "jobs": jobs,
                "test_inputs": scored[first]["inputs"], "samples": recipe.eval.samples,
                "depth": recipe.eval.depth or trained_depth, "trained_depth": trained_depth,
                "recipe": {**OmegaConf.to_container(recipe, resolve=True), "overrides": extra},
@@ -332,7 +364,8 @@ def publish(results_file: Path, task: str, budget: str) -> Path:
 def main(argv: list[str]) -> int:
     options, recipe_overrides, extra = parse_arguments(argv)
     out = Path(options["out"]) if options["out"] else None
-    path = reproduce(options["task"], options["budget"], out, recipe_overrides, extra)
+    jobs = int(options["jobs"]) if options["jobs"] else None
+    path = reproduce(options["task"], options["budget"], out, recipe_overrides, extra, jobs)
     print(f"\n{markdown_table([json.loads(path.read_text())])}\nwrote {path}")
     if options["publish"] == "true":
         print(f"published {publish(path, options['task'], options['budget'])}")

@@ -197,8 +197,9 @@ def note(result: dict) -> str:
     extra = result.get("recipe", {}).get("overrides", [])
     depth, trained = result.get("depth"), result.get("trained_depth")
     deeper = f" of {depth} supervision steps (trained with {trained})" if depth != trained else ""
+    side_by_side = ", the two runs trained side by side" if result.get("jobs", 1) > 1 else ""
     return (f"- `{name}`: {inputs}, {result['samples']} prior trajectories each{deeper}; "
-            f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}; recipe "
+            f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}{side_by_side}; recipe "
             f"`experiments/configs/reproduce/{name}.yaml`" + (f" with `{' '.join(extra)}`" if extra else "") + ".")
 
 

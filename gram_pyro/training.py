@@ -416,10 +416,12 @@ def batches_done(run_dir: Path, cfg: DictConfig) -> int | None:
     return done
 
 
-def train_or_keep(name: str, cfg: DictConfig, run_dir: Path, quiet: bool = False) -> float:
+def train_or_keep(name: str, cfg: DictConfig, run_dir: Path, quiet: bool = False, position: int = 0,
+                  threads: Callable[[], int] | None = None) -> float:
     """Train ``cfg`` into ``run_dir``: keep a finished run, resume a stopped one, start afresh where the
-    directory holds no checkpoint (the trainer moves what an earlier start left aside). Returns the
-    run's training seconds since its batch 0 (:func:`training_seconds`)."""
+    directory holds no checkpoint (the trainer moves what an earlier start left aside); ``position`` and
+    ``threads`` as :func:`train`. Returns the run's training seconds since its batch 0
+    (:func:`training_seconds`)."""
     done = batches_done(run_dir, cfg)
     if done == cfg.trainer.max_batches:
         if not quiet:
@@ -428,7 +430,8 @@ def train_or_keep(name: str, cfg: DictConfig, run_dir: Path, quiet: bool = False
         if not quiet:
             print(f"{name}: {'training' if done is None else f'resuming at batch {done}'} into {run_dir}",
                   flush=True)
-        train(cfg, run_dir, resume=done is not None, overwrite=done is None, quiet=quiet)
+        train(cfg, run_dir, resume=done is not None, overwrite=done is None, quiet=quiet, position=position,
+              threads=threads)
     return training_seconds(run_dir)
 
 

@@ -15,7 +15,7 @@ from gram_pyro.training import config_differences, training_seconds
 TINY = ["task.n=6", "task.removals=[2]", "model.dim=16", "model.ffn_hidden=16", "model.num_layers=1",
         "model.n_sup=2", "model.num_prefix=2", "trainer.batch_size=4", "trainer.eval_inputs=4",
         "trainer.eval_samples=2", "trainer.threads=1", "trainer.checkpoint_every=1",
-        "eval.inputs=5", "eval.samples=3", "eval.select=[vote]"]
+        "eval.inputs=5", "eval.samples=3", "eval.select=[vote]", "jobs=1"]
 
 FIXTURE = {
     "task": "nqueens", "budget": "cpu", "device": "cpu (2 cores)", "wall_seconds": 1830.0, "test_inputs": 772,
@@ -93,6 +93,19 @@ def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, mo
     assert "kept the evaluation" not in capsys.readouterr().out  # other settings: scored again
 
 
+def test_side_by_side_runs_count_the_longer_training_in_the_wall_time(tmp_path, capfd):
+    out = tmp_path / "r"
+    argv = ["task=nqueens", "budget=cpu", f"out={out}", *TINY, "trainer.max_batches=1", "trainer.compile=none"]
+    assert reproduce.main([*argv, "jobs=2"]) == 0  # both runs at once, in two processes
+    assert "GRAM: training into" in capfd.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    seconds = results["seconds"]
+    assert "trained side by side; recipe" in results_table.note(results)
+    assert results["jobs"] == 2 and results["wall_seconds"] == pytest.approx(max(seconds["train"].values())
+                                                                             + seconds["eval"], abs=0.2)
+    assert all((out / model / "checkpoint.pt").is_file() for model in ("gram", "trm"))
+
+
 @pytest.mark.parametrize("native, model, expected", [
     (True, "Intel(R) Xeon(R) Platinum 8480C", "cpu (2 cores, Intel(R) Xeon(R) Platinum 8480C)"),
     (False, "AMD EPYC", "cpu (2 cores, AMD EPYC, no native bf16)"),
@@ -145,6 +158,7 @@ def test_a_run_of_another_config_is_not_touched(tmp_path, capsys):
     (["task=nqueens", "budget=cpu", "eval.prior_temperatures=[-0.5]"], "must list positive numbers other than 1"),
     (["task=nqueens", "budget=cpu", "eval.depth=0"], "eval.depth=0; allowed: null (the trained depth) or an"),
     (["task=nqueens", "budget=cpu", "publish=yes"], "publish='yes'; allowed: true, false"),
+    (["task=nqueens", "budget=cpu", "jobs=3"], "jobs='3'; allowed: 1 (one run after the other), 2 (both runs"),
     (["task=nqueens", "budget=cpu", "train.trainer.max_batches=2"], "a dotted key cannot reach into a list"),
     (["task=nqueens", "budget=cpu", "gram=[model=gram,guide=gaussian]"], "gram=['model=gram','guide=gaussian']"),
 ])

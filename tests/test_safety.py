@@ -220,30 +220,32 @@ def test_the_demo_reruns_into_its_directory(tmp_path):
 
 
 
-def test_a_demo_run_that_finishes_hands_its_cores_to_the_other_run(tmp_path, monkeypatch):
+def test_a_run_that_finishes_hands_its_cores_to_the_runs_still_training(monkeypatch):
     import multiprocessing
 
     import torch._inductor.config
 
-    from gram_pyro.experiments import demo
+    from gram_pyro import side_by_side
 
     offered = []
 
-    def train(cfg, run_dir, threads, **kwargs):  # records the threads it would get
-        offered.append(threads())
-        run_dir.mkdir(parents=True)
-        (run_dir / "eval.csv").write_text("batch,accuracy,coverage\n1,0.5,0.25\n")
+    def run(position, threads):  # records the threads it would get
+        offered.append((position, threads()))
+        return position
 
-    monkeypatch.setattr(demo, "train", train)
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(demo, "_training", None)
+    monkeypatch.setattr(side_by_side.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(side_by_side, "_training", None)
+    monkeypatch.setattr(side_by_side, "_jobs", 1)
     monkeypatch.setattr(torch._inductor.config.cpp, "dynamic_threads", False)  # restored for later tests
-    demo.share_count(multiprocessing.Value("i", 2))  # as in a worker of train_models, both runs training
+    side_by_side.share_count(multiprocessing.Value("i", 3), 2)  # as in a worker: 3 runs, 2 at a time
     assert torch._inductor.config.cpp.dynamic_threads
-    config = tiny_config()
-    demo.train_model(config, tmp_path / "first", 0)
-    demo.train_model(config, tmp_path / "second", 1)
-    assert offered == [2, 4] and demo._training.value == 0
+    assert [side_by_side.run_and_hand_over(run, i) for i in range(3)] == [0, 1, 2]
+    assert offered == [(0, 2), (1, 2), (2, 4)] and side_by_side._training.value == 0
+    side_by_side._training.value = 1
+    with pytest.raises(ZeroDivisionError):  # a run that fails hands its cores over too
+        side_by_side.run_and_hand_over(lambda position, threads: threads() / 0, 0)
+    assert side_by_side._training.value == 0
+
 
 def test_the_demo_refuses_a_bad_jobs_value(tmp_path, capsys):
     from gram_pyro.experiments.demo import main as demo

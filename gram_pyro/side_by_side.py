@@ -1,0 +1,67 @@
+"""Runs trained side by side on one machine, a finished run's cores handed to the others.
+
+On a CPU with few cores, small runs each given their share of the cores finish sooner together than one
+after the other (the demo's two runs: 305 s against 353 s on 2 cores, docs/performance.md). Each run
+trains in a fresh (spawned) process; :func:`train_side_by_side` calls ``call(position=i,
+threads=cores_for_me)`` there, where ``threads`` is what :func:`gram_pyro.training.train` asks before
+every batch for the torch threads it runs with: the CPU's cores divided by the runs training now,
+itself included, so that the last run takes every core once the others are done. ``jobs == 1`` calls
+them one after the other in this process with ``threads=None`` (each run's ``trainer.threads``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, TypeVar
+
+Result = TypeVar("Result")
+
+_training = None
+"""In a worker of :func:`train_side_by_side`: the shared count of runs not finished (``None`` elsewhere)."""
+_jobs = 1
+"""In a worker of :func:`train_side_by_side`: how many runs train at once at most."""
+
+
+def share_count(training, jobs: int) -> None:
+    """Worker initializer: keep the shared count of runs not finished and the number of workers, and
+    compile CPU kernels that take the thread count of the moment rather than the one they were compiled
+    under (inductor's ``cpp.dynamic_threads``), so that a run goes on with the cores another one hands over."""
+    import torch._inductor.config
+
+    global _training, _jobs
+    _training, _jobs = training, jobs
+    torch._inductor.config.cpp.dynamic_threads = True
+
+
+def cores_for_me() -> int:
+    """This run's share of the CPU's cores among the runs training now (itself included): the runs not
+    finished, at most one per worker."""
+    return max((os.cpu_count() or 1) // max(min(_training.value, _jobs), 1), 1)
+
+
+def run_and_hand_over(call: Callable[..., Result], position: int) -> Result:
+    """``call(position=position, threads=...)`` in a worker; when it returns or fails, the run no longer
+    counts among those training, so the others take its cores."""
+    try:
+        return call(position=position, threads=None if _training is None else cores_for_me)
+    finally:
+        if _training is not None:
+            with _training.get_lock():
+                _training.value -= 1
+
+
+def train_side_by_side(calls: dict[str, Callable[..., Result]], jobs: int, hand_over: bool = True
+                       ) -> dict[str, Result]:
+    """``{name: call(position=i, threads=...)}``: ``jobs`` calls at a time in fresh (spawned) processes
+    (each call and its result must pickle), a finished call's cores handed to the others where
+    ``hand_over`` (else ``threads=None``); with ``jobs == 1`` one after the other in this process."""
+    if jobs == 1:
+        return {name: call(position=0, threads=None) for name, call in calls.items()}
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    sharing = ({"initializer": share_count, "initargs": (context.Value("i", len(calls)), jobs)} if hand_over
+               else {})
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **sharing) as pool:
+        futures = {name: pool.submit(run_and_hand_over, call, i) for i, (name, call) in enumerate(calls.items())}
+        return {name: future.result() for name, future in futures.items()}
