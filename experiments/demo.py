@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gram_pyro.config import UserError, command_line, compose_config  # noqa: E402
-from gram_pyro.side_by_side import train_side_by_side  # noqa: E402
+from gram_pyro.side_by_side import cores_per_run, train_side_by_side  # noqa: E402
 from gram_pyro.training import train  # noqa: E402
 
 MODELS = {"GRAM": ["model=gram", "guide=gaussian"], "TRM (deterministic)": ["model=trm", "guide=prior"]}
@@ -78,7 +78,7 @@ def run_demo(out: Path, overrides: list[str], jobs: int = 2) -> dict:
     started = time.time()
     own_threads = any(o.startswith("trainer.threads=") for o in overrides)
     if jobs > 1 and not own_threads:
-        overrides = [*overrides, f"trainer.threads={max((os.cpu_count() or 1) // jobs, 1)}"]
+        overrides = [*overrides, f"trainer.threads={cores_per_run(jobs)}"]
     configs = {name: compose_config("demo", [*choice, *overrides]) for name, choice in MODELS.items()}
     calls = {name: functools.partial(train_model, cfg, out) for name, cfg in configs.items()}
     results = train_side_by_side(calls, jobs, hand_over=not own_threads)

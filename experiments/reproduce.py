@@ -72,7 +72,7 @@ from gram_pyro.inference import is_positive_finite
 from gram_pyro.nn import native_bf16
 from gram_pyro.run import load_run, resolve_device
 from gram_pyro.selection import SELECTORS, select
-from gram_pyro.side_by_side import train_side_by_side
+from gram_pyro.side_by_side import cores_per_run, train_side_by_side
 from gram_pyro.training import batches_done, train_or_keep
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -313,7 +313,7 @@ def train_models(configs: dict[str, DictConfig], out: Path, jobs: int) -> dict[s
     own_threads = any(cfg.trainer.threads is not None for cfg in configs.values())
     if jobs > 1 and not own_threads:
         for cfg in configs.values():
-            cfg.trainer.threads = max((os.cpu_count() or 1) // jobs, 1)
+            cfg.trainer.threads = cores_per_run(jobs)
     calls = {model: functools.partial(train_or_keep, model, cfg, out / MODELS[model]) for model, cfg in configs.items()}
     return train_side_by_side(calls, jobs, hand_over=not own_threads)
 

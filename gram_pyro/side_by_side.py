@@ -35,10 +35,15 @@ def share_count(training, jobs: int) -> None:
     torch._inductor.config.cpp.dynamic_threads = True
 
 
+def cores_per_run(jobs: int) -> int:
+    """Each of ``jobs`` runs' share of the CPU's cores at the start (at least one)."""
+    return max((os.cpu_count() or 1) // max(jobs, 1), 1)
+
+
 def cores_for_me() -> int:
     """This run's share of the CPU's cores among the runs training now (itself included): the runs not
     finished, at most one per worker."""
-    return max((os.cpu_count() or 1) // max(min(_training.value, _jobs), 1), 1)
+    return cores_per_run(min(_training.value, _jobs))
 
 
 def run_and_hand_over(call: Callable[..., Result], position: int) -> Result:
