@@ -75,12 +75,11 @@ from __future__ import annotations
 
 import csv
 import math
-import multiprocessing
 import re
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +96,7 @@ from gram_pyro.diagnostics.evidence import importance_log_evidence  # noqa: E402
 from gram_pyro.diagnostics.importance import KHAT_LIMIT, importance_khat  # noqa: E402
 from gram_pyro.evaluation import evaluate_run  # noqa: E402
 from gram_pyro.run import load_run  # noqa: E402
+from gram_pyro.side_by_side import worker_pool  # noqa: E402
 from gram_pyro.tasks.base import held_out_index  # noqa: E402
 from gram_pyro.training import RUN_KEYS, batches_done, train_or_keep  # noqa: E402
 
@@ -318,8 +318,7 @@ def train_in_parallel(runs: list[tuple[Pair, DictConfig]], out: Path, compare: D
                       quiet: bool) -> list[dict]:
     """:func:`train_and_measure` for every pair, ``jobs`` pairs at a time in fresh (spawned) processes;
     the rows in the order of ``runs``. Each pair's run is the same as in one process (its own seed)."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    with ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=context) as pool:
+    with worker_pool(min(jobs, len(runs))) as pool:
         futures = {pool.submit(train_and_measure, pair, cfg, out / pair.name, compare, True): i
                    for i, (pair, cfg) in enumerate(runs)}
         rows: list[dict | None] = [None] * len(runs)

@@ -7,12 +7,17 @@ threads=cores_for_me)`` there, where ``threads`` is what :func:`gram_pyro.traini
 every batch for the torch threads it runs with: the CPU's cores divided by the runs training now,
 itself included, so that the last run takes every core once the others are done. ``jobs == 1`` calls
 them one after the other in this process with ``threads=None`` (each run's ``trainer.threads``).
+
+Workers come from :func:`worker_pool`, whose processes end as soon as the process that started them is
+gone (killed, or stopped from the terminal), so that no orphaned run keeps training on the cores.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, TypeVar
 
@@ -22,6 +27,26 @@ _training = None
 """In a worker of :func:`train_side_by_side`: the shared count of runs not finished (``None`` elsewhere)."""
 _jobs = 1
 """In a worker of :func:`train_side_by_side`: how many runs train at once at most."""
+
+
+def exit_with_parent(parent: int, initializer: Callable | None = None, initargs: tuple = ()) -> None:
+    """Worker initializer: a daemon thread ends this process (exit status 1) within a second of its
+    parent ``parent`` going away, then ``initializer(*initargs)`` where one is given."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def worker_pool(jobs: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """A pool of ``jobs`` fresh (spawned: CUDA cannot be used in a forked child) worker processes that
+    end with this process (:func:`exit_with_parent`), each first running ``initializer(*initargs)``."""
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(), initializer, initargs))
 
 
 def share_count(training, jobs: int) -> None:
@@ -64,9 +89,9 @@ def train_side_by_side(calls: dict[str, Callable[..., Result]], jobs: int, hand_
     ``hand_over`` (else ``threads=None``); with ``jobs == 1`` one after the other in this process."""
     if jobs == 1:
         return {name: call(position=0, threads=None) for name, call in calls.items()}
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    sharing = ({"initializer": share_count, "initargs": (context.Value("i", len(calls)), jobs)} if hand_over
+    sharing = ({"initializer": share_count,
+                "initargs": (multiprocessing.get_context("spawn").Value("i", len(calls)), jobs)} if hand_over
                else {})
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, **sharing) as pool:
+    with worker_pool(jobs, **sharing) as pool:
         futures = {name: pool.submit(run_and_hand_over, call, i) for i, (name, call) in enumerate(calls.items())}
         return {name: future.result() for name, future in futures.items()}

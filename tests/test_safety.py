@@ -247,6 +247,39 @@ def test_a_run_that_finishes_hands_its_cores_to_the_runs_still_training(monkeypa
     assert side_by_side._training.value == 0
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_side_by_side_workers_stop_when_the_process_that_started_them_is_killed():
+    import signal
+    import time
+
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\n"
+         "from gram_pyro.side_by_side import worker_pool\n"
+         "with worker_pool(1) as pool:\n"
+         "    print(pool.submit(os.getpid).result(), flush=True)\n"
+         "    pool.submit(time.sleep, 120)\n"
+         "    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    worker = int(starter.stdout.readline())
+    assert alive(worker)
+    starter.send_signal(signal.SIGKILL)  # no clean-up of its own: the workers must notice
+    starter.wait()
+    deadline = time.monotonic() + 20
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    starter.stdout.close()
+    assert not alive(worker)
+
+
 def test_the_demo_refuses_a_bad_jobs_value(tmp_path, capsys):
     from gram_pyro.experiments.demo import main as demo
 
