@@ -38,7 +38,8 @@ Metrics (mean and 95% interval over inputs; set-level scores have no interval):
   valid grids of the 288), ``inception_score``, ``fid`` and whatever else the task scores.
 
 Writes ``<out>/results.json`` (``task``, ``budget``, ``device``, ``wall_seconds``, ``test_inputs``,
-``samples``, ``depth``, ``trained_depth``, ``recipe``, ``seconds``, ``models``; other splits under
+``samples``, ``depth``, ``trained_depth``, ``recipe`` (the recipe as run, with the command's recipe
+arguments as ``recipe_overrides`` and its train arguments as ``overrides``), ``seconds``, ``models``; other splits under
 ``splits``), each evaluation's ``metrics.json`` and ``samples.npz`` under
 ``<out>/eval/<model>-<split>/`` (a rerun keeps an evaluation written there after its run's last
 checkpoint with the same settings, so a reproduction stopped while scoring continues), and with
@@ -341,7 +342,8 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
                "jobs": jobs,
                "test_inputs": scored[first]["inputs"], "samples": recipe.eval.samples,
                "depth": recipe.eval.depth or trained_depth, "trained_depth": trained_depth,
-               "recipe": {**OmegaConf.to_container(recipe, resolve=True), "overrides": extra},
+               "recipe": {**OmegaConf.to_container(recipe, resolve=True), "overrides": extra,
+                          "recipe_overrides": recipe_overrides},
                "seconds": {"train": {k: round(v, 1) for k, v in train_seconds.items()},
                            "eval": round(eval_seconds, 1)},
                "models": scored[first]["models"]}

@@ -18,7 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from gram_pyro.config import UserError, command_line
+from omegaconf import OmegaConf
+
+from gram_pyro.config import UserError, command_line, compose_config, group_options
+from gram_pyro.training import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -190,17 +193,40 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recipe_changed(result: dict) -> bool:
+    """Whether the recipe file of ``result``, with the recipe overrides the result records, now trains or
+    scores otherwise than the recipe the result records (or is gone): the train config of each run,
+    composed from either, and the ``eval`` settings the result records."""
+    name = f"{result['task']}-{result['budget']}"
+    if name not in group_options("reproduce"):
+        return True
+    then = result.get("recipe", {})
+    now = OmegaConf.to_container(compose_config(f"reproduce/{name}", then.get("recipe_overrides", [])),
+                                 resolve=True)
+    if any(now["eval"].get(key) != value for key, value in then.get("eval", {}).items()):
+        return True
+    for model in ("gram", "trm"):
+        configs = [compose_config("train", [*recipe.get("train", []), *recipe.get(model, []), "run_dir=."])
+                   for recipe in (then, now)]
+        if config_differences(*configs) or configs[0].trainer.max_batches != configs[1].trainer.max_batches:
+            return True
+    return False
+
+
 def note(result: dict) -> str:
     """What a reproduction measured on, how long it took and its recipe, as one list item."""
     name = f"{result['task']}-{result['budget']}"
     inputs = " and ".join(f"{n} {split} inputs" for split, n, _ in sections(result))
-    extra = result.get("recipe", {}).get("overrides", [])
+    extra = [*result.get("recipe", {}).get("recipe_overrides", []), *result.get("recipe", {}).get("overrides", [])]
     depth, trained = result.get("depth"), result.get("trained_depth")
     deeper = f" of {depth} supervision steps (trained with {trained})" if depth != trained else ""
     side_by_side = ", the two runs trained side by side" if result.get("jobs", 1) > 1 else ""
+    recipe = (f"the recipe of the time, recorded in `docs/results/{name}.json` (`experiments/configs/reproduce/"
+              f"{name}.yaml` has changed since)" if recipe_changed(result) else
+              f"recipe `experiments/configs/reproduce/{name}.yaml`")
     return (f"- `{name}`: {inputs}, {result['samples']} prior trajectories each{deeper}; "
-            f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}{side_by_side}; recipe "
-            f"`experiments/configs/reproduce/{name}.yaml`" + (f" with `{' '.join(extra)}`" if extra else "") + ".")
+            f"{result['wall_seconds'] / 60:.1f} min in all on {result['device']}{side_by_side}; {recipe}"
+            + (f" with `{' '.join(extra)}`" if extra else "") + ".")
 
 
 def render_tables(results: list[dict]) -> str:

@@ -3,6 +3,11 @@
 reruns keep or resume its runs, and the page renders the files deterministically."""
 
 import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +56,42 @@ def test_every_recipe_composes_with_both_train_configs(tmp_path):
                      and k not in ("trainer.eval_every", "trainer.keep_checkpoints")]
         assert not same_size, f"{name}: GRAM and TRM differ in {same_size}"
         assert gram.trainer.device == {"cpu": "cpu", "gpu": "cuda"}[name.rpartition("-")[2]]
+
+
+def test_each_gpu_recipe_trains_and_scores_what_its_cpu_recipe_does(tmp_path):
+    device_settings = {"trainer.device", "trainer.compile", "trainer.precision"}
+    for name in group_options("reproduce"):
+        task, _, budget = name.rpartition("-")
+        if budget != "gpu":
+            continue
+        gpu, cpu = compose_config(f"reproduce/{name}", []), compose_config(f"reproduce/{task}-cpu", [])
+        assert gpu.eval == cpu.eval, name
+        for model in ("gram", "trm"):
+            on_gpu = reproduce.run_config(gpu, model, tmp_path / model, [])
+            on_cpu = reproduce.run_config(cpu, model, tmp_path / model, [])
+            differences = set(config_differences(on_gpu, on_cpu)) - device_settings
+            differences |= {key for key in ("trainer.max_batches", "trainer.threads")
+                            if on_gpu.trainer[key.split(".")[1]] != on_cpu.trainer[key.split(".")[1]]}
+            assert not differences, f"{name}, {model}: {sorted(differences)}"
+            assert (on_gpu.trainer.device, on_gpu.trainer.compile, on_gpu.trainer.precision) == ("cuda", "none", "auto")
+
+
+def test_the_gpu_script_runs_each_reproduction_and_packs_what_publishing_needs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    tiny = [*TINY, "trainer.device=cpu", "trainer.max_batches=1"]  # a dry run on the CPU
+    # one task at a time: the second reproduction of the same task keeps what the first wrote
+    env = {**os.environ, "PYTHON": sys.executable, "REPRODUCE_ARGS": " ".join(tiny), "WIDTH": "1"}
+    done = subprocess.run(["bash", "experiments/gpu_reproductions.sh", str(tmp_path), "300", "nqueens", "nqueens"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.count("nqueens: done in") == 2, done.stdout + done.stderr
+    with tarfile.open(tmp_path / "nqueens.tar.gz") as pack:
+        assert sorted(pack.getnames()) == sorted(f"nqueens/{name}" for name in [
+            "results.json", "log.txt", "gram/config.yaml", "gram/checkpoint.pt", "gram/metrics.csv", "gram/eval.csv"])
+    results = json.loads((tmp_path / "nqueens" / "results.json").read_text())
+    assert (results["task"], results["budget"], results["test_inputs"]) == ("nqueens", "gpu", 5)
+    late = subprocess.run(["bash", "experiments/gpu_reproductions.sh", str(tmp_path / "late"), "10", "coloring"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert "coloring: skipped, no time left" in late.stdout and not (tmp_path / "late" / "coloring").exists()
 
 
 def test_a_tiny_reproduction_writes_the_results_and_resumes(tmp_path, capsys, monkeypatch):
@@ -192,6 +233,22 @@ def test_results_table_renders_a_fixture_deterministically(tmp_path, capsys):
     capsys.readouterr()
     assert results_table.main([*args, "--check"]) == 1
     assert "is not the rendering" in capsys.readouterr().err
+
+
+def test_a_result_whose_recipe_file_has_changed_says_so():
+    recipe = compose_config("reproduce/nqueens-cpu", [])
+    current = {"task": "nqueens", "budget": "cpu", "recipe": {
+        key: list(recipe[key]) for key in ("train", "gram", "trm")} | {"eval": {"samples": 20, "ptrm_sigma": 0.1}}}
+    assert not results_table.recipe_changed(current)
+    assert "; recipe `experiments/configs/reproduce/nqueens-cpu.yaml`" in results_table.note(
+        {**current, "device": "cpu", "wall_seconds": 60, "test_inputs": 772, "samples": 20, "models": {}})
+    spelled_out = {**current["recipe"], "gram": [*current["recipe"]["gram"], "model.noise=learned"]}  # the default
+    assert not results_table.recipe_changed({**current, "recipe": spelled_out})
+    for changed in [{**current["recipe"], "train": [*current["recipe"]["train"], "trainer.max_batches=100"]},
+                    {**current["recipe"], "gram": [*current["recipe"]["gram"], "objective.beta=3"]},
+                    {**current["recipe"], "eval": {"samples": 10}}]:
+        assert results_table.recipe_changed({**current, "recipe": changed})
+    assert results_table.recipe_changed({**current, "budget": "tpu"})  # no such recipe file any more
 
 
 def test_results_table_rejects_a_foreign_file_and_leaves_throughput_files_out(tmp_path, capsys):
