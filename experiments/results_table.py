@@ -208,7 +208,7 @@ def recipe_changed(result: dict) -> bool:
     for model in ("gram", "trm"):
         configs = [compose_config("train", [*recipe.get("train", []), *recipe.get(model, []), "run_dir=."])
                    for recipe in (then, now)]
-        if config_differences(*configs) or configs[0].trainer.max_batches != configs[1].trainer.max_batches:
+        if config_differences(*configs, continuable=()):
             return True
     return False
 

@@ -389,12 +389,13 @@ def _leaves(node, prefix: str = "") -> dict:
     return {k: v for key, item in node.items() for k, v in _leaves(item, f"{prefix}.{key}" if prefix else key).items()}
 
 
-def config_differences(saved: DictConfig, wanted: DictConfig) -> list[str]:
-    """The dotted keys of the :data:`RUN_KEYS` sections (other than :data:`CONTINUABLE_KEYS`) where two
-    train configs differ."""
+def config_differences(saved: DictConfig, wanted: DictConfig, continuable: tuple[str, ...] = CONTINUABLE_KEYS
+                       ) -> list[str]:
+    """The dotted keys of the :data:`RUN_KEYS` sections (other than ``continuable``, by default
+    :data:`CONTINUABLE_KEYS`; ``()``: every key) where two train configs differ."""
     a = _leaves({key: OmegaConf.to_container(saved[key], resolve=True) for key in RUN_KEYS})
     b = _leaves({key: OmegaConf.to_container(wanted[key], resolve=True) for key in RUN_KEYS})
-    continuable = set(CONTINUABLE_KEYS)
+    continuable = set(continuable)
     if "cosine" in (a.get("trainer.lr_schedule"), b.get("trainer.lr_schedule")):
         continuable.discard("trainer.max_batches")
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in continuable)
