@@ -19,7 +19,7 @@ def test_reasoning_net_keeps_shape_and_ends_with_unit_rms(mixer, lead):
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
-def test_network_precision_runs_the_matmuls_in_bf16_and_returns_the_model_dtype(mixer):
+def test_network_precision_runs_the_backbone_in_bf16_and_the_gaussian_heads_in_the_model_dtype(mixer):
     torch.manual_seed(0)
     core = RecursiveCore(dim=16, ffn_hidden=32, seq_len=7, num_layers=2, mixer=mixer, num_heads=4, low_steps=2,
                          shared=False)
@@ -33,9 +33,32 @@ def test_network_precision_runs_the_matmuls_in_bf16_and_returns_the_model_dtype(
     with network_precision([core, head], torch.bfloat16):
         low = core.propose_high(h, l)
         loc, scale = head(low)
-    assert seen[3:] == [torch.bfloat16] * 3
+    assert seen[3:] == [torch.bfloat16, torch.float32, torch.float32]
     assert low.dtype == loc.dtype == scale.dtype == torch.float32
-    assert core.f_low.compute_dtype is core.f_high.compute_dtype is head.compute_dtype is None  # restored
+    assert core.f_low.compute_dtype is core.f_high.compute_dtype is None  # restored
+
+
+def test_gaussian_heads_give_the_full_precision_kl_under_an_outer_bf16_autocast():
+    """Training wraps the whole loss in autocast; the KL between a posterior head and the prior's must
+    not carry bf16 rounding of the two means (each rounded on its own, to 2^-8 of its size)."""
+    torch.manual_seed(0)
+    prior, posterior = GaussianHead(16, 32, init_scale=0.2), GaussianHead(16, 32, init_scale=0.2)
+    for head in (prior, posterior):
+        torch.nn.init.normal_(head.loc.down.weight, std=1.0)  # means of about 1, as trained ones grow
+    posterior.load_state_dict(prior.state_dict())  # the same map: the KL is exactly 0
+    u = torch.randn(64, 7, 16)
+
+    def kl() -> torch.Tensor:
+        (mu_p, s_p), (mu_q, s_q) = prior(u), posterior(u + 1e-3)
+        return torch.distributions.kl_divergence(torch.distributions.Normal(mu_q, s_q),
+                                                 torch.distributions.Normal(mu_p, s_p)).sum()
+
+    full = kl()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(kl(), full)
+        mu_rounded = prior.loc(u + 1e-3)  # what an autocast head would give: the rounding no head can train away
+    assert prior(u)[0].abs().mean() > 0.5
+    assert ((mu_rounded.float() - prior(u + 1e-3)[0]) ** 2 / (2 * 0.2 ** 2)).sum() > 10 * full
 
 
 def test_network_precision_is_close_to_full_precision_and_leaves_an_outer_autocast_alone():
