@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from gram_pyro.checkpoint import WEIGHTS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gram_pyro.config import SEED_RANGE, UserError, build, check_targets, first_line, load_run_config, make_dir
 from gram_pyro.distributed import World, join
-from gram_pyro.nn import COMPILE_MODES, PRECISIONS, compile_networks
+from gram_pyro.nn import COMPILE_MODES, PRECISIONS, compile_networks, tf32_beside_bf16, training_dtype
 from gram_pyro.objectives import Objective
 from gram_pyro.tasks.base import is_int
 
@@ -183,6 +183,7 @@ class Run:
         self.model.to(self.device)
         self.guide.to(self.device)
         compile_networks([self.model, self.guide], trainer.compile)
+        tf32_beside_bf16(training_dtype(trainer.precision, self.device), self.device)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters()]
         # fused (CPU and CUDA): it reads ``found_inf`` and skips a whole update on device
         # (:func:`gram_pyro.training.train_batch`)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gram_pyro.nn import (GaussianHead, RecursiveCore, ReasoningNet, ScalarHead, TokenDecoder, TokenEncoder,
-                          network_precision)
+                          network_precision, tf32_beside_bf16)
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
@@ -59,6 +59,21 @@ def test_gaussian_heads_give_the_full_precision_kl_under_an_outer_bf16_autocast(
         mu_rounded = prior.loc(u + 1e-3)  # what an autocast head would give: the rounding no head can train away
     assert prior(u)[0].abs().mean() > 0.5
     assert ((mu_rounded.float() - prior(u + 1e-3)[0]) ** 2 / (2 * 0.2 ** 2)).sum() > 10 * full
+
+
+def test_bf16_on_cuda_lets_the_float32_matmuls_use_tf32_and_nothing_else_does():
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, "ieee"
+    try:
+        for dtype, device in ((None, "cuda"), (torch.bfloat16, "cpu")):
+            tf32_beside_bf16(dtype, torch.device(device))
+            assert matmul.fp32_precision == "ieee"
+        with network_precision([GaussianHead(4, 8, init_scale=0.5)], torch.bfloat16):  # CPU parameters
+            assert matmul.fp32_precision == "ieee"
+        tf32_beside_bf16(torch.bfloat16, torch.device("cuda"))
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
 
 
 def test_network_precision_is_close_to_full_precision_and_leaves_an_outer_autocast_alone():
