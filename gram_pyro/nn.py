@@ -313,11 +313,11 @@ class GaussianHead(nn.Module):
     """``u [..., L, D] -> (mu, sigma)`` each ``[..., L, D]``; one SwiGLU per parameter,
     ``sigma = softplus(.) + min_scale``. The mean starts at zero and the scale at ``init_scale``.
 
-    Always computed in ``u``'s dtype, with any autocast switched off: the KL of a posterior head
-    against the prior's is ``sum (mu_q - mu_p)^2 / 2 sigma_p^2 + ...`` over ``L x D`` units, and bf16
-    rounds each mean to 2^-8 of its size on its own, so the difference carries rounding that neither
-    head can train away. On a Sudoku 9x9 checkpoint whose means had grown to about 1, bf16 heads
-    doubled the KL the surrogate trains on (0.049 against 0.025 nats per token, beta 10)."""
+    Always computed in the head's own dtype (the model's), with any autocast switched off: the KL of
+    a posterior head against the prior's is ``sum (mu_q - mu_p)^2 / 2 sigma_p^2 + ...`` over ``L x D``
+    units, and bf16 rounds each mean to 2^-8 of its size on its own, so the difference carries rounding
+    that neither head can train away. On a Sudoku 9x9 checkpoint whose means had grown to about 1,
+    bf16 heads doubled the KL the surrogate trains on (0.049 against 0.025 nats per token, beta 10)."""
 
     def __init__(self, dim: int, hidden: int, init_scale: float, min_scale: float = 1e-3):
         super().__init__()
@@ -332,6 +332,7 @@ class GaussianHead(nn.Module):
         self.scale_bias = nn.Parameter(torch.tensor(math.log(math.expm1(init_scale - min_scale))))
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = u.to(self.scale_bias.dtype)  # a no-op for the model's own residual stream
         with torch.autocast(u.device.type, enabled=False):
             return self.loc(u), F.softplus(self.raw_scale(u) + self.scale_bias) + self.min_scale
 
