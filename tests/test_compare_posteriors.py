@@ -231,7 +231,8 @@ def test_a_task_preset_s_recipe_pair_is_the_reproduction_s_gram_run_at_its_cost(
     for key in ("batch_size", "max_batches", "lr", "warmup_steps", "lr_schedule"):
         assert trained.trainer[key] == reproduction.trainer[key], key  # the prior chain's batches count twice
     assert runs["gaussian-truncated"].trainer.max_batches == runs["prior-truncated"].trainer.max_batches == budget
-    assert runs["gaussian-smc-" + ("first-step" if task.startswith("coloring") else "small-noise")].trainer.max_batches == budget // 4
+    lever = "first-step" if task.startswith("coloring") else "small-noise"
+    assert runs[f"gaussian-smc-{lever}"].trainer.max_batches == budget // 4
     levered = [cfg for name, cfg in runs.items() if name.endswith(("first-step", "small-noise"))]
     assert len(levered) == 4 and {(cfg.model.init_scale, cfg.guide.init_scale) for cfg in levered} == {(0.1, 0.1)}
-    assert {cfg.guide.posterior_steps for cfg in levered} == ({1} if task.startswith("coloring") else {None})
+    assert {cfg.guide.posterior_steps for cfg in levered} == ({1} if lever == "first-step" else {None})
