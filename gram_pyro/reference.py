@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gram_pyro.nn import rms_norm
+
 
 def gaussian_kl(mq, sq, mp, sp):
     """KL(N(mq, sq^2) || N(mp, sp^2)), elementwise."""
@@ -55,7 +57,7 @@ def supervision_step(model, guide, x, y, h, l, truncate: bool, posterior_everywh
                 eps = torch.distributions.Normal(mq, sq).rsample()
                 log_q = log_q + gaussian_log_prob(eps, mq, sq).sum((-1, -2))
                 log_p = log_p + gaussian_log_prob(eps, mp, sp).sum((-1, -2))
-            h = u + eps
+            h = rms_norm(u + eps) if model.norm_after_noise else u + eps
     a = kl_balance
     kl_last = (a * gaussian_kl(mq.detach(), sq.detach(), mp, sp)
                + (1 - a) * gaussian_kl(mq, sq, mp.detach(), sp.detach())).sum((-1, -2))

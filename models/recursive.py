@@ -6,7 +6,7 @@ The program (docs/paper.md, "The model"; docs/method.md, "The program"): for sup
     l      <- f_L(l, h + e_x)                         K times
     u      =  f_H(h, l)                               pyro.deterministic("u/{n}/{t}")
     eps    ~  p(eps | u) = N(mu(u), sigma(u)^2 I)     pyro.sample("eps/{n}/{t}"), event dims [L, D]
-    h      =  u + eps
+    h      =  u + eps                                 (rms_norm(u + eps) with norm_after_noise)
     ...after T transitions:
     y      ~  Categorical(f_dec(h))                   pyro.sample("y/{n}", obs=y), event dim [S]
                                                       (positions where y == IGNORE are masked out)
@@ -16,6 +16,14 @@ The program (docs/paper.md, "The model"; docs/method.md, "The program"): for sup
 N(0, s^2) (the paper's ablations) or ``none`` (deterministic TRM/HRM: no eps sites, ``h = u``).
 With ``noise_on_low`` a second site ``eps_l/{n}/{t}`` perturbs the refined ``l`` the same way
 (deterministic proposal ``u_l/{n}/{t}``) before f_H reads it.
+
+``norm_after_noise`` puts every perturbed state back at unit RMS per token, ``h = rms_norm(u + eps)``,
+as every state of the deterministic recursion is (the backbone ends in an RMSNorm). Without it the
+noise heads' mean is a residual branch outside every norm, and under the truncated surrogate it can
+grow until it swamps the state (on Sudoku 9x9 after 2,000 batches: docs/tasks/sudoku.md, "Longer
+training"). The latent sites
+and their densities are the same either way; only the deterministic map from ``(u, eps)`` to ``h``
+differs.
 
 Shapes: ``x, y [..., B, S]`` tokens, ``puzzle [B]`` identifiers (tasks with ``num_puzzles > 0``);
 states ``h, l, e_x [..., B, L, D]`` with ``L = P + S``; leading
@@ -55,7 +63,7 @@ import torch
 from pyro.poutine.runtime import get_plates
 from torch import nn
 
-from gram_pyro.nn import GaussianHead, RecursiveCore, ScalarHead, TokenDecoder, TokenEncoder
+from gram_pyro.nn import GaussianHead, RecursiveCore, ScalarHead, TokenDecoder, TokenEncoder, rms_norm
 from gram_pyro.tasks.base import IGNORE
 
 NOISE_KINDS = ("learned", "zero_mean", "fixed", "none")
@@ -96,12 +104,15 @@ class RecursiveReasoningModel(nn.Module):
                  num_layers: int = 2, mixer: str = "mlp", num_heads: int = 4, low_steps: int = 2,
                  transitions: int = 2, n_sup: int = 4, num_prefix: int = 16, shared: bool = True,
                  noise: str = "learned", noise_on_low: bool = False, init_scale: float = 1.0,
-                 fixed_scale: float = 0.1, noise_hidden: int | None = None, num_puzzles: int = 0):
+                 fixed_scale: float = 0.1, noise_hidden: int | None = None, norm_after_noise: bool = False,
+                 num_puzzles: int = 0):
         super().__init__()
         if noise not in NOISE_KINDS:
             raise ValueError(f"unknown noise {noise!r}; allowed: {', '.join(NOISE_KINDS)}")
         if noise == "none" and noise_on_low:
             raise ValueError("noise_on_low needs a noise kind other than 'none'")
+        if not isinstance(norm_after_noise, bool):
+            raise ValueError(f"norm_after_noise must be true or false, got {norm_after_noise!r}")
         check_sizes(dim=dim, ffn_hidden=ffn_hidden, num_layers=num_layers, num_heads=num_heads,
                     low_steps=low_steps, transitions=transitions, n_sup=n_sup, num_prefix=num_prefix,
                     noise_hidden=noise_hidden)
@@ -113,6 +124,7 @@ class RecursiveReasoningModel(nn.Module):
                              f"pairs of features), got dim={dim}, num_heads={num_heads}")
         self.seq_len, self.vocab_size, self.dim, self.num_prefix = seq_len, vocab_size, dim, num_prefix
         self.transitions, self.n_sup, self.noise, self.fixed_scale = transitions, n_sup, noise, fixed_scale
+        self.norm_after_noise = norm_after_noise
         length = num_prefix + seq_len
         self.encoder = TokenEncoder(vocab_size, dim, num_prefix, num_puzzles)
         self.core = RecursiveCore(dim, ffn_hidden, length, num_layers, mixer, num_heads, low_steps, shared)
@@ -146,10 +158,11 @@ class RecursiveReasoningModel(nn.Module):
         return dist.Normal(loc, scale).to_event(2)
 
     def _perturb(self, kind: str, n: int, t: int, u: torch.Tensor) -> torch.Tensor:
-        """Record the proposal ``u{kind[3:]}/{n}/{t}`` and return ``u + eps``, ``eps ~ p(eps | u)``
-        at site ``{kind}/{n}/{t}``."""
+        """Record the proposal ``u{kind[3:]}/{n}/{t}`` and return ``u + eps`` (``rms_norm(u + eps)`` with
+        ``norm_after_noise``), ``eps ~ p(eps | u)`` at site ``{kind}/{n}/{t}``."""
         pyro.deterministic(f"u{kind[3:]}/{n}/{t}", u, event_dim=2)
-        return u + pyro.sample(f"{kind}/{n}/{t}", self.prior(kind, u))
+        state = u + pyro.sample(f"{kind}/{n}/{t}", self.prior(kind, u))
+        return rms_norm(state) if self.norm_after_noise else state
 
     def init(self, state: dict, x: torch.Tensor) -> None:
         """Set ``state`` to z0 = (h0, l0), each ``[..., B, L, D]`` over the enclosing plates (no sample

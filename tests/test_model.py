@@ -159,6 +159,33 @@ def test_guide_without_target_says_so(data):
         TargetConditionedGaussian(model)(x)
 
 
+@pytest.mark.parametrize("noise_on_low", [False, True])
+def test_norm_after_noise_puts_every_perturbed_state_at_unit_rms(data, noise_on_low):
+    x, y = data
+    rms, traces = {}, {}
+    for norm in (False, True):
+        model = tiny_model(norm_after_noise=norm, noise_on_low=noise_on_low)
+        torch.manual_seed(1)
+        traces[norm], _ = tiny_guide(model).run(model.forward, x, y=y)
+        state = {}
+        model.init(state, x)
+        torch.manual_seed(1)
+        model.step(state, x)
+        rms[norm] = torch.stack([state["h"], state["l"]]).square().mean(-1).sqrt()
+    # the latent sites and their densities are those of the plain program
+    assert set(traces[True].nodes) == set(traces[False].nodes)
+    assert traces[True].nodes["eps/0/0"]["fn"].event_shape == traces[False].nodes["eps/0/0"]["fn"].event_shape
+    assert torch.allclose(rms[True][0], torch.ones_like(rms[True][0]), atol=1e-3)
+    assert (rms[False][0] - 1).abs().max() > 0.1  # u + eps alone is off the unit sphere: the check can fail
+    if noise_on_low:
+        assert torch.allclose(rms[True][1], torch.ones_like(rms[True][1]), atol=1e-3)
+
+
+def test_norm_after_noise_must_be_a_boolean():
+    with pytest.raises(ValueError, match="norm_after_noise must be true or false"):
+        tiny_model(norm_after_noise="yes")
+
+
 @pytest.mark.parametrize("noise", ["zero_mean", "fixed"])
 def test_ablation_priors_have_zero_mean(data, noise):
     x, _ = data

@@ -21,12 +21,12 @@ def hand_surrogate(model, guide, x, y, beta, truncate=True):
     return losses
 
 
-@pytest.mark.parametrize("ignored", [0, 2])
-def test_truncated_surrogate_matches_hand_computation(data, ignored):
+@pytest.mark.parametrize("ignored, norm_after_noise", [(0, False), (2, False), (0, True)])
+def test_truncated_surrogate_matches_hand_computation(data, ignored, norm_after_noise):
     x, y = data
     y = y.clone()
     y[:, :ignored] = IGNORE  # unsupervised positions leave the likelihood and the token count
-    model = tiny_model()
+    model = tiny_model(norm_after_noise=norm_after_noise)
     guide = tiny_guide(model)
     objective = TruncatedSurrogate(beta=0.3)
     torch.manual_seed(7)
@@ -99,3 +99,9 @@ def test_trace_elbo_equals_log_p_minus_log_q_by_hand(data):
 def test_surrogate_rejects_bad_beta():
     with pytest.raises(ValueError, match="beta"):
         TruncatedSurrogate(beta=-1.0)
+
+
+def test_overshooting_refuses_normalized_states():
+    model = tiny_model(norm_after_noise=True)
+    with pytest.raises(ValueError, match="norm_after_noise"):
+        TruncatedSurrogate(overshoot_weight=1.0).check(model, tiny_guide(model))

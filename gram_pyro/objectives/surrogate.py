@@ -158,10 +158,14 @@ class TruncatedSurrogate(Objective):
         return (batches + chained) * model.n_sup * model.transitions
 
     def check(self, model, guide) -> None:
-        """A one-line ``ValueError`` if the guide's KL has no closed form (the surrogate needs one)."""
+        """A one-line ``ValueError`` if the guide's KL has no closed form (the surrogate needs one), or if
+        latent overshooting is asked of a model whose states are not Gaussian (``norm_after_noise``)."""
         if not guide.analytic_kl:
             raise ValueError(f"guide {type(guide).__name__} has no analytic KL: use objective=truncated_mc "
                              "or a particle scheme (iwae, rws, smc)")
+        if self.overshoot_weight and getattr(model, "norm_after_noise", False):
+            raise ValueError("overshoot_weight compares the Gaussian states h = u + eps; with "
+                             "model.norm_after_noise=true the states are normalized: set one of them off")
 
     def current_beta(self) -> float:
         """Beta of the batch in progress (``self.batches``, 1 for the first): ``beta``, or on the schedule
