@@ -39,8 +39,10 @@ Metrics (mean and 95% interval over inputs; set-level scores have no interval):
 
 Writes ``<out>/results.json`` (``task``, ``budget``, ``device``, ``wall_seconds``, ``test_inputs``,
 ``samples``, ``depth``, ``trained_depth``, ``recipe`` (the recipe as run, with the command's recipe
-arguments as ``recipe_overrides`` and its train arguments as ``overrides``), ``seconds``, ``models``; other splits under
-``splits``), each evaluation's ``metrics.json`` and ``samples.npz`` under
+arguments as ``recipe_overrides`` and its train arguments as ``overrides``), ``configs`` (each run's train
+config as trained, by recipe key: its task, model, guide, objective and trainer sections, so that a later
+change of the task's recipe in ``experiments/configs/recipe/`` is seen), ``seconds``, ``models``; other
+splits under ``splits``), each evaluation's ``metrics.json`` and ``samples.npz`` under
 ``<out>/eval/<model>-<split>/`` (a rerun keeps an evaluation written there after its run's last
 checkpoint with the same settings, so a reproduction stopped while scoring continues), and with
 ``publish=true`` a copy of the results as ``docs/results/<task>-<budget>.json``
@@ -74,7 +76,7 @@ from gram_pyro.nn import native_bf16
 from gram_pyro.run import load_run, resolve_device
 from gram_pyro.selection import SELECTORS, select
 from gram_pyro.side_by_side import cores_per_run, train_side_by_side
-from gram_pyro.training import batches_done, train_or_keep
+from gram_pyro.training import RUN_KEYS, batches_done, train_or_keep
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "results"
 """Where ``publish=true`` copies the results (what ``experiments/results_table.py`` renders)."""
@@ -344,6 +346,8 @@ def reproduce(task: str | None, budget: str | None, out: Path | None, recipe_ove
                "depth": recipe.eval.depth or trained_depth, "trained_depth": trained_depth,
                "recipe": {**OmegaConf.to_container(recipe, resolve=True), "overrides": extra,
                           "recipe_overrides": recipe_overrides},
+               "configs": {key: {section: OmegaConf.to_container(configs[model][section], resolve=True)
+                                 for section in RUN_KEYS} for model, key in MODELS.items()},
                "seconds": {"train": {k: round(v, 1) for k, v in train_seconds.items()},
                            "eval": round(eval_seconds, 1)},
                "models": scored[first]["models"]}

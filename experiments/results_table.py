@@ -195,8 +195,11 @@ def markdown_table(results: list[dict]) -> str:
 
 def recipe_changed(result: dict) -> bool:
     """Whether the recipe file of ``result``, with the recipe overrides the result records, now trains or
-    scores otherwise than the recipe the result records (or is gone): the train config of each run,
-    composed from either, and the ``eval`` settings the result records."""
+    scores otherwise than the recipe the result records (or is gone): the train config of each run, as
+    the result records it (``configs``; results written before that are composed from the recipe they
+    record, which misses a change of the task's recipe in ``experiments/configs/recipe/``) against
+    the one composed now with the command's train arguments the result records (thread counts aside),
+    and the ``eval`` settings the result records."""
     name = f"{result['task']}-{result['budget']}"
     if name not in group_options("reproduce"):
         return True
@@ -205,10 +208,13 @@ def recipe_changed(result: dict) -> bool:
                                  resolve=True)
     if any(now["eval"].get(key) != value for key, value in then.get("eval", {}).items()):
         return True
+    extra = then.get("overrides", [])  # the command's train arguments, given to both runs
     for model in ("gram", "trm"):
-        configs = [compose_config("train", [*recipe.get("train", []), *recipe.get(model, []), "run_dir=."])
-                   for recipe in (then, now)]
-        if config_differences(*configs, continuable=()):
+        then_config, now_config = (compose_config("train", [*recipe.get("train", []), *recipe.get(model, []),
+                                                            *extra, "run_dir=."]) for recipe in (then, now))
+        if model in result.get("configs", {}):
+            then_config = OmegaConf.create(result["configs"][model])
+        if config_differences(then_config, now_config, continuable=("trainer.threads",)):
             return True
     return False
 

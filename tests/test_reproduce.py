@@ -2,6 +2,7 @@
 (experiments/results_table.py): recipes compose, a tiny reproduction writes the promised results file,
 reruns keep or resume its runs, and the page renders the files deterministically."""
 
+import copy
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from gram_pyro.experiments import export_pretrained, reproduce, results_table
 from gram_pyro.checkpoint import FORMAT, REQUIRED
@@ -247,6 +249,23 @@ def test_a_result_whose_recipe_file_has_changed_says_so():
                     {**current["recipe"], "eval": {"samples": 10}}]:
         assert results_table.recipe_changed({**current, "recipe": changed})
     assert results_table.recipe_changed({**current, "budget": "tpu"})  # no such recipe file any more
+
+
+def test_a_result_trained_before_its_task_recipe_changed_says_so():
+    """The configs a result records are what it trained: a change of the task's recipe file (which both
+    the recorded and the current recipe compose alike) shows against them."""
+    recipe = compose_config("reproduce/sudoku-cpu", [])
+    configs = {key: OmegaConf.to_container(compose_config("train", [*recipe.train, *recipe[key], "run_dir=."]),
+                                           resolve=True) for key in ("gram", "trm")}
+    current = {"task": "sudoku", "budget": "cpu", "configs": configs, "recipe": {
+        key: list(recipe[key]) for key in ("train", "gram", "trm")} | {"eval": {"samples": 20}}}
+    assert not results_table.recipe_changed(current)
+    threads = copy.deepcopy(configs)
+    threads["gram"]["trainer"]["threads"] = 1  # how many threads it took changes nothing it trained
+    assert not results_table.recipe_changed({**current, "configs": threads})
+    before = copy.deepcopy(configs)
+    before["gram"]["model"]["norm_after_noise"] = False  # the sudoku recipe of an earlier time
+    assert results_table.recipe_changed({**current, "configs": before})
 
 
 def test_results_table_rejects_a_foreign_file_and_leaves_throughput_files_out(tmp_path, capsys):
