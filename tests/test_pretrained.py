@@ -13,7 +13,8 @@ SHIPPED = sorted(p.name for p in PRETRAINED.iterdir() if (p / "weights.pt").is_f
 
 
 def test_weights_are_shipped_for_the_reproduced_results():
-    assert {"coloring", "coloring10", "digits", "nqueens", "nqueens10", "sudoku", "uncond_sudoku4"} <= set(SHIPPED)
+    assert {"coloring", "coloring10", "digits", "nqueens", "nqueens10", "sudoku", "uncond_sudoku",
+            "uncond_sudoku4"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -23,9 +24,10 @@ def test_shipped_weights_reproduce_their_recorded_accuracy(name):
     loaded = load_run(pretrained_dir(name), "cpu")
     report, _ = evaluate_run(loaded, "test", check["inputs"], check["samples"], depth=check.get("depth"))
     low, high = check["ci95"]
-    assert low <= report["metrics"][check["metric"]]["mean"] <= high
+    slack = 1 / check["inputs"]  # every input right gives a zero-width interval: allow one input's worth
+    assert low - slack <= report["metrics"][check["metric"]]["mean"] <= high + slack
     recorded_low, recorded_high = record["results"]["accuracy"]["ci95"]
-    half = max((high - low) / 2, 1 / check["inputs"])  # 20 inputs all right: a zero-width interval
+    half = max((high - low) / 2, slack)
     assert recorded_low <= check["mean"] + half and check["mean"] - half <= recorded_high
     assert (PRETRAINED / name / "weights.pt").stat().st_size <= 5 * 2**20
 
