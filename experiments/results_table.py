@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gram_pyro.config import UserError, command_line, compose_config, group_options
 from gram_pyro.training import config_differences
@@ -209,12 +209,14 @@ def recipe_changed(result: dict) -> bool:
     if any(now["eval"].get(key) != value for key, value in then.get("eval", {}).items()):
         return True
     extra = then.get("overrides", [])  # the command's train arguments, given to both runs
+
+    def train_config(recipe: dict, model: str) -> DictConfig:
+        return compose_config("train", [*recipe.get("train", []), *recipe.get(model, []), *extra, "run_dir=."])
+
+    recorded = result.get("configs", {})
     for model in ("gram", "trm"):
-        then_config, now_config = (compose_config("train", [*recipe.get("train", []), *recipe.get(model, []),
-                                                            *extra, "run_dir=."]) for recipe in (then, now))
-        if model in result.get("configs", {}):
-            then_config = OmegaConf.create(result["configs"][model])
-        if config_differences(then_config, now_config, continuable=("trainer.threads",)):
+        then_config = OmegaConf.create(recorded[model]) if model in recorded else train_config(then, model)
+        if config_differences(then_config, train_config(now, model), continuable=("trainer.threads",)):
             return True
     return False
 
