@@ -21,9 +21,8 @@ With ``noise_on_low`` a second site ``eps_l/{n}/{t}`` perturbs the refined ``l``
 as every state of the deterministic recursion is (the backbone ends in an RMSNorm). Without it the
 noise heads' mean is a residual branch outside every norm, and under the truncated surrogate it can
 grow until it swamps the state (on Sudoku 9x9 after 2,000 batches: docs/tasks/sudoku.md, "Longer
-training"). The latent sites
-and their densities are the same either way; only the deterministic map from ``(u, eps)`` to ``h``
-differs.
+training"). The latent sites and their densities are the same either way; only the deterministic map
+from ``(u, eps)`` to ``h`` differs.
 
 Shapes: ``x, y [..., B, S]`` tokens, ``puzzle [B]`` identifiers (tasks with ``num_puzzles > 0``);
 states ``h, l, e_x [..., B, L, D]`` with ``L = P + S``; leading
