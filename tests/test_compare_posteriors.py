@@ -220,19 +220,20 @@ def test_the_steps_preset_gives_the_particle_schemes_the_surrogate_s_optimizer_s
         assert cfg == base[name]  # the same run as in the comparison but for its length
 
 
-@pytest.mark.parametrize("task, budget", [("coloring", 1000), ("coloring10", 900), ("nqueens10", 800)])
-def test_a_task_preset_s_recipe_pair_is_the_reproduction_s_gram_run_at_its_cost(task, budget, tmp_path):
+@pytest.mark.parametrize("task, budget, lever, init_scale", [
+    ("coloring", 1000, "first-step", 0.1), ("coloring10", 900, "first-step", 0.1), ("nqueens10", 800, "small-noise", 0.1),
+    ("uncond_sudoku", 2200, "first-step", 1.0)])
+def test_a_task_preset_s_recipe_pair_is_the_reproduction_s_gram_run_at_its_cost(task, budget, lever, init_scale, tmp_path):
     settings = compose_config("compare_posteriors", [f"comparison={task}"])
     runs = {pair.name: cfg for pair, cfg in plan(settings, [f"comparison={task}"])}
     reproduction = reproduce.run_config(compose_config(f"reproduce/{task}-cpu", []), "gram", tmp_path, [])
     trained = runs["gaussian-truncated-recipe"]
     for section in ("task", "model", "guide", "objective"):
         assert trained[section] == reproduction[section], section
-    for key in ("batch_size", "max_batches", "lr", "warmup_steps", "lr_schedule"):
+    for key in ("batch_size", "max_batches", "lr", "warmup_steps", "lr_schedule", "spike_factor"):
         assert trained.trainer[key] == reproduction.trainer[key], key  # the prior chain's batches count twice
     assert runs["gaussian-truncated"].trainer.max_batches == runs["prior-truncated"].trainer.max_batches == budget
-    lever = "first-step" if task.startswith("coloring") else "small-noise"
     assert runs[f"gaussian-smc-{lever}"].trainer.max_batches == budget // 4
-    levered = [cfg for name, cfg in runs.items() if name.endswith(("first-step", "small-noise"))]
-    assert len(levered) == 4 and {(cfg.model.init_scale, cfg.guide.init_scale) for cfg in levered} == {(0.1, 0.1)}
+    levered = [cfg for name, cfg in runs.items() if name.endswith(lever)]
+    assert len(levered) == 4 and {(cfg.model.init_scale, cfg.guide.init_scale) for cfg in levered} == {(init_scale,) * 2}
     assert {cfg.guide.posterior_steps for cfg in levered} == ({1} if lever == "first-step" else {None})
