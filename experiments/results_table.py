@@ -52,13 +52,13 @@ PAPER = {
 
 MODEL_ORDER = ["GRAM", "TRM", "PTRM", "data"]
 METRIC_ORDER = ["accuracy", "exact", "cells", "conflicts", "conflicts_total", "coverage", "pass", "vote", "lprm",
-                "halt", "first", "validity", "uniqueness", "grids", "well_formed", "distinct", "novel",
+                "halt", "first", "validity", "uniqueness", "equal_pairs", "grids", "well_formed", "distinct", "novel",
                 "inception_score", "fid"]
 """Column order; a metric ``<name>@<N>`` sorts as ``<name>``, unlisted metrics last, alphabetically."""
 PERCENT = {"accuracy", "exact", "cells", "coverage", "pass", "vote", "lprm", "halt", "first", "validity", "uniqueness",
            "well_formed", "distinct", "novel"}
 """Metrics shown in percent (``<name>@<N>`` by its name)."""
-DECIMALS = {"conflicts": 2, "conflicts_total": 1, "grids": 0, "inception_score": 2, "fid": 1}
+DECIMALS = {"conflicts": 2, "conflicts_total": 1, "equal_pairs": 0, "grids": 0, "inception_score": 2, "fid": 1}
 """Decimals of the metrics not in percent (others: 3); percentages have 1."""
 REQUIRED = ("task", "budget", "device", "wall_seconds", "test_inputs", "samples", "models")
 SHORTCUT_FOLDER = "shortcut"

@@ -286,10 +286,12 @@ def test_unconditional_4x4_metrics_on_hand_made_answers(tmp_path):
     scores = task.score("test", torch.arange(3), answers)
     assert scores["validity"] == scores["accuracy"] == pytest.approx(5 / 6)
     assert scores["uniqueness"] == pytest.approx(2 / 5)
+    assert scores["equal_pairs"] == 6  # a four times: C(4, 2); b once
     assert scores["coverage"] == pytest.approx(2 / 288)
     assert task.per_input("test", torch.arange(3), answers)["accuracy"].tolist() == [1.0, 1.0, 0.5]
     none_valid = task.score("test", torch.arange(3), torch.full((1, 3, 16), BLANK))
     assert none_valid["validity"] == none_valid["uniqueness"] == none_valid["coverage"] == 0
+    assert none_valid["equal_pairs"] == 0
     half = UnconditionalSudokuTask(size=4, train_fraction=0.5, cache_dir=str(tmp_path))
     assert len(half.splits["train"]) == 144 and half.stats()["grids"] == 288
 

@@ -13,8 +13,10 @@ tokens in row-major order, ``0`` = pad (unused), ``1`` = blank, ``2..n+1`` = dig
   over the N answers: how far a model that solves no puzzle got).
 * :class:`UnconditionalSudokuTask`: x = all blank, y = a complete grid (4x4: all 288, of which a
   ``train_fraction`` trains; larger: ``num_grids`` random grids). ``score`` over all ``N*M`` answers:
-  ``validity``, ``uniqueness`` (distinct valid grids / valid answers) and, for 4x4, ``coverage``
-  (distinct valid grids / 288).
+  ``validity``, ``uniqueness`` (distinct valid grids / valid answers), ``equal_pairs`` (pairs of valid
+  answers that are the same grid: ``C(n, 2) / equal_pairs`` estimates the number of equally likely grids
+  that would repeat as often, the sampler's effective support) and, for 4x4, ``coverage`` (distinct valid
+  grids / 288).
 
 Shapes: ``inputs [M, S]``; ``targets [M, C, S]`` with ``target_counts [M]`` valid rows per input (the
 training target is drawn among them); answers ``[N, M, S]``.
@@ -340,13 +342,16 @@ class UnconditionalSudokuTask(SudokuRules):
 
     def score(self, split: str, index: torch.Tensor, answers: torch.Tensor) -> dict[str, float]:
         """``accuracy`` = ``validity`` (share of the N*M answers that are valid grids), ``uniqueness``
-        (distinct valid grids / valid answers) and, for 4x4, ``coverage`` (distinct valid grids / 288)."""
+        (distinct valid grids / valid answers), ``equal_pairs`` (pairs of valid answers holding the same
+        grid, ``sum_g C(count_g, 2)``) and, for 4x4, ``coverage`` (distinct valid grids / 288)."""
         valid = self.judge(self.splits[split].inputs[index], answers)
         ids = torch.full(valid.shape, -1, device=valid.device)  # each valid grid solves the blank input
         ids[valid] = torch.unique(answers[valid], dim=0, return_inverse=True)[1]  # which distinct grid it is
         distinct = int(ids.max()) + 1 if ids.numel() else 0
+        copies = torch.bincount(ids[valid], minlength=distinct)  # valid answers per distinct grid
         scores = {"accuracy": valid.float().mean().item(), "validity": valid.float().mean().item(),
-                  "uniqueness": distinct / max(int(valid.sum()), 1)}
+                  "uniqueness": distinct / max(int(valid.sum()), 1),
+                  "equal_pairs": int((copies * (copies - 1) // 2).sum())}
         if self.num_all_grids:  # all N*M answers pooled: one blank input with num_all_grids solutions
             all_grids = torch.tensor([self.num_all_grids], dtype=torch.float64)
             scores["coverage"] = coverage_at_n(ids.reshape(-1, 1), all_grids).item()
