@@ -4,11 +4,12 @@
 
 The file is ``experiments/results_header.md``, then one markdown table per task family (a row per task,
 budget, split and model, naming budget and device, each value as mean ± the half-width of its 95%
-interval, the paper's figures beside them where known, and a note per reproduction), then the posterior
-shortcut check of the shipped weights (a row per ``docs/results/shortcut/<weights>.json``: the
-``summary.json`` that ``gram-pyro diagnose run=pretrained/<weights>`` writes), then
-``experiments/results_footer.md``, both verbatim. The same files give the same bytes. ``--check``
-writes nothing and exits with 1 where ``--out`` differs from the rendering.
+interval, the paper's figures beside them where known, and a note per reproduction), then each result's
+GRAM rows against the task's targets (:data:`TARGETS`), then the posterior shortcut check of the shipped
+weights (a row per ``docs/results/shortcut/<weights>.json``: the ``summary.json`` that ``gram-pyro
+diagnose run=pretrained/<weights>`` writes), then ``experiments/results_footer.md``, both verbatim. The
+same files give the same bytes. ``--check`` writes nothing and exits with 1 where ``--out`` differs from
+the rendering.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -55,14 +57,74 @@ METRIC_ORDER = ["accuracy", "exact", "cells", "conflicts", "conflicts_total", "c
                 "halt", "first", "validity", "uniqueness", "equal_pairs", "grids", "well_formed", "distinct", "novel",
                 "inception_score", "fid"]
 """Column order; a metric ``<name>@<N>`` sorts as ``<name>``, unlisted metrics last, alphabetically."""
-PERCENT = {"accuracy", "exact", "cells", "coverage", "pass", "vote", "lprm", "halt", "first", "validity", "uniqueness",
-           "well_formed", "distinct", "novel"}
+PERCENT = {"accuracy", "exact", "cells", "coverage", "pass", "vote", "lprm", "halt", "first", "best_rule", "validity",
+           "uniqueness", "well_formed", "distinct", "novel"}
 """Metrics shown in percent (``<name>@<N>`` by its name)."""
 DECIMALS = {"conflicts": 2, "conflicts_total": 1, "equal_pairs": 0, "grids": 0, "inception_score": 2, "fid": 1}
 """Decimals of the metrics not in percent (others: 3); percentages have 1."""
 REQUIRED = ("task", "budget", "device", "wall_seconds", "test_inputs", "samples", "models")
 SHORTCUT_FOLDER = "shortcut"
 """Subfolder of the results folder with one diagnose summary per shipped weights."""
+
+
+
+
+@dataclass(frozen=True)
+class Of:
+    """A bound taken from another row of the same table: ``times * <model's metric> + plus``."""
+    model: str
+    metric: str
+    times: float = 1.0
+    plus: float = 0.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """GRAM's ``metric`` on the test split against ``bound`` (a number, or :class:`Of` another row);
+    ``best_rule@20`` is the best of the ``vote``, ``lprm`` and ``halt`` scores."""
+    metric: str
+    relation: str  # >= | > | <= | <
+    bound: float | Of
+
+    def text(self) -> str:
+        if isinstance(self.bound, Of):
+            scaled = f"{self.bound.times:g} x " if self.bound.times != 1 else ""
+            added = f" + {number(self.metric, self.bound.plus)}" if self.bound.plus else ""
+            return f"{self.metric} {self.relation} {scaled}{self.bound.model}'s {self.bound.metric}{added}"
+        return f"{self.metric} {self.relation} {number(self.metric, self.bound)}"
+
+    def check(self, models: dict, model: str) -> tuple[float, float, bool]:
+        """``(value, bound, met)`` of ``model``'s row."""
+        value = row_value(models, model, self.metric)
+        bound = self.bound if not isinstance(self.bound, Of) else (
+            self.bound.times * row_value(models, self.bound.model, self.bound.metric) + self.bound.plus)
+        met = {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[self.relation]
+        return value, bound, met
+
+
+def row_value(models: dict, model: str, metric: str) -> float:
+    """A row's mean of ``metric`` (``best_rule@N``: the best of its selection rules' scores)."""
+    if metric.startswith("best_rule@"):
+        return max(entry["mean"] for name, entry in models[model].items()
+                   if name.split("@")[0] in SELECTION_RULES)
+    return models[model][metric]["mean"]
+
+
+SELECTION_RULES = ("vote", "lprm", "halt")
+TARGETS = {
+    "nqueens": [Target("accuracy", ">=", 0.97), Target("coverage@20", ">=", 0.90)],
+    "nqueens10": [Target("accuracy", ">=", 0.70), Target("coverage@20", ">=", 0.40),
+                  Target("coverage@20", ">=", Of("TRM", "coverage@20", times=3))],
+    **{task: [Target("accuracy", ">=", 0.80), Target("conflicts", "<=", Of("TRM", "conflicts", times=0.2)),
+              Target("coverage@20", ">=", Of("TRM", "coverage@20", times=2))] for task in ("coloring", "coloring10")},
+    "sudoku": [Target("best_rule@20", ">=", 0.50), Target("best_rule@20", ">=", Of("TRM", "accuracy", plus=0.10)),
+               Target("best_rule@20", ">=", Of("PTRM", "best_rule@20"))],
+    "uncond_sudoku4": [Target("validity", ">=", 0.99), Target("grids", ">=", 250)],
+    "uncond_sudoku": [Target("validity", ">=", 0.90), Target("uniqueness", ">=", 0.99)],
+    "digits": [Target("inception_score", ">=", Of("data", "inception_score", times=0.7)),
+               Target("inception_score", ">", Of("TRM", "inception_score")), Target("fid", "<", Of("TRM", "fid"))],
+}
+"""The project's targets per task, each checked on every GRAM row of a result's test split."""
 
 
 THROUGHPUT_PREFIX = "throughput-"
@@ -250,11 +312,41 @@ def render_tables(results: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def render_targets(results: list[dict]) -> str:
+    """The table of every result's GRAM rows against its task's :data:`TARGETS` (empty without any)."""
+    lines = []
+    for result in ordered(results):
+        models = result["models"]
+        grams = sorted((model for model in models if model.split(" ")[0] == "GRAM"), key=model_key)
+        label = FAMILIES[family_of(result["task"])][result["task"]]
+        for target in TARGETS.get(result["task"], []):
+            try:
+                checks = [(model, *target.check(models, model)) for model in grams]
+            except KeyError:  # a result without a row or metric the target reads
+                continue
+            name = [model.removeprefix("GRAM").strip() for model in grams]
+            measured = "; ".join(f"{n + ': ' if n else ''}{number(target.metric, value)}"
+                                 for n, (_, value, _, _) in zip(name, checks))
+            met = "; ".join(f"{n + ': ' if n else ''}{'yes' if ok else 'no'}" for n, (*_, ok) in zip(name, checks))
+            lines.append(f"| {label} | {result['budget']} | {target.text()} | {measured} "
+                         f"| {number(target.metric, checks[0][2])} | {met} |")
+    if not lines:
+        return ""
+    return "\n".join(["### Targets", "",
+                      "Each reproduction's GRAM rows (the test split) against the targets the project set for it "
+                      "from the paper's claims, in the tables' units; `best_rule@20` is the best of "
+                      "`vote@20`, `lprm@20` and `halt@20`, and `T=t` the row scored at prior temperature `t`. "
+                      "What was tried for a missed target is in docs/shortcut.md and the task's page under "
+                      "docs/tasks/.", "",
+                      "| task | budget | target | GRAM | bound | met |", "|---|---|---|---|---|---|", *lines])
+
+
 def render(results: list[dict], checks: dict[str, dict]) -> str:
-    """The whole of ``docs/results.md``: header, tables, shortcut checks, footer."""
+    """The whole of ``docs/results.md``: header, tables, targets, shortcut checks, footer."""
     header = (HERE / "results_header.md").read_text().rstrip("\n")
     footer = (HERE / "results_footer.md").read_text().rstrip("\n")
-    body = "\n\n".join(part for part in (render_tables(results), render_shortcut_checks(checks)) if part)
+    body = "\n\n".join(part for part in (render_tables(results), render_targets(results),
+                                          render_shortcut_checks(checks)) if part)
     return f"{header}\n\n{body}\n\n{footer}\n"
 
 

@@ -227,12 +227,30 @@ def test_results_table_renders_a_fixture_deterministically(tmp_path, capsys):
     rows = ["| GRAM |", "| GRAM T=1.3 | 87.0 ± 2.0 |", "| TRM |", "| PTRM |"]
     assert [text.index(row) for row in rows] == sorted(text.index(row) for row in rows)
     assert "- `nqueens-cpu`: 772 test inputs, 20 prior trajectories each; 30.5 min in all on cpu (2 cores)" in text
+    assert "| N-Queens 8x8 | cpu | accuracy >= 97.0 | 88.2; T=1.3: 87.0 | 97.0 | no; T=1.3: no |" in text
+    assert "| N-Queens 8x8 | cpu | coverage@20 >= 90.0 | 94.5; T=1.3: 96.0 | 90.0 | yes; T=1.3: yes |" in text
     assert results_table.main([*args, "--check"]) == 0
     assert results_table.main(args) == 0 and page.read_text() == text
     page.write_text(text + "edited by hand\n")
     capsys.readouterr()
     assert results_table.main([*args, "--check"]) == 1
     assert "is not the rendering" in capsys.readouterr().err
+
+
+def test_a_target_reads_its_bound_from_another_row_and_the_best_selection_rule():
+    models = {"GRAM": {"accuracy": {"mean": 0.80}, "vote@20": {"mean": 0.90}, "lprm@20": {"mean": 0.93},
+                       "conflicts": {"mean": 0.1}},
+              "TRM": {"accuracy": {"mean": 0.84}, "conflicts": {"mean": 0.6}},
+              "PTRM": {"vote@20": {"mean": 0.88}, "halt@20": {"mean": 0.95}}}
+    Target, Of = results_table.Target, results_table.Of
+    plus_ten = Target("best_rule@20", ">=", Of("TRM", "accuracy", plus=0.10))
+    assert plus_ten.check(models, "GRAM") == (0.93, pytest.approx(0.94), False)
+    assert plus_ten.text() == "best_rule@20 >= TRM's accuracy + 10.0"
+    assert Target("best_rule@20", ">=", Of("PTRM", "best_rule@20")).check(models, "GRAM")[1:] == (0.95, False)
+    fifth = Target("conflicts", "<=", Of("TRM", "conflicts", times=0.2))
+    assert fifth.check(models, "GRAM") == (0.1, pytest.approx(0.12), True)
+    assert fifth.text() == "conflicts <= 0.2 x TRM's conflicts"
+    assert Target("accuracy", ">", 0.80).check(models, "GRAM")[2] is False  # strict
 
 
 def test_a_result_whose_recipe_file_has_changed_says_so():
