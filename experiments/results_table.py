@@ -65,8 +65,8 @@ DECIMALS = {"conflicts": 2, "conflicts_total": 1, "equal_pairs": 0, "grids": 0, 
 REQUIRED = ("task", "budget", "device", "wall_seconds", "test_inputs", "samples", "models")
 SHORTCUT_FOLDER = "shortcut"
 """Subfolder of the results folder with one diagnose summary per shipped weights."""
-
-
+SELECTION_RULES = ("vote", "lprm", "halt")
+"""The rules whose ``<rule>@N`` scores ``best_rule@N`` takes the best of."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class Target:
     bound: float | Of
 
     def text(self) -> str:
+        """The target as the table states it: ``coverage@20 >= 2 x TRM's coverage@20``."""
         if isinstance(self.bound, Of):
             scaled = f"{self.bound.times:g} x " if self.bound.times != 1 else ""
             added = f" + {number(self.metric, self.bound.plus)}" if self.bound.plus else ""
@@ -110,7 +111,6 @@ def row_value(models: dict, model: str, metric: str) -> float:
     return models[model][metric]["mean"]
 
 
-SELECTION_RULES = ("vote", "lprm", "halt")
 TARGETS = {
     "nqueens": [Target("accuracy", ">=", 0.97), Target("coverage@20", ">=", 0.90)],
     "nqueens10": [Target("accuracy", ">=", 0.70), Target("coverage@20", ">=", 0.40),
@@ -321,15 +321,14 @@ def render_targets(results: list[dict]) -> str:
         label = FAMILIES[family_of(result["task"])][result["task"]]
         for target in TARGETS.get(result["task"], []):
             try:
-                checks = [(model, *target.check(models, model)) for model in grams]
+                checks = [target.check(models, model) for model in grams]
             except KeyError:  # a result without a row or metric the target reads
                 continue
-            name = [model.removeprefix("GRAM").strip() for model in grams]
-            measured = "; ".join(f"{n + ': ' if n else ''}{number(target.metric, value)}"
-                                 for n, (_, value, _, _) in zip(name, checks))
-            met = "; ".join(f"{n + ': ' if n else ''}{'yes' if ok else 'no'}" for n, (*_, ok) in zip(name, checks))
+            prefixes = [f"{model.removeprefix('GRAM ')}: " if model != "GRAM" else "" for model in grams]
+            measured = "; ".join(f"{p}{number(target.metric, value)}" for p, (value, _, _) in zip(prefixes, checks))
+            met = "; ".join(f"{p}{'yes' if ok else 'no'}" for p, (_, _, ok) in zip(prefixes, checks))
             lines.append(f"| {label} | {result['budget']} | {target.text()} | {measured} "
-                         f"| {number(target.metric, checks[0][2])} | {met} |")
+                         f"| {number(target.metric, checks[0][1])} | {met} |")
     if not lines:
         return ""
     return "\n".join(["### Targets", "",
