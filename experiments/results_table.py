@@ -214,12 +214,23 @@ def model_key(model: str) -> tuple[int, str]:
     return (MODEL_ORDER.index(base) if base in MODEL_ORDER else len(MODEL_ORDER), model)
 
 
-def number(metric: str, value: float) -> str:
-    """``value`` of ``metric`` as shown: percent with 1 decimal, or the metric's decimals."""
+def number(metric: str, value: float, extra: int = 0) -> str:
+    """``value`` of ``metric`` as shown: percent with 1 decimal, or the metric's decimals (``extra``
+    more of either)."""
     base = metric.split("@")[0]
     if base in PERCENT:
-        return f"{100 * value:.1f}"
-    return f"{value:.{DECIMALS.get(base, 3)}f}"
+        return f"{100 * value:.{1 + extra}f}"
+    return f"{value:.{DECIMALS.get(base, 3) + extra}f}"
+
+
+def apart(metric: str, values: list[float], bound: float) -> list[str]:
+    """``values`` and then ``bound`` as :func:`number` shows them, with as many more decimals (up to 3)
+    as it takes for no value to read like the bound it differs from."""
+    for extra in range(4):
+        shown = [number(metric, value, extra) for value in [*values, bound]]
+        if all(text != shown[-1] or value == bound for text, value in zip(shown, values)):
+            break
+    return shown
 
 
 def cell(metric: str, entry: dict | None) -> str:
@@ -325,17 +336,17 @@ def render_targets(results: list[dict]) -> str:
             except KeyError:  # a result without a row or metric the target reads
                 continue
             prefixes = [f"{model.removeprefix('GRAM ')}: " if model != "GRAM" else "" for model in grams]
-            measured = "; ".join(f"{p}{number(target.metric, value)}" for p, (value, _, _) in zip(prefixes, checks))
+            *values, bound = apart(target.metric, [value for value, _, _ in checks], checks[0][1])
+            measured = "; ".join(f"{p}{value}" for p, value in zip(prefixes, values))
             met = "; ".join(f"{p}{'yes' if ok else 'no'}" for p, (_, _, ok) in zip(prefixes, checks))
-            lines.append(f"| {label} | {result['budget']} | {target.text()} | {measured} "
-                         f"| {number(target.metric, checks[0][1])} | {met} |")
+            lines.append(f"| {label} | {result['budget']} | {target.text()} | {measured} | {bound} | {met} |")
     if not lines:
         return ""
     return "\n".join(["### Targets", "",
                       "Each reproduction's GRAM rows (the test split) against the targets the project set for it "
                       "from the paper's claims, in the tables' units; `best_rule@20` is the best of "
-                      "`vote@20`, `lprm@20` and `halt@20`, and `T=t` the row scored at prior temperature `t`. "
-                      "What was tried for a missed target is in docs/shortcut.md and the task's page under "
+                      "`vote@20`, `lprm@20` and `halt@20`, and `T=t` the row scored at prior temperature `t`; a value that "
+                      "would read like its bound is shown with more decimals. What was tried for a missed target is in docs/shortcut.md and the task's page under "
                       "docs/tasks/.", "",
                       "| task | budget | target | GRAM | bound | met |", "|---|---|---|---|---|---|", *lines])
 

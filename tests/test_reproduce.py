@@ -253,6 +253,14 @@ def test_a_target_reads_its_bound_from_another_row_and_the_best_selection_rule()
     assert Target("accuracy", ">", 0.80).check(models, "GRAM")[2] is False  # strict
 
 
+def test_a_value_that_would_read_like_its_bound_gets_more_decimals():
+    assert results_table.apart("conflicts", [0.1466, 0.1527], 0.1519) == ["0.147", "0.153", "0.152"]
+    assert results_table.apart("conflicts", [0.10, 0.30], 0.1519) == ["0.10", "0.30", "0.15"]
+    assert results_table.apart("coverage@20", [0.1862], 0.1810) == ["18.6", "18.1"]
+    assert results_table.apart("coverage@20", [0.90], 0.90) == ["90.0", "90.0"]  # equal: nothing to part
+    assert results_table.apart("grids", [288.0], 250) == ["288", "250"]
+
+
 def test_a_result_whose_recipe_file_has_changed_says_so():
     recipe = compose_config("reproduce/nqueens-cpu", [])
     current = {"task": "nqueens", "budget": "cpu", "recipe": {
